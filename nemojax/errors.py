@@ -1,0 +1,17 @@
+"""Exception types, one per failure family, each carrying a message a user can act on."""
+
+
+class NemojaxError(Exception):
+    """Base class of every error nemojax raises on purpose."""
+
+
+class ConfigError(NemojaxError, ValueError):
+    """A model or run configuration is invalid; the message names the field."""
+
+
+class CheckpointError(NemojaxError):
+    """A checkpoint is unreadable, or its tensors do not match the model."""
+
+
+class DataError(NemojaxError):
+    """Training or serving data is missing or malformed; the message names the file."""

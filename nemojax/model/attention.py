@@ -1,0 +1,65 @@
+"""Grouped-query self-attention with no positional encoding (Nemotron-H `*` layers).
+
+Cache (decoding): {"k", "v": [b, max_len, kv_heads, head_dim], "valid": [b, max_len] bool}; new
+keys are written at `index` (shared by the batch: prompts are left-padded, and with no positional
+encoding left padding is exact once padded keys are masked).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nemojax import sharding
+from nemojax.config import ModelConfig
+from nemojax.model.layers import Linear, default_init, dtype_of
+from nemojax.ops.attention import causal_mask, gqa_attention
+
+KVCache = dict[str, jax.Array]
+
+
+def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool)}
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None = None, cache: KVCache | None = None,
+                 index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+        c = self.config
+        dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        b, t, _ = x_btd.shape
+        hd = c.head_dim
+        q = Linear(c.num_attention_heads * hd, ("embed", "heads"), dtype, pdtype, name="q_proj")(x_btd)
+        k = Linear(c.num_key_value_heads * hd, ("embed", "kv_heads"), dtype, pdtype, name="k_proj")(x_btd)
+        v = Linear(c.num_key_value_heads * hd, ("embed", "kv_heads"), dtype, pdtype, name="v_proj")(x_btd)
+        q = q.reshape(b, t, c.num_attention_heads, hd)
+        k = k.reshape(b, t, c.num_key_value_heads, hd)
+        v = v.reshape(b, t, c.num_key_value_heads, hd)
+        valid = jnp.ones((b, t), bool) if valid_bt is None else valid_bt.astype(bool)
+
+        if cache is None:
+            new_cache = None
+            mask = causal_mask(valid, 0, t)
+        else:
+            start = (0, index, 0, 0)
+            new_cache = {
+                "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),
+                "valid": jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index)),
+            }
+            k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
+            mask = causal_mask(new_cache["valid"], index, t)
+        out = gqa_attention(q, k, v, mask)
+        out = sharding.constrain(out, ("batch", "length", "act_heads", None))
+        out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
+        out = Linear(c.hidden_size, ("heads", "embed"), dtype, pdtype, out_init, name="o_proj")(
+            out.reshape(b, t, c.num_attention_heads * hd))
+        return out, new_cache

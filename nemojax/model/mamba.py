@@ -1,0 +1,124 @@
+"""Mamba-2 mixer: in_proj -> causal depthwise conv + SiLU -> selective scan (SSD) -> gated norm -> out_proj.
+
+Padding is exact: at positions where `valid` is False the conv input is zero and dt is zero, so
+the SSM state passes through unchanged (left-padded prompts start from a clean state).
+
+Cache (decoding): {"conv": [b, k-1, conv_dim] last conv inputs, "ssm": [b, h, p, n] float32}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nemojax import sharding
+from nemojax.config import ModelConfig
+from nemojax.model.layers import GatedGroupRMSNorm, Linear, default_init, dtype_of
+from nemojax.ops import ssd
+
+MambaCache = dict[str, jax.Array]
+
+
+def init_mamba_cache(config: ModelConfig, batch: int, dtype: jnp.dtype) -> MambaCache:
+    """Zero conv and SSM state for one Mamba layer."""
+    return {
+        "conv": jnp.zeros((batch, config.conv_kernel - 1, config.mamba_conv_dim), dtype),
+        "ssm": jnp.zeros((batch, config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size),
+                         jnp.float32),
+    }
+
+
+def _dt_bias_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    """softplus^-1 of dt drawn log-uniformly from [1e-3, 1e-1] (the Mamba-2 initialisation)."""
+    log_dt = jax.random.uniform(key, shape, jnp.float32, math.log(1e-3), math.log(1e-1))
+    dt = jnp.maximum(jnp.exp(log_dt), 1e-4)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+def _a_log_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    del key
+    return jnp.log(jnp.arange(1, shape[0] + 1, dtype=jnp.float32)).astype(dtype)
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Depthwise causal conv over time; `weight` is [kernel, channels]."""
+
+    kernel_size: int
+    use_bias: bool = True
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_btc: jax.Array, prefix_bkc: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns (conv output [b,t,c], the last kernel-1 inputs as the new prefix)."""
+        channels = x_btc.shape[-1]
+        weight = self.param("weight", nn.with_logical_partitioning(
+            nn.initializers.lecun_normal(in_axis=0, out_axis=1), ("conv_kernel", "conv_dim")),
+            (self.kernel_size, channels), self.param_dtype)
+        full = jnp.concatenate([prefix_bkc.astype(x_btc.dtype), x_btc], axis=1)
+        t = x_btc.shape[1]
+        w = weight.astype(x_btc.dtype)
+        out = sum(full[:, j:j + t] * w[j] for j in range(self.kernel_size))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_dim",)),
+                              (channels,), self.param_dtype)
+            out = out + bias.astype(out.dtype)
+        return out, full[:, full.shape[1] - (self.kernel_size - 1):]
+
+
+class MambaMixer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None = None,
+                 cache: MambaCache | None = None) -> tuple[jax.Array, MambaCache | None]:
+        c = self.config
+        dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        b, t, _ = x_btd.shape
+        h, p, g, n = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
+
+        proj = Linear(c.mamba_inner + c.mamba_conv_dim + h, ("embed", "mamba_proj"), dtype, pdtype,
+                      name="in_proj")(x_btd)
+        z, xbc, dt_raw = jnp.split(proj, [c.mamba_inner, c.mamba_inner + c.mamba_conv_dim], axis=-1)
+        mask = None if valid_bt is None else valid_bt[..., None].astype(dtype)
+        if mask is not None:
+            xbc = xbc * mask
+        prefix = (cache["conv"] if cache is not None
+                  else jnp.zeros((b, c.conv_kernel - 1, c.mamba_conv_dim), dtype))
+        xbc, new_conv = CausalDepthwiseConv(c.conv_kernel, c.use_conv_bias, pdtype, name="conv1d")(xbc, prefix)
+        xbc = jax.nn.silu(xbc)
+        if mask is not None:
+            xbc = xbc * mask
+        x, bm, cm = jnp.split(xbc, [c.mamba_inner, c.mamba_inner + g * n], axis=-1)
+
+        def head_param(name, init):
+            return self.param(name, nn.with_logical_partitioning(init, ("mamba_heads",)), (h,), pdtype)
+
+        dt_bias = head_param("dt_bias", _dt_bias_init)
+        a_log = head_param("A_log", _a_log_init)
+        d_skip = head_param("D", nn.initializers.ones)
+        dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + dt_bias.astype(jnp.float32))
+        dt = jnp.clip(dt, c.time_step_limit[0], c.time_step_limit[1])
+        if valid_bt is not None:
+            dt = dt * valid_bt[..., None]
+        a = -jnp.exp(a_log.astype(jnp.float32))
+
+        x_bthp = x.reshape(b, t, h, p)
+        bm, cm = bm.reshape(b, t, g, n), cm.reshape(b, t, g, n)
+        initial = cache["ssm"] if cache is not None else None
+        if cache is not None and t == 1:
+            y, state = ssd.ssd_step(initial, x_bthp[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0])
+            y = y[:, None]
+        else:
+            y, state = ssd.ssd_chunked(x_bthp, dt, a, bm, cm, c.chunk_size, initial)
+        y = y + d_skip.astype(jnp.float32)[:, None] * x_bthp.astype(jnp.float32)
+        y = y.reshape(b, t, c.mamba_inner)
+        y = sharding.constrain(y, ("batch", "length", "act_mlp"))
+        y = GatedGroupRMSNorm(g, c.layer_norm_epsilon, pdtype, name="norm")(y, z)
+        out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
+        out = Linear(c.hidden_size, ("mamba_inner", "embed"), dtype, pdtype, out_init, name="out_proj")(
+            y.astype(dtype))
+        new_cache = None if cache is None else {"conv": new_conv.astype(cache["conv"].dtype), "ssm": state}
+        return out, new_cache

@@ -1,0 +1,123 @@
+"""LatentMoE: sigmoid router with correction bias and group-limited top-k, dropless routed experts
+computed in a latent space, plus a shared expert on the full-width input.
+
+The router runs in float32. `e_score_correction_bias` lives in the `buffers` collection: it only
+chooses experts (it never weights them) and is updated by load balancing, not by gradients.
+Routed experts are dropless: token copies are sorted by expert and go through one grouped matmul
+per projection (`nemojax.ops.grouped_matmul`), never every expert on every token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nemojax import sharding
+from nemojax.config import ModelConfig
+from nemojax.model.layers import Linear, default_init, dtype_of, relu2
+from nemojax.model.mlp import MLP
+from nemojax.ops.grouped_matmul import grouped_matmul
+
+
+def route(scores_te: jax.Array, bias_e: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Choose experts on (scores + bias), group-limited; weight them by the uncorrected scores.
+
+    Returns (expert ids [t, k] int32, weights [t, k] float32).
+    """
+    c = config
+    t, e = scores_te.shape
+    choice = scores_te + bias_e[None, :]
+    if c.n_group > 1:
+        grouped = choice.reshape(t, c.n_group, e // c.n_group)
+        group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+        _, keep = jax.lax.top_k(group_scores, c.topk_group)
+        group_mask = jnp.any(jax.nn.one_hot(keep, c.n_group, dtype=bool), axis=1)
+        choice = jnp.where(jnp.repeat(group_mask, e // c.n_group, axis=1), choice, -jnp.inf)
+    _, ids = jax.lax.top_k(choice, c.num_experts_per_tok)
+    weights = jnp.take_along_axis(scores_te, ids, axis=1)
+    if c.norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return ids.astype(jnp.int32), weights * c.routed_scaling_factor
+
+
+def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up_efn: jax.Array,
+                     down_enf: jax.Array) -> jax.Array:
+    """sum_k weights[t,k] * down[e](relu²(up[e](x[t]))) with e = ids[t,k]; exact and dropless."""
+    t, k = ids_tk.shape
+    num_experts = up_efn.shape[0]
+    flat_ids = ids_tk.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    token = order // k
+    group_sizes = jnp.bincount(flat_ids, length=num_experts)
+    h = relu2(grouped_matmul(x_td[token], up_efn.astype(x_td.dtype), group_sizes))
+    y = grouped_matmul(h, down_enf.astype(x_td.dtype), group_sizes)
+    y = y.astype(jnp.float32) * weights_tk.reshape(-1)[order][:, None]
+    return jnp.zeros((t, y.shape[-1]), jnp.float32).at[token].add(y)
+
+
+def sequence_aux_loss(scores_bte: jax.Array, ids_btk: jax.Array, num_experts: int) -> jax.Array:
+    """Sequence-level balance loss: mean over sequences of E/(k t) * sum_e count_e * mean_t p_e."""
+    b, t, k = ids_btk.shape
+    probs = scores_bte / (jnp.sum(scores_bte, axis=-1, keepdims=True) + 1e-20)
+    counts = jnp.sum(jax.nn.one_hot(ids_btk, num_experts, dtype=jnp.float32), axis=(1, 2))
+    load = counts * num_experts / (k * t)
+    return jnp.mean(jnp.sum(load * jnp.mean(probs, axis=1), axis=-1))
+
+
+class Router(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_td: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        c = self.config
+        kernel = self.param("kernel", nn.with_logical_partitioning(default_init(), ("embed", "router_experts")),
+                            (c.hidden_size, c.n_routed_experts), jnp.float32)
+        bias = self.variable("buffers", "e_score_correction_bias",
+                             lambda: jnp.zeros((c.n_routed_experts,), jnp.float32)).value
+        scores = jax.nn.sigmoid(jnp.dot(x_td.astype(jnp.float32), kernel.astype(jnp.float32)))
+        ids, weights = route(scores, bias, c)
+        return ids, weights, scores
+
+
+class Experts(nn.Module):
+    """The routed experts' stacked weights: up [E, width, f], down [E, f, width]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array) -> jax.Array:
+        c = self.config
+        e, w, f = c.n_routed_experts, c.moe_expert_width, c.moe_intermediate_size
+        pdtype = dtype_of(c.param_dtype)
+        up = self.param("up_proj", nn.with_logical_partitioning(default_init(), ("experts", "expert_embed", "expert_mlp")),
+                        (e, w, f), pdtype)
+        down_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
+        down = self.param("down_proj", nn.with_logical_partitioning(down_init, ("experts", "expert_mlp", "expert_embed")),
+                          (e, f, w), pdtype)
+        return dropless_experts(x_td, ids_tk, weights_tk, up, down)
+
+
+class MoE(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        c = self.config
+        dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        b, t, d = x_btd.shape
+        x_td = x_btd.reshape(b * t, d)
+        ids, weights, scores = Router(c, name="gate")(x_td)
+        self.sow("intermediates", "expert_load", jnp.bincount(ids.reshape(-1), length=c.n_routed_experts))
+        self.sow("intermediates", "aux_loss", sequence_aux_loss(
+            scores.reshape(b, t, -1), ids.reshape(b, t, -1), c.n_routed_experts))
+        routed_in = x_td
+        if c.moe_latent_size is not None:
+            routed_in = Linear(c.moe_latent_size, ("embed", "latent"), dtype, pdtype, name="fc1_latent_proj")(x_td)
+        routed = Experts(c, name="experts")(routed_in.astype(dtype), ids, weights).astype(dtype)
+        if c.moe_latent_size is not None:
+            routed = Linear(d, ("latent", "embed"), dtype, pdtype, name="fc2_latent_proj")(routed)
+        shared = MLP(c, c.moe_shared_expert_intermediate_size, name="shared_experts")(x_td)
+        return (routed + shared).reshape(b, t, d)

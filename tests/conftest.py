@@ -1,0 +1,10 @@
+"""Test set-up: 8 simulated CPU devices (for mesh tests) and float32 matmuls everywhere."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
