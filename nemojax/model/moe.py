@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nemojax import sharding
 from nemojax.config import ModelConfig
 from nemojax.model.layers import Linear, default_init, dtype_of, relu2
 from nemojax.model.mlp import MLP
@@ -92,11 +91,10 @@ class Experts(nn.Module):
         c = self.config
         e, w, f = c.n_routed_experts, c.moe_expert_width, c.moe_intermediate_size
         pdtype = dtype_of(c.param_dtype)
-        up = self.param("up_proj", nn.with_logical_partitioning(default_init(), ("experts", "expert_embed", "expert_mlp")),
-                        (e, w, f), pdtype)
+        up_axes, down_axes = ("experts", "expert_embed", "expert_mlp"), ("experts", "expert_mlp", "expert_embed")
         down_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
-        down = self.param("down_proj", nn.with_logical_partitioning(down_init, ("experts", "expert_mlp", "expert_embed")),
-                          (e, f, w), pdtype)
+        up = self.param("up_proj", nn.with_logical_partitioning(default_init(), up_axes), (e, w, f), pdtype)
+        down = self.param("down_proj", nn.with_logical_partitioning(down_init, down_axes), (e, f, w), pdtype)
         return dropless_experts(x_td, ids_tk, weights_tk, up, down)
 
 
