@@ -358,3 +358,37 @@ def from_dict(d: Mapping[str, Any]) -> ModelConfig:
     if unknown:
         raise ConfigError(f"unknown config fields {unknown}")
     return ModelConfig(**d)
+
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_config_file(path: str | os.PathLike) -> Any:
+    """Run an ml-collections config file (`configs/*.py`) and return its `get_config()`."""
+    import importlib.util
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"no config file at {path}")
+    spec = importlib.util.spec_from_file_location(f"nemojax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} has no get_config()")
+    return module.get_config()
+
+
+def resolve_model_config(spec: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a configs/ name ("tiny", "nano", ...), a configs/*.py file, a config.json
+    file, or a directory holding one."""
+    spec = os.fspath(spec)
+    named = os.path.join(CONFIGS_DIR, f"{spec}.py")
+    if os.sep not in spec and os.path.isfile(named):
+        spec = named
+    if spec.endswith(".py"):
+        return from_hf_config(load_config_file(spec).model.to_dict(), **overrides)
+    if os.path.isdir(spec) or spec.endswith(".json"):
+        return from_hf_config(spec, **overrides)
+    names = sorted(f[:-3] for f in os.listdir(CONFIGS_DIR) if f.endswith(".py")) if os.path.isdir(CONFIGS_DIR) else []
+    raise ConfigError(f"unknown model config {spec!r}: expected one of {names}, a configs/*.py file, "
+                      "a config.json, or a checkpoint directory")
