@@ -270,7 +270,9 @@ def _time_step_limit(hf: Mapping[str, Any]) -> tuple[float, float]:
         return (0.0, math.inf)
     if not isinstance(raw, Sequence) or len(raw) != 2:
         raise ConfigError(f"config field `time_step_limit`: expected [low, high], got {raw!r}")
-    return (float(raw[0]), float(raw[1]))
+    # transformers writes infinities as {"__float__": "Infinity"}.
+    low, high = (float(v["__float__"]) if isinstance(v, Mapping) else float(v) for v in raw)
+    return (low, high)
 
 
 def _unsupported(hf: Mapping[str, Any]) -> None:

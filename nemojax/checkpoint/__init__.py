@@ -1,0 +1,1 @@
+"""Checkpoints: the published Hugging Face safetensors layout (hf.py) and raw safetensors I/O."""

@@ -1,0 +1,243 @@
+"""The published Hugging Face layout of Nemotron-H checkpoints, as one table.
+
+`published_tensors(config)` maps every published tensor name to where it lives in the nemojax
+variables and how it is laid out there (linear weights transposed to [in, out], conv weights to
+[kernel, channels], per-expert tensors stacked on a leading expert axis). Loading and saving are
+both driven by that table, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemojax.checkpoint.safetensors_io import SafetensorsDir, save_file
+from nemojax.config import ModelConfig, from_hf_config
+from nemojax.errors import CheckpointError
+from nemojax.model import NemotronH, abstract_variables
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one published tensor goes: collection + path of the leaf, layout, expert index."""
+
+    collection: str
+    path: Path
+    layout: str  # "same" | "transpose" | "conv" | "expert"
+    expert: int = -1
+
+
+def _mixer_tensors(config: ModelConfig, kind: str, prefix: str, path: Path) -> Iterator[tuple[str, Placement]]:
+    def linear(name: str, *sub: str):
+        return f"{prefix}.{name}.weight", Placement("params", path + sub + ("kernel",), "transpose")
+
+    def plain(name: str, *sub: str, collection: str = "params"):
+        return f"{prefix}.{name}", Placement(collection, path + sub, "same")
+
+    if kind == "mamba":
+        yield linear("in_proj", "in_proj")
+        yield f"{prefix}.conv1d.weight", Placement("params", path + ("conv1d", "weight"), "conv")
+        if config.use_conv_bias:
+            yield plain("conv1d.bias", "conv1d", "bias")
+        for name in ("A_log", "D", "dt_bias"):
+            yield plain(name, name)
+        yield plain("norm.weight", "norm", "weight")
+        yield linear("out_proj", "out_proj")
+    elif kind == "attention":
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            yield linear(name, name)
+    elif kind == "mlp":
+        yield linear("up_proj", "up_proj")
+        yield linear("down_proj", "down_proj")
+    elif kind == "moe":
+        yield linear("gate", "gate")
+        yield plain("gate.e_score_correction_bias", "gate", "e_score_correction_bias", collection="buffers")
+        for e in range(config.n_routed_experts):
+            for name in ("up_proj", "down_proj"):
+                yield (f"{prefix}.experts.{e}.{name}.weight",
+                       Placement("params", path + ("experts", name), "expert", e))
+        yield linear("shared_experts.up_proj", "shared_experts", "up_proj")
+        yield linear("shared_experts.down_proj", "shared_experts", "down_proj")
+        if config.moe_latent_size is not None:
+            yield linear("fc1_latent_proj", "fc1_latent_proj")
+            yield linear("fc2_latent_proj", "fc2_latent_proj")
+
+
+def published_tensors(config: ModelConfig) -> dict[str, Placement]:
+    """Every tensor name of the published layout for this config, and its place in the variables."""
+    table: dict[str, Placement] = {
+        "backbone.embeddings.weight": Placement("params", ("backbone", "embeddings", "weight"), "same"),
+        "backbone.norm_f.weight": Placement("params", ("backbone", "norm_f", "weight"), "same"),
+        "lm_head.weight": Placement("params", ("lm_head", "kernel"), "transpose"),
+    }
+    for i, kind in enumerate(config.layer_types):
+        path = ("backbone", f"layers_{i}")
+        table[f"backbone.layers.{i}.norm.weight"] = Placement("params", path + ("norm", "weight"), "same")
+        table.update(_mixer_tensors(config, kind, f"backbone.layers.{i}.mixer", path + ("mixer",)))
+    if config.has_mtp:
+        last = len(config.mtp_layer_types) - 1
+        for i, kind in enumerate(config.mtp_layer_types):
+            path = ("mtp", f"layers_{i}")
+            if i == 0:
+                for name in ("enorm", "hnorm"):
+                    table[f"mtp.layers.{i}.{name}.weight"] = Placement("params", path + (name, "weight"), "same")
+                table[f"mtp.layers.{i}.eh_proj.weight"] = Placement("params", path + ("eh_proj", "kernel"),
+                                                                    "transpose")
+            table[f"mtp.layers.{i}.norm.weight"] = Placement("params", path + ("block", "norm", "weight"), "same")
+            table.update(_mixer_tensors(config, kind, f"mtp.layers.{i}.mixer", path + ("block", "mixer")))
+            if i == last:
+                table[f"mtp.layers.{i}.final_layernorm.weight"] = Placement(
+                    "params", path + ("final_layernorm", "weight"), "same")
+    return table
+
+
+def _published_shape(placement: Placement, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if placement.layout == "transpose":
+        return leaf_shape[::-1]
+    if placement.layout == "conv":
+        return (leaf_shape[1], 1, leaf_shape[0])
+    if placement.layout == "expert":
+        return leaf_shape[1:][::-1]
+    return leaf_shape
+
+
+def _leaf(tree: Any, path: Path) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set_leaf(tree: dict, path: Path, value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _checkpoint_dtype(directory: str) -> str:
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    name = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _check_tensors(st: SafetensorsDir, table: dict[str, Placement], abstract: dict) -> None:
+    quantized = sorted(k for k in st.keys() if k.endswith(("weight_scale", "weight_scale_2", "input_scale")))
+    if quantized:
+        raise CheckpointError(f"{st.directory}: quantized tensors (NVFP4/FP8, e.g. {quantized[0]}) are not "
+                              "supported by this loader yet; use the BF16 checkpoint")
+    missing = sorted(k for k in table if k not in st)
+    unexpected = sorted(k for k in st.keys() if k not in table)
+    misshaped = []
+    for name, placement in table.items():
+        if name in st:
+            want = _published_shape(placement, _leaf(abstract[placement.collection], placement.path).shape)
+            if tuple(st.shape(name)) != tuple(want):
+                misshaped.append(f"{name}: {tuple(st.shape(name))}, expected {tuple(want)}")
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            problems.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
+    if problems:
+        raise CheckpointError(f"{st.directory} does not match the model config:\n" + "\n".join(problems))
+
+
+def _slice_reader(st: SafetensorsDir, sources: list[tuple[str, Placement]]) -> Callable[[tuple], np.ndarray]:
+    """A function index -> numpy block of the leaf, reading only the needed part of the files."""
+    layout = sources[0][1].layout
+    if layout == "expert":
+        by_expert = {p.expert: name for name, p in sources}
+
+        def read(index: tuple) -> np.ndarray:
+            experts = range(len(by_expert))[index[0]]
+            return np.stack([np.asarray(st.read(by_expert[e])[index[2], index[1]]).T for e in experts])
+        return read
+    name = sources[0][0]
+    if layout == "transpose":
+        return lambda index: np.asarray(st.read(name)[index[1], index[0]]).T
+    if layout == "conv":
+        return lambda index: np.asarray(st.read(name)[index[1], 0, index[0]]).T
+    return lambda index: np.asarray(st.read(name)[index])
+
+
+def load_variables(directory: str, config: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> dict:
+    """Read every published tensor into nemojax variables (sharded straight onto `mesh` if given)."""
+    st = SafetensorsDir(directory)
+    table = published_tensors(config)
+    abstract = abstract_variables(config)
+    _check_tensors(st, table, abstract)
+    shardings = None
+    if mesh is not None:
+        from nemojax.sharding import variable_shardings
+        shardings = variable_shardings(config, mesh)
+    grouped: dict[tuple[str, Path], list[tuple[str, Placement]]] = {}
+    for name, placement in table.items():
+        grouped.setdefault((placement.collection, placement.path), []).append((name, placement))
+    variables: dict = {}
+    for (collection, path), sources in grouped.items():
+        spec = _leaf(abstract[collection], path)
+        read = _slice_reader(st, sources)
+        full = tuple(slice(None) for _ in spec.shape)
+        if shardings is None:
+            value = jnp.asarray(read(full).astype(spec.dtype))
+        else:
+            value = jax.make_array_from_callback(
+                spec.shape, _leaf(shardings[collection], path), lambda idx, r=read, d=spec.dtype: r(idx).astype(d))
+        _set_leaf(variables.setdefault(collection, {}), path, value)
+    return variables
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str | None = None, param_dtype: str | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> tuple[NemotronH, dict]:
+    """Load a checkpoint directory in the published layout: (model, variables).
+
+    `param_dtype` defaults to the checkpoint's dtype, `dtype` (compute) to bfloat16 for bf16 weights and
+    to the parameter dtype otherwise. Missing, unexpected or mis-shaped tensors raise one
+    CheckpointError that lists them all.
+    """
+    directory = os.fspath(path)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")
+    param_dtype = param_dtype or _checkpoint_dtype(directory)
+    dtype = dtype or ("bfloat16" if param_dtype == "bfloat16" else param_dtype)
+    config = from_hf_config(directory, dtype=dtype, param_dtype=param_dtype)
+    return NemotronH(config), load_variables(directory, config, mesh)
+
+
+def to_published(config: ModelConfig, variables: dict, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """The published tensors (numpy) of nemojax variables; `dtype` casts floating tensors except fp32-kept ones."""
+    out = {}
+    for name, p in published_tensors(config).items():
+        leaf = np.asarray(jax.device_get(_leaf(variables[p.collection], p.path)))
+        if p.layout == "transpose":
+            value = leaf.T
+        elif p.layout == "conv":
+            value = leaf.T[:, None, :]
+        elif p.layout == "expert":
+            value = leaf[p.expert].T
+        else:
+            value = leaf
+        keep_fp32 = p.collection == "buffers" or name.endswith("gate.weight")
+        if dtype is not None and not keep_fp32:
+            value = value.astype(jnp.dtype(dtype))
+        out[name] = np.ascontiguousarray(value)
+    return out
+
+
+def save_pretrained(path: str | os.PathLike, config: ModelConfig, variables: dict, dtype: str | None = None) -> None:
+    """Write config.json and model.safetensors in the published layout (readable by transformers)."""
+    directory = os.fspath(path)
+    os.makedirs(directory, exist_ok=True)
+    hf = config.to_hf_dict()
+    hf["torch_dtype"] = dtype or config.param_dtype
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    save_file(to_published(config, variables, dtype), os.path.join(directory, "model.safetensors"))
