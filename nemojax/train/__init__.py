@@ -1,0 +1,1 @@
+"""Training: data and tokenizer, optimizer and schedules, losses, and the loop."""
