@@ -1,0 +1,137 @@
+"""nemojax's own checkpoint format: a model config plus its variables, stored with Orbax.
+
+Three directory shapes hold a model, and `load_model` reads all of them:
+- a model directory: `config.json` ({"format": "nemojax", "model": ModelConfig.to_dict()}) and
+  `variables/` (an Orbax tree {"params", "buffers"}), written by `save_model`;
+- a training workdir: `config.json` (same "model" key, plus the run config) and
+  `checkpoints/<step>/variables/`, the latest finalised step is read;
+- one training step directory `WORKDIR/checkpoints/<step>`.
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
+half-written checkpoint is never found here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from nemojax.config import ModelConfig, from_dict
+from nemojax.errors import CheckpointError
+from nemojax.model import NemotronH, abstract_variables
+
+CONFIG_FILE = "config.json"
+VARIABLES_ITEM = "variables"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def write_config(directory: str, config: ModelConfig, **extra: Any) -> None:
+    """Write `config.json` with the model config (and any extra sections, such as the run config)."""
+    os.makedirs(directory, exist_ok=True)
+    payload = {"format": "nemojax", "model": config.to_dict(), **extra}
+    tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+
+
+def read_config(directory: str) -> dict[str, Any]:
+    """The parsed `config.json` of a nemojax directory; CheckpointError when absent or not ours."""
+    path = os.path.join(directory, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE}") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if payload.get("format") != "nemojax" or "model" not in payload:
+        raise CheckpointError(f"{path} is not a nemojax config (no \"format\": \"nemojax\" and \"model\")")
+    return payload
+
+
+def is_nemojax_dir(directory: str) -> bool:
+    """True when `directory` (or, for a step directory, its workdir) carries a nemojax config.json."""
+    try:
+        read_config(_config_dir(directory))
+        return True
+    except CheckpointError:
+        return False
+
+
+def latest_step(checkpoints_dir: str) -> int | None:
+    """The newest finalised step under `checkpoints_dir` (temporary, unfinished saves are ignored)."""
+    if not os.path.isdir(checkpoints_dir):
+        return None
+    steps = [int(name) for name in os.listdir(checkpoints_dir)
+             if name.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, name, VARIABLES_ITEM))]
+    return max(steps) if steps else None
+
+
+def _config_dir(directory: str) -> str:
+    """Where config.json lives: the directory itself, or the workdir above a step directory."""
+    parent = os.path.dirname(os.path.normpath(directory))
+    if os.path.basename(os.path.normpath(directory)).isdigit() and os.path.basename(parent) == CHECKPOINTS_DIR:
+        return os.path.dirname(parent)
+    return directory
+
+
+def variables_path(directory: str) -> str:
+    """The `variables/` Orbax tree of a model directory, step directory or workdir (latest step)."""
+    directory = os.path.abspath(os.fspath(directory))
+    direct = os.path.join(directory, VARIABLES_ITEM)
+    if os.path.isdir(direct):
+        return direct
+    step = latest_step(os.path.join(directory, CHECKPOINTS_DIR))
+    if step is None:
+        raise CheckpointError(f"{directory}: neither a {VARIABLES_ITEM}/ tree nor a finished checkpoint under "
+                              f"{CHECKPOINTS_DIR}/")
+    return os.path.join(directory, CHECKPOINTS_DIR, str(step), VARIABLES_ITEM)
+
+
+def abstract_target(config: ModelConfig, shardings: Any | None = None) -> dict:
+    """ShapeDtypeStructs of the variables carrying the shardings to restore onto (one device by default)."""
+    abstract = abstract_variables(config)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def save_model(path: str | os.PathLike, config: ModelConfig, variables: dict) -> None:
+    """Write a model directory: config.json and the {"params", "buffers"} tree under variables/."""
+    directory = os.path.abspath(os.fspath(path))
+    write_config(directory, config)
+    tree = {"params": variables["params"], "buffers": variables.get("buffers", {})}
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(directory, VARIABLES_ITEM), tree, force=True)
+        checkpointer.wait_until_finished()
+
+
+def load_model(path: str | os.PathLike, dtype: str | None = None, param_dtype: str | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> tuple[NemotronH, dict]:
+    """Load (model, variables) from a model directory, a training workdir or a step directory.
+
+    `dtype` / `param_dtype` override the stored compute and parameter dtypes (values are cast while
+    restoring); with `mesh`, each variable lands sharded by the logical-axis rules.
+    """
+    directory = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    config = from_dict(read_config(_config_dir(directory))["model"]).replace(**overrides)
+    shardings = None
+    if mesh is not None:
+        from nemojax.sharding import variable_shardings
+        shardings = variable_shardings(config, mesh)
+    target = abstract_target(config, shardings)
+    source = variables_path(directory)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(source, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{source}: cannot restore the model variables ({e})") from e
+    return NemotronH(config), {"params": restored["params"], "buffers": restored["buffers"]}
