@@ -142,6 +142,8 @@ class ModelConfig:
             "chunk_size": self.chunk_size,
             "use_conv_bias": self.use_conv_bias,
             "time_step_limit": [self.time_step_limit[0], self.time_step_limit[1]],
+            # transformers clamps dt at time_step_min (not time_step_limit[0]); keep the two equal.
+            "time_step_min": self.time_step_limit[0],
             "intermediate_size": self.intermediate_size,
             "n_routed_experts": self.n_routed_experts,
             "num_experts_per_tok": self.num_experts_per_tok,
