@@ -27,10 +27,9 @@ _BLOCK_TYPE_NAMES = {
     "mlp": "mlp",
 }
 _DTYPES = ("float32", "bfloat16", "float16")
-_KERNELS = ("auto", "reference")  # "pallas" joins when the kernels land
 _REMAT = ("none", "full", "dots")
 # Fields that are nemojax choices, not part of a published config.json.
-NEMOJAX_FIELDS = ("param_dtype", "dtype", "kernels", "remat")
+NEMOJAX_FIELDS = ("param_dtype", "dtype", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +76,6 @@ class ModelConfig:
     # Numerics and implementation choices (not part of the published config).
     param_dtype: str = "float32"
     dtype: str = "bfloat16"
-    kernels: str = "reference"
     remat: str = "none"
 
     def __post_init__(self) -> None:
@@ -212,7 +210,6 @@ def _validate(c: ModelConfig) -> None:
              "num_nextn_predict_layers > 0 needs an MTP pattern")
     _require(c.param_dtype in _DTYPES, "param_dtype", f"expected one of {_DTYPES}, got {c.param_dtype!r}")
     _require(c.dtype in _DTYPES, "dtype", f"expected one of {_DTYPES}, got {c.dtype!r}")
-    _require(c.kernels in _KERNELS, "kernels", f"expected one of {_KERNELS}, got {c.kernels!r}")
     _require(c.remat in _REMAT, "remat", f"expected one of {_REMAT}, got {c.remat!r}")
 
 
@@ -291,7 +288,7 @@ def _unsupported(hf: Mapping[str, Any]) -> None:
 def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> ModelConfig:
     """Parse a published `config.json` (a path, a directory holding one, or a dict).
 
-    `overrides` set nemojax-only fields such as `dtype`, `param_dtype` and `kernels`.
+    `overrides` set nemojax-only fields such as `dtype`, `param_dtype` and `remat`.
     """
     if isinstance(source, Mapping):
         hf = dict(source)
