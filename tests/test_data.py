@@ -1,15 +1,16 @@
 """Training data: tokenizer ids and round trip, packing, seeded order, exact resume, process slices, errors."""
 
 import json
+import re
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models
 
 from nemojax import chat
 from nemojax.errors import DataError
 from nemojax.train import corpus, data
 from nemojax.train.tokenizer import (
-    EOS_ID,
     NAMED_SPECIAL_IDS,
     load_tokenizer,
     save_tokenizer,
@@ -17,6 +18,7 @@ from nemojax.train.tokenizer import (
     train_tokenizer,
 )
 
+EOS_ID = NAMED_SPECIAL_IDS["</s>"]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
@@ -74,6 +76,10 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(str(tmp_path / "missing.json"))
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(DataError, match="cannot read tokenizer"):
+        load_tokenizer(str(tmp_path))
+    without_chat = Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a"))
+    without_chat.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match=re.escape("has no <|im_start|> token")):
         load_tokenizer(str(tmp_path))
 
 
@@ -257,6 +263,7 @@ def test_auto_format_reads_text_jsonl_and_chat(tmp_path):
         ({"a.txt": "x\ny\n"}, {"heldout_fraction": 1.5}, "heldout_fraction"),
         ({"a.txt": "x\ny\n"}, {"tokenizer_path": "{tmp}/nope.json"}, "tokenizer_path not found"),
         ({}, {"source": "files", "paths": ()}, "data.paths is empty"),
+        ({"a.txt": "x\ny\n"}, {"vocab_size": 100}, "vocab_size must be at least 272"),
     ],
 )
 def test_validate_data_config_errors(tmp_path, files, overrides, needle):

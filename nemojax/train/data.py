@@ -18,9 +18,16 @@ import ml_collections
 import numpy as np
 from tokenizers import Tokenizer
 
+from nemojax.chat import EOS
 from nemojax.errors import ConfigError, DataError
 from nemojax.train import corpus
-from nemojax.train.tokenizer import EOS_ID, TOKENIZER_FILENAME, load_tokenizer, save_tokenizer, train_tokenizer
+from nemojax.train.tokenizer import (
+    NUM_RESERVED_IDS,
+    TOKENIZER_FILENAME,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 SPLITS = ("train", "heldout")
 HELDOUT_ORDER_SEED = 0  # the held-out rows' order never depends on the run's seed
@@ -49,6 +56,8 @@ def validate_data_config(cfg: Mapping[str, Any]) -> None:
         raise DataError(f"data.heldout_fraction must be in [0, 1), got {cfg['heldout_fraction']}")
     if cfg["tokenizer_path"] and not os.path.exists(cfg["tokenizer_path"]):
         raise DataError(f"data.tokenizer_path not found: {cfg['tokenizer_path']}")
+    if not cfg["tokenizer_path"] and cfg["vocab_size"] < NUM_RESERVED_IDS + 256:
+        raise DataError(f"data.vocab_size must be at least {NUM_RESERVED_IDS + 256} (reserved ids and 256 bytes)")
     _split(cfg)
 
 
@@ -102,7 +111,8 @@ class TokenBatches(Iterator[dict[str, np.ndarray]]):
         self._local_start = process_index * self.local_batch_size
         self.tokens, self.mask = packed_stream(cfg, tokenizer, split)
         self.num_rows = max(1, -(-(len(self.tokens) - 1) // seq_len))
-        self.tokens, self.mask = _pad_to(self.tokens, self.mask, self.num_rows * seq_len + 1)
+        eos_id = tokenizer.token_to_id(EOS)
+        self.tokens, self.mask = _pad_to(self.tokens, self.mask, self.num_rows * seq_len + 1, eos_id)
         self._epoch, self._position = 0, 0
         self._order = self._epoch_order(0)
 
@@ -208,6 +218,7 @@ def tokenize_documents(documents: list[corpus.Document], tokenizer: Tokenizer) -
     The `</s>` after a document is trained when the document's last piece is (plain text), not after
     a chat, whose assistant turns already end in `<|im_end|>`.
     """
+    eos_id = tokenizer.token_to_id(EOS)
     pieces = [segment for doc in documents for segment in doc.segments]
     encodings = iter(tokenizer.encode_batch([text for text, _ in pieces], add_special_tokens=False))
     token_parts, mask_parts = [], []
@@ -215,7 +226,7 @@ def tokenize_documents(documents: list[corpus.Document], tokenizer: Tokenizer) -
         for (_, trained), encoding in zip(doc.segments, encodings, strict=False):
             token_parts.append(np.asarray(encoding.ids, dtype=np.int32))
             mask_parts.append(np.full(len(encoding.ids), float(trained), dtype=np.float32))
-        token_parts.append(np.asarray([EOS_ID], dtype=np.int32))
+        token_parts.append(np.asarray([eos_id], dtype=np.int32))
         mask_parts.append(np.asarray([float(doc.segments[-1][1])], dtype=np.float32))
     if not token_parts:
         return np.zeros(0, np.int32), np.zeros(0, np.float32)
@@ -235,10 +246,10 @@ def _data_key(cfg: Mapping[str, Any]) -> tuple:
     return (cfg["source"], tuple(paths), cfg["format"], int(cfg["max_corpus_bytes"]), float(cfg["heldout_fraction"]))
 
 
-def _pad_to(tokens: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad_to(tokens: np.ndarray, mask: np.ndarray, length: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Extend with untrained `</s>` so the last row is whole."""
     extra = length - len(tokens)
     return (
-        np.concatenate([tokens, np.full(extra, EOS_ID, np.int32)]),
+        np.concatenate([tokens, np.full(extra, eos_id, np.int32)]),
         np.concatenate([mask, np.zeros(extra, np.float32)]),
     )
