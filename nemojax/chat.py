@@ -78,7 +78,7 @@ def render_segments(messages: Sequence[Message], *, reasoning: str = "on") -> li
     for index, message in enumerate(messages):
         role, content = message["role"], message["content"]
         if role == "assistant":
-            segments.extend(_assistant_segments(message, keep_thinking=index > last_user and reasoning != "off"))
+            segments.extend(_assistant_segments(message, final=index > last_user, reasoning=reasoning))
             continue
         if index == last_user and reasoning in EFFORT_SUFFIX:
             content += EFFORT_SUFFIX[reasoning]
@@ -100,15 +100,19 @@ def generation_prompt(reasoning: str = "on") -> str:
     return GENERATION_PROMPT_NO_THINKING if reasoning == "off" else GENERATION_PROMPT_THINKING
 
 
-def _assistant_segments(message: Message, *, keep_thinking: bool) -> list[tuple[str, bool]]:
+def _assistant_segments(message: Message, *, final: bool, reasoning: str) -> list[tuple[str, bool]]:
+    """One assistant turn. A final turn keeps its thought (`<think>\\n{thinking}\\n</think>\\n{answer}`) unless
+    reasoning is off; an earlier turn's thought collapses to `<think></think>\\n` (the newline, absent when it had
+    no thought, follows the published template)."""
     thinking, answer = split_thinking(message)
-    if keep_thinking and thinking:
+    if final and thinking and reasoning != "off":
         return [
             (GENERATION_PROMPT_THINKING, False),
             (f"{thinking}\n{THINK_END}\n{answer}{IM_END}", True),
             ("\n", False),
         ]
-    return [(GENERATION_PROMPT_NO_THINKING, False), (f"{answer}{IM_END}", True), ("\n", False)]
+    separator = "\n" if thinking and not final else ""
+    return [(GENERATION_PROMPT_NO_THINKING, False), (f"{separator}{answer}{IM_END}", True), ("\n", False)]
 
 
 def _merge(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:

@@ -42,7 +42,9 @@ def test_effort_goes_on_the_last_user_message_only():
 def test_earlier_thinking_is_collapsed():
     text = chat.render_messages(CONVERSATION)
     assert "Add them." not in text
-    assert "<|im_start|>assistant\n<think></think>Four.<|im_end|>\n<|im_start|>user\nAnd 3+3?" in text
+    assert "<|im_start|>assistant\n<think></think>\nFour.<|im_end|>\n<|im_start|>user\nAnd 3+3?" in text
+    plain = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert "<|im_start|>assistant\n<think></think>b<|im_end|>" in chat.render_messages(plain)
 
 
 def test_final_assistant_turn_keeps_thinking_unless_off():
@@ -64,7 +66,7 @@ def test_segments_concatenate_to_the_full_text(reasoning):
         conversation, add_generation_prompt=False, reasoning=reasoning
     )
     trained = [text for text, flag in segments if flag]
-    assert trained[0] == "Four.<|im_end|>"
+    assert trained[0] == "\nFour.<|im_end|>"
     assert trained[1] == ("Six.<|im_end|>" if reasoning == "off" else "Double.\n</think>\nSix.<|im_end|>")
     assert len(trained) == 2
     untrained = "".join(text for text, flag in segments if not flag)
