@@ -45,11 +45,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: str) -> str:
-    """Write `directory/tokenizer.json` atomically (a crash never leaves half a file) and return its path."""
+    """Write `directory/tokenizer.json` atomically and return its path.
+
+    A crash never leaves half a file, and processes saving the same tokenizer at once do not collide.
+    """
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, TOKENIZER_FILENAME)
-    tokenizer.save(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    partial = f"{path}.{os.getpid()}.tmp"
+    tokenizer.save(partial)
+    os.replace(partial, path)
     return path
 
 
