@@ -1,0 +1,48 @@
+"""Train or fine-tune a Nemotron-H model.
+
+    python train.py --config configs/tiny.py --workdir runs/tiny [--config.num_steps=50 ...]
+    python train.py --config configs/tiny.py --workdir runs/ft --init-from CHECKPOINT
+
+Any config field is overridable as --config.field=value (nested: --config.optimizer.learning_rate=1e-3).
+Rerunning with the same --workdir resumes from its newest checkpoint. Bad input exits with status 2,
+a run stopped by repeated non-finite steps with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="ml-collections config file (configs/*.py)")
+    parser.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, tokenizer")
+    parser.add_argument("--init-from", default=None,
+                        help="fine-tune from a Hugging Face checkpoint, a nemojax model directory or a workdir")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from nemojax.errors import NemojaxError
+    from nemojax.train.loop import TrainingDiverged, train
+    from nemojax.train.run_config import load_run_config
+
+    try:
+        cfg = load_run_config(args.config, overrides)
+        last = train(cfg, args.workdir, init_from=args.init_from)
+    except TrainingDiverged as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except NemojaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if last:
+        summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("loss", "eval_loss") if last.get(k) is not None)
+        print(f"step {last['step']}: {summary}; workdir {args.workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
