@@ -1,23 +1,35 @@
-"""Logical axis names and the ONE table that maps them to mesh axes (data, fsdp, tensor, expert).
+"""Device meshes and the ONE table that maps logical axis names to mesh axes (data, fsdp, tensor, expert).
 
 Every parameter is created with logical axis names (see `nemojax.model.layers`); activations are
-constrained at layer boundaries with `constrain`. Without a mesh in context, `constrain` is a
-no-op, so the model runs unchanged on one device.
+constrained at layer boundaries with `constrain`. Without a mesh in context (`use_mesh`), `constrain`
+is a no-op, so the model runs unchanged on one device.
+
+Mesh axes are Auto-typed everywhere: shardings are annotations and the compiler propagates them and
+inserts the collectives. A dimension that its mesh axes do not divide stays replicated (so the two
+KV heads of Nemotron 3 replicate on a tensor axis of 4 or 8).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
-from jax.sharding import PartitionSpec
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from nemojax.config import ModelConfig
+from nemojax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis -> mesh axis (or a tuple of mesh axes, or None for replicated).
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations
-    ("batch", ("data", "fsdp", "expert")),
+    ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -43,23 +55,50 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def _targets(name: str | None, rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
+    target = dict(rules).get(name) if name is not None else None
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def _spec(entries: list[tuple[str, ...]]) -> PartitionSpec:
+    return PartitionSpec(*(None if not e else e[0] if len(e) == 1 else e for e in entries))
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], rules=LOGICAL_RULES,
                     mesh_axis_names: Sequence[str] = MESH_AXES) -> PartitionSpec:
-    """Map logical axis names to a PartitionSpec over the mesh axes present.
+    """Map logical axis names to a PartitionSpec over the mesh axes present (ignoring shapes).
 
     A mesh axis is used at most once per tensor: a later logical axis that maps to an axis already
     taken stays replicated.
     """
-    table = dict(rules)
     used: set[str] = set()
-    out = []
+    entries = []
     for name in logical_axes:
-        target = table.get(name) if name is not None else None
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
-        targets = tuple(a for a in targets if a in mesh_axis_names and a not in used)
-        used.update(targets)
-        out.append(None if not targets else targets[0] if len(targets) == 1 else targets)
-    return PartitionSpec(*out)
+        kept = tuple(a for a in _targets(name, rules) if a in mesh_axis_names and a not in used)
+        used.update(kept)
+        entries.append(kept)
+    return _spec(entries)
+
+
+def sized_spec(logical_axes: Sequence[str | None], units: Sequence[int], mesh_shape: Mapping[str, int],
+               rules=LOGICAL_RULES) -> PartitionSpec:
+    """Like `logical_to_spec`, but a dimension keeps only the mesh axes that divide it.
+
+    `units[i]` is what must divide evenly along dimension i: its size, or for a fused dimension such
+    as kv_heads*head_dim the number of heads, so that a head is never split. Mesh axes of size 1 are
+    left out. Of several mesh axes for one dimension, each is kept while the product still divides.
+    """
+    used: set[str] = set()
+    entries = []
+    for name, unit in zip(logical_axes, units, strict=True):
+        kept: tuple[str, ...] = ()
+        for axis in _targets(name, rules):
+            size = mesh_shape.get(axis, 1)
+            if size > 1 and axis not in used and unit % (math.prod(mesh_shape[a] for a in kept) * size) == 0:
+                kept += (axis,)
+        used.update(kept)
+        entries.append(kept)
+    return _spec(entries)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -67,4 +106,77 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh_axis_names=mesh.axis_names))
+    return jax.lax.with_sharding_constraint(x, sized_spec(logical_axes, x.shape, dict(mesh.shape)))
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes ("data", "fsdp", "tensor", "expert") over `devices` (default: all devices).
+
+    The sizes must multiply to the number of devices. Axes are Auto-typed (compiler-propagated).
+    """
+    sizes = (data, fsdp, tensor, expert)
+    devices = list(jax.devices() if devices is None else devices)
+    described = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes, strict=True))
+    if any(not isinstance(s, int) or s < 1 for s in sizes):
+        raise ConfigError(f"mesh sizes must be positive integers, got {described}")
+    if math.prod(sizes) != len(devices):
+        raise ConfigError(f"mesh {described} needs {math.prod(sizes)} devices, but there are {len(devices)}; "
+                          "choose sizes whose product is the device count")
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
+    """Make `mesh` the context mesh: the model's `constrain` calls and expert parallelism use it.
+
+    Trace (jit) the model inside this context.
+    """
+    with jax.set_mesh(mesh):
+        yield mesh
+
+
+def _head_units(config: ModelConfig) -> dict[str, int]:
+    """Logical axes whose dimension fuses heads: shard whole heads only."""
+    return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "mamba_inner": config.mamba_num_heads, "mamba_heads": config.mamba_num_heads}
+
+
+def variable_shardings(config: ModelConfig, mesh: Mesh) -> dict:
+    """NamedShardings for every leaf of the model variables {"params", "buffers"}."""
+    from nemojax.model import abstract_variables, logical_axes
+
+    units = _head_units(config)
+    mesh_shape = dict(mesh.shape)
+
+    def one(names: PartitionSpec, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
+        names = tuple(names) + (None,) * (len(leaf.shape) - len(names))
+        dims = [units.get(n, d) if n is not None else d for n, d in zip(names, leaf.shape, strict=True)]
+        return NamedSharding(mesh, sized_spec(names, dims, mesh_shape))
+
+    return jax.tree.map(one, logical_axes(config), abstract_variables(config),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def place(value: Any, sharding: NamedSharding) -> jax.Array:
+    """Put one host or device array into `sharding`; each device receives only its own block.
+
+    Works with several processes too, as long as every process passes the same full value.
+    """
+    if isinstance(value, jax.Array) and value.is_fully_addressable and sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def shard_variables(variables: dict, config: ModelConfig, mesh: Mesh) -> dict:
+    """Model variables {"params", "buffers"} placed on `mesh` by `variable_shardings`."""
+    shardings = variable_shardings(config, mesh)
+    return {k: jax.tree.map(place, v, shardings[k]) for k, v in variables.items()}
+
+
+def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:
+    """Sharding of [B, T] inputs: rows over the batch axes (those that divide `batch_size`, if given)."""
+    if batch_size is None:
+        return NamedSharding(mesh, logical_to_spec(("batch", "length"), mesh_axis_names=mesh.axis_names))
+    return NamedSharding(mesh, sized_spec(("batch", "length"), (batch_size, 1), dict(mesh.shape)))

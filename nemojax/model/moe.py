@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from nemojax.config import ModelConfig
 from nemojax.model.layers import Linear, default_init, dtype_of, relu2
 from nemojax.model.mlp import MLP
+from nemojax.ops.expert_parallel import expert_parallel_experts, uses_expert_parallelism
 from nemojax.ops.grouped_matmul import grouped_matmul
 
 
@@ -82,7 +83,10 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts' stacked weights: up [E, width, f], down [E, f, width]."""
+    """The routed experts' stacked weights: up [E, width, f], down [E, f, width].
+
+    With an expert axis > 1 on the context mesh the experts run expert-parallel (`nemojax.ops.expert_parallel`).
+    """
 
     config: ModelConfig
 
@@ -95,6 +99,8 @@ class Experts(nn.Module):
         down_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         up = self.param("up_proj", nn.with_logical_partitioning(default_init(), up_axes), (e, w, f), pdtype)
         down = self.param("down_proj", nn.with_logical_partitioning(down_init, down_axes), (e, f, w), pdtype)
+        if uses_expert_parallelism(jax.sharding.get_abstract_mesh(), e):
+            return expert_parallel_experts(x_td, ids_tk, weights_tk, up, down, relu2)
         return dropless_experts(x_td, ids_tk, weights_tk, up, down)
 
 
