@@ -40,11 +40,11 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None, cache: Any,
-                 index: jax.Array | int) -> tuple[jax.Array, Any]:
+                 index: jax.Array | int, per_position_states: bool = False) -> tuple[jax.Array, Any]:
         c = self.config
         h = RMSNorm(c.layer_norm_epsilon, dtype_of(c.param_dtype), name="norm")(x_btd)
         if self.kind == "mamba":
-            out, cache = MambaMixer(c, name="mixer")(h, valid_bt, cache)
+            out, cache = MambaMixer(c, name="mixer")(h, valid_bt, cache, per_position_states)
         elif self.kind == "attention":
             out, cache = Attention(c, name="mixer")(h, valid_bt, cache, index)
         elif self.kind == "moe":
@@ -58,7 +58,7 @@ class Block(nn.Module):
 def _block_class(config: ModelConfig) -> type[Block]:
     if config.remat == "none":
         return Block
-    return nn.remat(Block, policy=_REMAT_POLICIES[config.remat], prevent_cse=True)
+    return nn.remat(Block, policy=_REMAT_POLICIES[config.remat], prevent_cse=True, static_argnums=(5,))
 
 
 class Embedding(nn.Module):
@@ -84,11 +84,12 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(c.layer_norm_epsilon, dtype_of(c.param_dtype))
 
     def __call__(self, ids_bt: jax.Array, valid_bt: jax.Array | None, layer_caches: Any,
-                 index: jax.Array | int) -> tuple[jax.Array, Any]:
+                 index: jax.Array | int, per_position_states: bool = False) -> tuple[jax.Array, Any]:
         x = sharding.constrain(self.embeddings(ids_bt), ("batch", "length", "act_embed"))
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, valid_bt, None if layer_caches is None else layer_caches[i], index)
+            x, layer_cache = layer(x, valid_bt, None if layer_caches is None else layer_caches[i], index,
+                                   per_position_states)
             new_caches.append(layer_cache)
         return self.norm_f(x), (None if layer_caches is None else tuple(new_caches))
 
@@ -153,11 +154,16 @@ class NemotronH(nn.Module):
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         return self.lm_head(hidden_btd).astype(jnp.float32)
 
-    def forward(self, input_ids: jax.Array, valid: jax.Array | None = None,
-                cache: Cache | None = None) -> tuple[jax.Array, jax.Array, Cache | None]:
-        """Main model. Returns (logits [b,t,V] f32, final hidden after norm_f [b,t,d], new cache)."""
+    def forward(self, input_ids: jax.Array, valid: jax.Array | None = None, cache: Cache | None = None,
+                per_position_states: bool = False) -> tuple[jax.Array, jax.Array, Cache | None]:
+        """Main model. Returns (logits [b,t,V] f32, final hidden after norm_f [b,t,d], new cache).
+
+        With `per_position_states`, each Mamba layer's returned cache holds its conv and SSM states
+        after every position ([b, t, ...]) rather than after the last (for speculative rollback).
+        """
         index = 0 if cache is None else cache["index"]
-        hidden, layer_caches = self.backbone(input_ids, valid, None if cache is None else cache["layers"], index)
+        hidden, layer_caches = self.backbone(input_ids, valid, None if cache is None else cache["layers"], index,
+                                             per_position_states)
         new_cache = None
         if cache is not None:
             new_cache = dict(cache, layers=layer_caches, index=cache["index"] + input_ids.shape[1])

@@ -4,6 +4,9 @@ Padding is exact: at positions where `valid` is False the conv input is zero and
 the SSM state passes through unchanged (left-padded prompts start from a clean state).
 
 Cache (decoding): {"conv": [b, k-1, conv_dim] last conv inputs, "ssm": [b, h, p, n] float32}.
+With `per_position_states` the returned cache holds the state after every position instead
+({"conv": [b, t, k-1, conv_dim], "ssm": [b, t, h, p, n]}): speculative decoding keeps the one
+of its last accepted token.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ class MambaMixer(nn.Module):
 
     @nn.compact
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None = None,
-                 cache: MambaCache | None = None) -> tuple[jax.Array, MambaCache | None]:
+                 cache: MambaCache | None = None,
+                 per_position_states: bool = False) -> tuple[jax.Array, MambaCache | None]:
         c = self.config
         dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
         b, t, _ = x_btd.shape
@@ -87,6 +91,7 @@ class MambaMixer(nn.Module):
             xbc = xbc * mask
         prefix = (cache["conv"] if cache is not None
                   else jnp.zeros((b, c.conv_kernel - 1, c.mamba_conv_dim), dtype))
+        conv_in = xbc
         xbc, new_conv = CausalDepthwiseConv(c.conv_kernel, c.use_conv_bias, pdtype, name="conv1d")(xbc, prefix)
         xbc = jax.nn.silu(xbc)
         if mask is not None:
@@ -108,7 +113,11 @@ class MambaMixer(nn.Module):
         x_bthp = x.reshape(b, t, h, p)
         bm, cm = bm.reshape(b, t, g, n), cm.reshape(b, t, g, n)
         initial = cache["ssm"] if cache is not None else None
-        if cache is not None and t == 1:
+        if cache is not None and per_position_states:
+            y, state = ssd.ssd_sequential(x_bthp, dt, a, bm, cm, initial, all_states=True)
+            full = jnp.concatenate([prefix.astype(conv_in.dtype), conv_in], axis=1)
+            new_conv = jnp.stack([full[:, i + 1:i + c.conv_kernel] for i in range(t)], axis=1)
+        elif cache is not None and t == 1:
             y, state = ssd.ssd_step(initial, x_bthp[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0])
             y = y[:, None]
         else:

@@ -117,8 +117,13 @@ def ssd_sequential(
     b_btgn: jax.Array,
     c_btgn: jax.Array,
     initial_state_bhpn: jax.Array | None = None,
+    all_states: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """The recurrence one step at a time (slow; the ground truth for tests and rollback)."""
+    """The recurrence one step at a time (slow; the ground truth for tests and rollback).
+
+    Returns (y [b,t,h,p], final state [b,h,p,n]); with `all_states`, the state after every
+    position [b,t,h,p,n] instead of the final one (speculative decoding rolls back to any of them).
+    """
     b, t, h, p = x_bthp.shape
     n = b_btgn.shape[-1]
     state0 = jnp.zeros((b, h, p, n), _F32) if initial_state_bhpn is None else initial_state_bhpn
@@ -126,8 +131,11 @@ def ssd_sequential(
     def step(state, inputs):
         x, dt, bm, cm = inputs
         y, state = ssd_step(state, x, dt, a_h, bm, cm)
-        return state, y
+        return state, (y, state) if all_states else y
 
-    final, ys = jax.lax.scan(step, state0, tuple(jnp.moveaxis(v, 1, 0)
-                                                 for v in (x_bthp, dt_bth, b_btgn, c_btgn)))
-    return jnp.moveaxis(ys, 0, 1), final
+    final, out = jax.lax.scan(step, state0, tuple(jnp.moveaxis(v, 1, 0)
+                                                  for v in (x_bthp, dt_bth, b_btgn, c_btgn)))
+    if all_states:
+        ys, states = out
+        return jnp.moveaxis(ys, 0, 1), jnp.moveaxis(states, 0, 1)
+    return jnp.moveaxis(out, 0, 1), final
