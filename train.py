@@ -20,6 +20,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, tokenizer")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune from a Hugging Face checkpoint, a nemojax model directory or a workdir")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="end this session after STEP with a checkpoint (rerun to continue)")
     return parser.parse_known_args(argv)
 
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_run_config(args.config, overrides)
-        last = train(cfg, args.workdir, init_from=args.init_from)
+        last = train(cfg, args.workdir, init_from=args.init_from, stop_at=args.stop_at)
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1

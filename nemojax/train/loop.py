@@ -8,6 +8,7 @@ and continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -15,16 +16,20 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from nemojax.checkpoint import orbax as orbax_model
+from nemojax.checkpoint.hf import load_pretrained
 from nemojax.config import ModelConfig, from_dict
 from nemojax.errors import CheckpointError, ConfigError, NemojaxError
 from nemojax.model import NemotronH, init_variables
+from nemojax.sharding import use_mesh
 from nemojax.train.checkpointing import TrainCheckpoints
 from nemojax.train.data import TokenBatches, build_tokenizer, heldout_batches, validate_data_config
 from nemojax.train.metrics import MetricsLog, plot_loss_curve
 from nemojax.train.optimizer import make_optimizer, make_schedule
+from nemojax.train.placement import build_mesh, put_batch, state_shardings, with_shardings
 from nemojax.train.run_config import model_config
 from nemojax.train.step import TrainState, init_state, make_eval_step, make_train_step
 
@@ -53,13 +58,12 @@ def _init_source(path: str) -> str:
                           "directory, a nemojax model directory or a training workdir)")
 
 
-def _load_init(path: str, cfg: ml_collections.ConfigDict, dtype: str) -> tuple[ModelConfig, dict]:
+def _load_init(path: str, cfg: ml_collections.ConfigDict, dtype: str, mesh: Mesh | None) -> tuple[ModelConfig, dict]:
     """Model config and variables of the --init-from checkpoint, in the run's dtypes and remat policy."""
     if _init_source(path) == "nemojax":
-        model, variables = orbax_model.load_model(path, dtype=dtype, param_dtype=cfg.param_dtype)
+        model, variables = orbax_model.load_model(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh)
     else:
-        from nemojax.checkpoint.hf import load_pretrained
-        model, variables = load_pretrained(path, dtype=dtype, param_dtype=cfg.param_dtype)
+        model, variables = load_pretrained(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh)
     return model.config.replace(remat=cfg.remat), variables
 
 
@@ -68,26 +72,26 @@ def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
     return a.replace(**keep) == b.replace(**keep)
 
 
-class _Run:
-    """State of one training run between set-up and the end of the loop."""
+class TrainingRun:
+    """Everything a run needs before its first step: data, tokenizer, model, mesh and train state."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None):
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None):
         _check_run_config(cfg)
         validate_data_config(cfg.data)
         self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+        self.mesh = build_mesh(cfg.mesh)
         os.makedirs(self.workdir, exist_ok=True)
         self.checkpoints = TrainCheckpoints(self.workdir, int(cfg.keep_checkpoints))
-        self.start_step = self.checkpoints.latest_step()
-        config = model_config(cfg)
-        init_variables_ = None
-        if self.start_step is not None:
+        resume_step = self.checkpoints.latest_step()
+        config, variables = model_config(cfg), None
+        if resume_step is not None:
             saved = from_dict(orbax_model.read_config(self.workdir)["model"])
             if not _same_architecture(saved, config) and init_from is None:
                 raise ConfigError(f"{self.workdir} holds checkpoints of a different model than the config; "
                                   "use a new --workdir")
             config = saved.replace(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat)
         elif init_from:
-            config, init_variables_ = _load_init(init_from, cfg, config.dtype)
+            config, variables = _load_init(init_from, cfg, config.dtype, self.mesh)
             tokenizer_file = os.path.join(init_from, "tokenizer.json")
             if not cfg.data.tokenizer_path and os.path.isfile(tokenizer_file):
                 cfg.data.tokenizer_path = tokenizer_file
@@ -100,103 +104,131 @@ class _Run:
             orbax_model.write_config(self.workdir, config, run=cfg.to_dict())
         self.tx = make_optimizer(cfg.optimizer, int(cfg.num_steps))
         self.schedule = make_schedule(cfg.optimizer, int(cfg.num_steps))
+        slices = dict(process_index=jax.process_index(), process_count=jax.process_count())
         self.batches = TokenBatches(cfg.data, self.tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                    seed=cfg.seed, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    seed=cfg.seed, **slices)
         self.eval_set = heldout_batches(cfg.data, self.tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                                        num_batches=cfg.eval_batches, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-        self.state = self._initial_state(init_variables_)
-        self.metrics = MetricsLog(self.workdir, self.start_step or 0)
-        self.start_step = self.start_step or 0
+                                        num_batches=cfg.eval_batches, **slices)
+        self.state = self._initial_state(resume_step, variables)
+        self.start_step = resume_step or 0
+        self.metrics = MetricsLog(self.workdir, self.start_step)
 
-    def _initial_state(self, variables: dict | None) -> TrainState:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    def mesh_context(self) -> contextlib.AbstractContextManager:
+        """Trace and run the model inside this (the mesh, or nothing on one device)."""
+        return contextlib.nullcontext() if self.mesh is None else use_mesh(self.mesh)
+
+    def put(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return put_batch(local_batch, self.mesh, int(self.cfg.batch_size))
+
+    def _initial_state(self, resume_step: int | None, variables: dict | None) -> TrainState:
+        """Restored (resume), built around loaded variables (fine-tune), or freshly initialised."""
         seed = int(self.cfg.seed)
 
         def fresh() -> TrainState:
             return init_state(init_variables(self.config, jax.random.key(seed)), self.tx, seed)
 
-        if self.start_step is not None:
-            abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                    jax.eval_shape(fresh))
-            state, data_state = self.checkpoints.restore(self.start_step, abstract)
+        abstract = jax.eval_shape(fresh)
+        self.shardings = state_shardings(abstract, self.config, self.tx, self.mesh)
+        if resume_step is not None:
+            state, data_state = self.checkpoints.restore(resume_step, with_shardings(abstract, self.shardings))
             self.batches.restore(data_state)
             return state
-        if variables is not None:
-            return jax.jit(lambda v: init_state(v, self.tx, seed))(variables)
-        return jax.jit(fresh)()
+        with self.mesh_context():
+            if variables is not None:
+                return jax.jit(lambda v: init_state(v, self.tx, seed), out_shardings=self.shardings)(variables)
+            return jax.jit(fresh, out_shardings=self.shardings)()
 
     def evaluate(self, eval_fn: Any) -> float | None:
+        """Mean masked LM loss over the fixed held-out batches (None when there are none)."""
         if not self.eval_set:
             return None
-        sums = [eval_fn(self.state, jax.device_put(b)) for b in self.eval_set]
+        sums = [eval_fn(self.state, self.put(b)) for b in self.eval_set]
         total, count = np.sum(jax.device_get(sums), axis=0)
         return float(total / max(count, 1.0))
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None) -> dict[str, Any]:
-    """Train (or resume) into `workdir`; returns the last metrics record."""
-    run = _Run(cfg, workdir, init_from)
-    step_fn = jax.jit(make_train_step(run.model, run.tx, cfg, run.schedule), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(run.model))
-    num_steps, tokens_per_step = int(cfg.num_steps), int(cfg.batch_size) * int(cfg.seq_len)
-    main = jax.process_index() == 0
-    progress = tqdm(total=num_steps, initial=run.start_step, disable=not main, desc="train", unit="step")
-    clock = {"start": None, "steps": 0}  # throughput window; starts after the first (compiling) step
-    last: dict[str, Any] = {}
+class _Recorder:
+    """Turns each step's device metrics into the progress bar, metrics.jsonl records and the stop rule."""
 
-    def record(step: int, metrics: dict, eval_loss: float | None) -> None:
-        nonlocal last
+    def __init__(self, run: TrainingRun):
+        self.run, self.cfg = run, run.cfg
+        self.tokens_per_step = int(self.cfg.batch_size) * int(self.cfg.seq_len)
+        self.main = jax.process_index() == 0
+        self.progress = tqdm(total=int(self.cfg.num_steps), initial=run.start_step, disable=not self.main,
+                             desc="train", unit="step")
+        self.window_start: float | None = None  # throughput window; opens after the first (compiling) step
+        self.window_steps = 0
+        self.last: dict[str, Any] = {}
+
+    def restart_clock(self) -> None:
+        """Leave evaluation and checkpoint time out of the throughput."""
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def __call__(self, step: int, metrics: dict, eval_loss: float | None = None) -> None:
         m = jax.device_get(metrics)
         now = time.perf_counter()
-        if clock["start"] is None:
-            clock.update(start=now, steps=0)
+        if self.window_start is None:
+            self.restart_clock()
         else:
-            clock["steps"] += 1
-        if m["bad_steps"] > cfg.max_bad_steps:
+            self.window_steps += 1
+        if m["bad_steps"] > self.cfg.max_bad_steps:
             raise TrainingDiverged(
-                f"{int(m['bad_steps'])} non-finite steps in a row at step {step} (max_bad_steps={cfg.max_bad_steps}); "
-                f"stopped. The last good checkpoint is step {run.checkpoints.latest_step()} in "
-                f"{os.path.join(run.workdir, 'checkpoints')}")
-        progress.update(1)
-        progress.set_postfix(loss=f"{float(m['loss']):.3f}")
+                f"{int(m['bad_steps'])} non-finite steps in a row at step {step} "
+                f"(max_bad_steps={self.cfg.max_bad_steps}); stopped. The last good checkpoint is step "
+                f"{self.run.checkpoints.latest_step()} in {os.path.join(self.run.workdir, 'checkpoints')}")
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{float(m['loss']):.3f}")
         if m["skipped"]:
-            progress.write(f"step {step}: non-finite loss or gradient, update skipped ({int(m['bad_steps'])} in a row)")
-        if step % cfg.log_every == 0 or step == num_steps or m["skipped"] or eval_loss is not None:
-            throughput = clock["steps"] * tokens_per_step / (now - clock["start"]) if clock["steps"] else None
-            clock.update(start=now, steps=0)
-            last = {"step": step, **{k: float(m[k]) for k in ("loss", "lm_loss", "mtp_loss", "aux_loss", "lr",
-                                                                "grad_norm")},
-                    "tokens_per_second": throughput, "skipped": bool(m["skipped"]),
-                    "expert_load": {k: round(float(v), 4) for k, v in m["expert_load"].items()}}
-            if eval_loss is not None:
-                last["eval_loss"] = eval_loss
-            if main:
-                run.metrics.write(last)
+            self.progress.write(f"step {step}: non-finite loss or gradient, update skipped "
+                                f"({int(m['bad_steps'])} in a row)")
+        if step % self.cfg.log_every and step != self.cfg.num_steps and not m["skipped"] and eval_loss is None:
+            return
+        throughput = self.window_steps * self.tokens_per_step / (now - self.window_start) if self.window_steps else None
+        self.window_start, self.window_steps = now, 0
+        self.last = {"step": step, **{k: float(m[k]) for k in ("loss", "lm_loss", "mtp_loss", "aux_loss", "lr",
+                                                                 "grad_norm")},
+                     "tokens_per_second": throughput, "skipped": bool(m["skipped"]),
+                     "expert_load": {k: round(float(v), 4) for k, v in m["expert_load"].items()}}
+        if eval_loss is not None:
+            self.last["eval_loss"] = eval_loss
+        if self.main:
+            self.run.metrics.write(self.last)
 
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None,
+          stop_at: int | None = None) -> dict[str, Any]:
+    """Train (or resume) into `workdir`; returns the last metrics record.
+
+    `stop_at` ends this session after that step with a checkpoint (the schedule still spans
+    num_steps), for time-sliced jobs; rerunning resumes. Metrics of step s are read while step
+    s+1 runs, so the host never stalls the device except at evaluations and checkpoints.
+    """
+    run = TrainingRun(cfg, workdir, init_from)
+    step_shardings = {} if run.mesh is None else {
+        "out_shardings": (run.shardings, NamedSharding(run.mesh, PartitionSpec()))}
+    step_fn = jax.jit(make_train_step(run.model, run.tx, cfg, run.schedule), donate_argnums=0, **step_shardings)
+    eval_fn = jax.jit(make_eval_step(run.model))
+    num_steps = int(cfg.num_steps)
+    last_step = num_steps if stop_at is None else min(num_steps, stop_at)
+    record = _Recorder(run)
     try:
-        pending = None
-        for step in range(run.start_step + 1, num_steps + 1):
-            batch = jax.device_put(next(run.batches))
-            run.state, metrics = step_fn(run.state, batch)
-            if pending is not None:
-                record(*pending, None)
-            pending = (step, metrics)
-            evaluate_now = step % cfg.eval_every == 0 or step == num_steps
-            if evaluate_now or step % cfg.checkpoint_every == 0:
-                record(step, metrics, run.evaluate(eval_fn) if evaluate_now else None)
-                pending = None
-                run.checkpoints.save(step, run.state, run.batches.state())
-                clock.update(start=time.perf_counter(), steps=0)
-        if pending is not None:
-            record(*pending, None)
+        with run.mesh_context():
+            pending = None
+            for step in range(run.start_step + 1, last_step + 1):
+                run.state, metrics = step_fn(run.state, run.put(next(run.batches)))
+                if pending is not None:
+                    record(*pending)
+                pending = (step, metrics)
+                evaluate_now = step % cfg.eval_every == 0 or step == num_steps
+                if evaluate_now or step % cfg.checkpoint_every == 0 or step == last_step:
+                    record(step, metrics, run.evaluate(eval_fn) if evaluate_now else None)
+                    pending = None
+                    run.checkpoints.save(step, run.state, run.batches.state())
+                    record.restart_clock()
     finally:
-        progress.close()
+        record.progress.close()
         run.checkpoints.wait()
         run.checkpoints.close()
-    if main:
+    if record.main:
         plot_loss_curve(run.workdir)
-    return last
-
-
+    return record.last

@@ -1,0 +1,67 @@
+"""Where training arrays live: one device, or a mesh built from the run config's `mesh` block.
+
+On a mesh, params and buffers follow the logical-axis rules (`nemojax.sharding`), the optimizer's
+per-parameter moments follow their parameter, scalars are replicated, and each process's slice of
+the batch becomes one global array sharded over the batch axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nemojax.config import ModelConfig
+from nemojax.errors import ConfigError
+from nemojax.sharding import MESH_AXES, batch_sharding, make_mesh, variable_shardings
+
+
+def build_mesh(mesh_cfg: ml_collections.ConfigDict) -> Mesh | None:
+    """The run's mesh, or None for single-device training (every size 1 on a single process).
+
+    One size may be -1: it takes the devices the others leave.
+    """
+    sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
+    if rest:
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if jax.device_count() % known:
+            raise ConfigError(f"mesh {sizes}: {jax.device_count()} devices do not divide by {known}")
+        sizes[rest[0]] = jax.device_count() // known
+    if math.prod(sizes.values()) == 1 and jax.process_count() == 1:
+        return None
+    return make_mesh(**sizes)
+
+
+def state_shardings(abstract_state: dict, config: ModelConfig, tx: optax.GradientTransformation,
+                    mesh: Mesh | None) -> dict:
+    """A sharding for every leaf of the train state (all on the first device without a mesh)."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, abstract_state)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    variables = variable_shardings(config, mesh)
+    opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state["opt_state"],
+                                      variables["params"], transform_non_params=lambda _: replicated)
+    out = jax.tree.map(lambda _: replicated, abstract_state)
+    return dict(out, params=variables["params"], buffers=variables["buffers"], opt_state=opt_state)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry their target sharding (what Orbax restores onto)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh | None, global_batch_size: int) -> dict[str, jax.Array]:
+    """This process's rows as device arrays; on a mesh, one global array per field over all processes."""
+    if mesh is None:
+        return jax.device_put(local_batch)
+    sharding = batch_sharding(mesh, global_batch_size)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
