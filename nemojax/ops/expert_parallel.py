@@ -82,6 +82,10 @@ def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.
     def per_device(x, ids, weights, up, down):
         if gathered:
             x, ids, weights = (jax.lax.all_gather(a, "expert", tiled=True) for a in (x, ids, weights))
+        else:
+            # Explicitly varying: gathering rows of an expert-invariant x by expert-varying indices
+            # otherwise gives wrong gradients for x (seen with jax 0.10.2).
+            x, weights = jax.lax.pcast((x, weights), "expert", to="varying")
         first = jax.lax.axis_index("expert") * up.shape[0]
         y = local_experts(x, ids - first, weights, up, down, activation)
         if tensor:
