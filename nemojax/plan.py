@@ -1,0 +1,86 @@
+"""Will a model fit? Parameter counts and per-device memory for a mesh, before renting machines.
+
+    python -m nemojax.plan CONFIG [--mesh data=..,fsdp=..,tensor=..,expert=..] [--devices N]
+        [--weights bf16|fp8|nvfp4-experts] [--batch B --seq-len T] [--prefill-chunk C] [--train]
+        [--remat none|full|dots] [--device h100-80gb|h200|...] [--json] [--no-compile]
+
+CONFIG is a configs/ name (tiny, nano, super, ultra), a configs/*.py file, a config.json or a
+checkpoint directory. Activation memory comes from ahead-of-time compiles on as many fake CPU
+devices as the mesh has (no real memory is used). See docs/planning.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import jax
+
+from nemojax.config import resolve_model_config
+from nemojax.errors import ConfigError
+from nemojax.planning.layout import mesh_devices, mesh_text, parse_mesh
+from nemojax.planning.report import DEVICE_MEMORY, PlanRequest, format_plan, make_plan
+from nemojax.planning.weights import WEIGHT_FORMATS
+
+REMAT_CHOICES = ("none", "full", "dots")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nemojax.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="configs/ name, configs/*.py, config.json or checkpoint directory")
+    p.add_argument("--mesh", default=None, help="axis sizes, e.g. data=1,fsdp=2,tensor=4,expert=1 "
+                                                "(default: fsdp over all devices)")
+    p.add_argument("--devices", type=int, default=None, help="device count (default: the mesh's, else 8)")
+    p.add_argument("--weights", default="bf16", choices=WEIGHT_FORMATS)
+    p.add_argument("--batch", type=int, default=1, help="global batch (sequences)")
+    p.add_argument("--seq-len", type=int, default=4096, help="context length (cache size, or training length)")
+    p.add_argument("--prefill-chunk", type=int, default=None, help="serving: tokens per prefill step "
+                                                                   "(default min(seq-len, 1024))")
+    p.add_argument("--train", action="store_true", help="plan a training step (AdamW) instead of serving")
+    p.add_argument("--remat", default=None, choices=REMAT_CHOICES, help="override the config's remat policy")
+    p.add_argument("--device", default="h200", choices=sorted(DEVICE_MEMORY), help="accelerator memory to check")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--no-compile", action="store_true", help="skip the activation compiles (fast)")
+    return p
+
+
+def resolve_mesh(mesh: str | None, devices: int | None) -> dict[str, int]:
+    """The mesh sizes; they must multiply to the device count when both are given."""
+    if mesh is None:
+        return parse_mesh(f"fsdp={devices or 8}")
+    shape = parse_mesh(mesh)
+    if devices is not None and mesh_devices(shape) != devices:
+        raise ConfigError(f"--mesh {mesh_text(shape)} uses {mesh_devices(shape)} devices, "
+                          f"but --devices is {devices}: the axis sizes must multiply to the device count")
+    return shape
+
+
+def use_fake_cpu_devices(count: int) -> None:
+    """Plan on `count` simulated CPU devices; must run before JAX starts its backend."""
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        mesh_shape = resolve_mesh(args.mesh, args.devices)
+        use_fake_cpu_devices(mesh_devices(mesh_shape))
+        config = resolve_model_config(args.config)
+        if args.remat is not None:
+            config = config.replace(remat=args.remat)
+        request = PlanRequest(mesh_shape=mesh_shape, weights=args.weights, batch=args.batch, seq_len=args.seq_len,
+                              prefill_chunk=args.prefill_chunk, train=args.train, device=args.device,
+                              compile_activations=not args.no_compile)
+        plan = make_plan(config, request, name=args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

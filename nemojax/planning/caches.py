@@ -1,0 +1,49 @@
+"""Decoding-cache bytes per device: KV caches of the attention layers (main stack and MTP block) and
+the Mamba layers' conv and SSM states, laid out as `nemojax.model.init_cache` builds them.
+
+Cache sharding (the rule table through `nemojax.sharding.sized_spec`): batch over (data, fsdp,
+expert) as far as they divide it, KV heads over `tensor` (replicated when `tensor` does not divide
+them: Nemotron 3 has 2), Mamba heads and conv channels over `tensor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+
+from nemojax.config import ModelConfig
+from nemojax.model import init_cache
+from nemojax.planning.layout import abstract_mesh, array_sharding, local_bytes
+
+CACHE_AXES: dict[str, tuple[str | None, ...]] = {
+    "k": ("batch", "length", "kv_heads", None),
+    "v": ("batch", "length", "kv_heads", None),
+    "valid": ("batch", "length"),
+    "conv": ("batch", None, "conv_dim"),
+    "ssm": ("batch", "mamba_heads", None, None),
+}
+
+
+def abstract_cache(config: ModelConfig, batch: int, max_len: int):
+    """ShapeDtypeStructs of the full decoding cache."""
+    return jax.eval_shape(lambda: init_cache(config, batch, max_len))
+
+
+def layer_cache_axes(layer_cache) -> dict[str, tuple[str | None, ...]] | None:
+    """Logical axes of one layer's cache dict (None for layers without a cache)."""
+    return None if layer_cache is None else {name: CACHE_AXES[name] for name in layer_cache}
+
+
+def cache_bytes_per_device(config: ModelConfig, batch: int, max_len: int,
+                           mesh_shape: Mapping[str, int]) -> dict[str, int]:
+    """{"kv_cache", "ssm_state"}: bytes one device holds for `batch` sequences of `max_len` tokens."""
+    cache = abstract_cache(config, batch, max_len)
+    mesh = abstract_mesh(mesh_shape)
+    layers = list(cache["layers"]) + list(cache.get("mtp", {}).get("layers", ()))
+    out = {"kv_cache": 0, "ssm_state": 0}
+    for layer in layers:
+        for name, leaf in (layer or {}).items():
+            key = "kv_cache" if name in ("k", "v", "valid") else "ssm_state"
+            out[key] += local_bytes(leaf, array_sharding(mesh, leaf.shape, CACHE_AXES[name]))
+    return out

@@ -1,0 +1,76 @@
+"""Where each array lands on a mesh: parse `--mesh`, build the mesh (or a device-free abstract
+one) and give arrays the shardings of `nemojax.sharding` (the one rule table, `sized_spec`).
+
+Byte counts only need the axis sizes, so they use an `AbstractMesh` and work for any mesh. A mesh
+axis that does not divide a dimension leaves it replicated (JAX shards evenly only): this is how
+the two KV heads replicate when `tensor` > 2.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
+
+from nemojax.errors import ConfigError
+from nemojax.sharding import MESH_AXES, make_mesh, sized_spec
+
+MeshShape = dict[str, int]
+
+
+def parse_mesh(text: str) -> MeshShape:
+    """`"data=2,tensor=4"` -> {"data": 2, "fsdp": 1, "tensor": 4, "expert": 1}."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES:
+            raise ConfigError(f"--mesh: bad entry {item!r}; expected AXIS=SIZE with AXIS one of {MESH_AXES}")
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise ConfigError(f"--mesh: size of {name!r} must be a positive integer, got {value!r}")
+        sizes[name] = size
+    return sizes
+
+
+def mesh_devices(mesh_shape: Mapping[str, int]) -> int:
+    return math.prod(mesh_shape.values())
+
+
+def mesh_text(mesh_shape: Mapping[str, int]) -> str:
+    """The non-trivial axes, e.g. "tensor=4,expert=2" (or "single device")."""
+    used = [f"{a}={s}" for a, s in mesh_shape.items() if s > 1]
+    return ",".join(used) or "single device"
+
+
+def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
+    """A device-free mesh: enough to compute every sharding and per-device shape."""
+    return AbstractMesh(tuple(mesh_shape[a] for a in MESH_AXES), MESH_AXES,
+                        axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def build_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """`nemojax.make_mesh` over the first N of `devices` (default: all devices)."""
+    needed = mesh_devices(mesh_shape)
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) < needed:
+        raise ConfigError(f"mesh {mesh_text(mesh_shape)} needs {needed} devices; {len(devices)} are available")
+    return make_mesh(**{a: mesh_shape[a] for a in MESH_AXES}, devices=devices[:needed])
+
+
+def array_sharding(mesh: Mesh | AbstractMesh, shape: Sequence[int],
+                   logical_axes: Sequence[str | None]) -> NamedSharding:
+    """The sharding the rule table gives an array (mesh axes that do not divide a dimension dropped)."""
+    names = tuple(logical_axes) + (None,) * (len(shape) - len(logical_axes))
+    return NamedSharding(mesh, sized_spec(names, tuple(shape), dict(mesh.shape)))
+
+
+def local_bytes(leaf: jax.ShapeDtypeStruct, sharding: NamedSharding) -> int:
+    """Bytes one device holds of `leaf` under `sharding`."""
+    return math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize

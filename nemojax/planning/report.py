@@ -1,0 +1,152 @@
+"""Assemble a memory plan (counts, per-device bytes, activations, verdict) and print it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+from nemojax.config import ModelConfig
+from nemojax.errors import ConfigError
+from nemojax.planning import activations
+from nemojax.planning.caches import cache_bytes_per_device
+from nemojax.planning.counts import count_parameters
+from nemojax.planning.layout import build_mesh, mesh_devices, mesh_text
+from nemojax.planning.weights import (
+    WEIGHT_FORMATS,
+    serving_config,
+    training_bytes_per_device,
+    training_config,
+    weight_bytes_per_device,
+)
+
+# Memory of one accelerator, in bytes (as the vendors state it).
+DEVICE_MEMORY: dict[str, int] = {
+    "a100-80gb": 80 * 10**9,
+    "h100-80gb": 80 * 10**9,
+    "h100-94gb": 94 * 10**9,
+    "h200": 141 * 10**9,
+    "b200": 180 * 10**9,
+}
+COMBINE_NOTE = {
+    False: "prefill of batch x chunk tokens against full caches: peak = max over parts of "
+           "(compiled temp + input and output activations); each part compiled once",
+    True: "training step on batch x seq_len: peak = sum over all layers of kept residuals + max over "
+          "parts of (compiled backward temp + activations in/out); each part compiled once",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    mesh_shape: Mapping[str, int]
+    weights: str = "bf16"
+    batch: int = 1
+    seq_len: int = 4096
+    prefill_chunk: int | None = None   # serving: tokens per prefill step (default min(seq_len, 1024))
+    train: bool = False
+    device: str = "h200"
+    compile_activations: bool = True
+
+    def validate(self) -> None:
+        if self.weights not in WEIGHT_FORMATS:
+            raise ConfigError(f"--weights: expected one of {WEIGHT_FORMATS}, got {self.weights!r}")
+        if self.train and self.weights != "bf16":
+            raise ConfigError("--train plans bf16 weights (with a float32 master copy); drop --weights")
+        if self.device not in DEVICE_MEMORY:
+            raise ConfigError(f"--device: expected one of {sorted(DEVICE_MEMORY)}, got {self.device!r}")
+        for name in ("batch", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.prefill_chunk is not None and not 1 <= self.prefill_chunk <= self.seq_len:
+            raise ConfigError("--prefill-chunk must be between 1 and --seq-len")
+
+    @property
+    def chunk(self) -> int:
+        return self.prefill_chunk or min(self.seq_len, 1024)
+
+
+def make_plan(config: ModelConfig, request: PlanRequest, devices: Sequence[jax.Device] | None = None,
+              name: str = "") -> dict[str, Any]:
+    """The full plan as a JSON-ready dict (bytes are per device)."""
+    request.validate()
+    start = time.perf_counter()
+    config = serving_config(config)
+    mesh_shape = dict(request.mesh_shape)
+    counts = count_parameters(config)
+    weights = weight_bytes_per_device(config, mesh_shape, request.weights)
+    memory = {"weights": weights["routed_experts"] + weights["other"], "buffers": weights["buffers"]}
+    if request.train:
+        memory.update(training_bytes_per_device(config, mesh_shape))
+        config = training_config(config)
+    else:
+        memory.update(cache_bytes_per_device(config, request.batch, request.seq_len, mesh_shape))
+    parts = []
+    if request.compile_activations:
+        mesh = build_mesh(mesh_shape, devices)
+        for part in activations.model_parts(config):
+            if request.train:
+                parts.append(activations.training_part(part, config, mesh, request.batch, request.seq_len))
+            else:
+                parts.append(activations.serving_part(part, config, mesh, request.batch, request.chunk,
+                                                      request.seq_len))
+        memory["activations"] = activations.activation_bytes(parts, request.train)
+    total = sum(memory.values())
+    capacity = DEVICE_MEMORY[request.device]
+    return {
+        "config": name,
+        "mode": "train" if request.train else "serve",
+        "mesh": mesh_shape,
+        "devices": mesh_devices(mesh_shape),
+        "weights_format": "float32 master (training)" if request.train else request.weights,
+        "batch": request.batch,
+        "seq_len": request.seq_len,
+        "prefill_chunk": None if request.train else request.chunk,
+        "remat": config.remat,
+        **counts.as_dict(),
+        "bytes_per_device": {**memory, "total": total},
+        "weight_bytes_by_group": None if request.train else weights,
+        "activation_parts": [dataclasses.asdict(p) for p in parts],
+        "activation_method": COMBINE_NOTE[request.train] if parts else "not compiled (--no-compile)",
+        "device": request.device,
+        "device_memory_bytes": capacity,
+        "fits": total <= capacity,
+        "headroom_bytes": capacity - total,
+        "plan_seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:10.2f} GB" if n >= 10**8 else f"{n / 1e6:10.2f} MB"
+
+
+def format_plan(plan: Mapping[str, Any]) -> str:
+    """A readable table of a plan."""
+    lines = [
+        f"plan: {plan['config']}  {plan['mode']}  mesh {mesh_text(plan['mesh'])} ({plan['devices']} devices)  "
+        f"weights {plan['weights_format']}  batch {plan['batch']} x seq_len {plan['seq_len']}"
+        + (f" (prefill chunk {plan['prefill_chunk']})" if plan["prefill_chunk"] else "")
+        + f"  remat {plan['remat']}",
+        "",
+        "parameters",
+    ]
+    for key in ("params_total", "params_main", "params_mtp", "params_active", "buffers_main",
+                "checkpoint_tensors_main"):
+        lines.append(f"  {key:<26}{plan[key]:>20,}")
+    lines += ["  (buffers = MoE e_score_correction_bias, not parameters; the checkpoint stores them)", "",
+              "bytes per device"]
+    for key, value in plan["bytes_per_device"].items():
+        lines.append(f"  {key:<26}{_gb(value)}")
+    if plan["activation_parts"]:
+        lines += ["", "activation parts (per device)",
+                  f"  {'part':<20}{'count':>6}{'peak':>14}{'kept/layer':>14}{'compile':>9}"]
+        for p in plan["activation_parts"]:
+            lines.append(f"  {p['name']:<20}{p['count']:>6}{_gb(p['peak_bytes'])}{_gb(p['saved_bytes'])}"
+                         f"{p['compile_seconds']:>8.1f}s")
+    lines += [f"  method: {plan['activation_method']}", ""]
+    verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
+    lines.append(f"verdict: {verdict} on {plan['device']} ({plan['device_memory_bytes'] / 1e9:.0f} GB): "
+                 f"headroom {plan['headroom_bytes'] / 1e9:.2f} GB  (planned in {plan['plan_seconds']} s)")
+    return "\n".join(lines)
