@@ -175,6 +175,29 @@ def shard_variables(variables: dict, config: ModelConfig, mesh: Mesh) -> dict:
     return {k: jax.tree.map(place, v, shardings[k]) for k, v in variables.items()}
 
 
+# Decoding-cache leaves (see `nemojax.model.init_cache`) by their key: logical axes per dimension.
+_CACHE_AXES = {
+    "k": ("batch", "length", "kv_heads", None),
+    "v": ("batch", "length", "kv_heads", None),
+    "valid": ("batch", "length"),
+    "conv": ("batch", None, "conv_dim"),
+    "ssm": ("batch", "mamba_heads", None, None),
+    "index": (),
+}
+
+
+def cache_shardings(cache: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a decoding cache (arrays or ShapeDtypeStructs): rows over the batch axes,
+    KV heads / conv channels / SSM heads over tensor where they divide."""
+    mesh_shape = dict(mesh.shape)
+
+    def one(path: tuple, leaf: Any) -> NamedSharding:
+        names = _CACHE_AXES[path[-1].key]
+        return NamedSharding(mesh, sized_spec(names, leaf.shape, mesh_shape))
+
+    return jax.tree_util.tree_map_with_path(one, cache)
+
+
 def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:
     """Sharding of [B, T] inputs: rows over the batch axes (those that divide `batch_size`, if given)."""
     if batch_size is None:

@@ -12,7 +12,7 @@ from nemojax import sharding
 from nemojax.checkpoint.hf import load_pretrained, save_pretrained
 from nemojax.config import from_hf_config
 from nemojax.errors import ConfigError
-from nemojax.model import NemotronH, init_variables
+from nemojax.model import NemotronH, init_cache, init_variables
 from nemojax.model.layers import relu2
 from nemojax.model.moe import dropless_experts
 from nemojax.ops.expert_parallel import expert_parallel_experts
@@ -122,6 +122,32 @@ def test_expert_parallel_equals_dropless_with_gradients(tokens):
         got = ep(x, w, up, down)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         assert _rel_err(a, b) < 1e-5
+
+
+def test_cached_decoding_on_mesh_equals_single_device(setup):
+    """Prefill into a sharded cache, then one decode step; the cache stays sharded."""
+    cfg, variables, ids = setup
+    model = NemotronH(cfg)
+
+    @jax.jit
+    def prefill_and_step(variables, cache, ids):
+        _, _, cache = model.apply(variables, ids[:, :-1], cache=cache, method="forward")
+        logits, _, cache = model.apply(variables, ids[:, -1:], cache=cache, method="forward")
+        return logits, cache
+
+    cache = init_cache(cfg, BATCH, LENGTH)
+    expected, _ = prefill_and_step(variables, cache, ids)
+    mesh = sharding.make_mesh(data=2, tensor=2, expert=2)
+    placed = sharding.shard_variables(variables, cfg, mesh)
+    shardings = sharding.cache_shardings(cache, mesh)
+    with sharding.use_mesh(mesh):
+        logits, new_cache = prefill_and_step(placed, jax.device_put(cache, shardings),
+                                             jax.device_put(ids, sharding.batch_sharding(mesh, BATCH)))
+    assert _rel_err(logits, expected) < 1e-5
+    kv, ssm = new_cache["layers"][1]["k"], new_cache["layers"][0]["ssm"]
+    assert kv.sharding.is_equivalent_to(shardings["layers"][1]["k"], kv.ndim)
+    assert kv.addressable_shards[0].data.shape == (BATCH // 4, LENGTH, 1, cfg.head_dim)
+    assert ssm.addressable_shards[0].data.shape == (BATCH // 4, 2, cfg.mamba_head_dim, cfg.ssm_state_size)
 
 
 def _lm_loss(model, params, buffers, ids):
