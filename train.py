@@ -11,7 +11,15 @@ a run stopped by repeated non-finite steps with status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import jax
+
+from nemojax.distributed import add_distributed_flags, initialize
+from nemojax.errors import NemojaxError
+from nemojax.train.loop import TrainingDiverged, train
+from nemojax.train.run_config import load_run_config
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -20,6 +28,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, tokenizer")
     parser.add_argument("--init-from", default=None,
                         help="fine-tune from a Hugging Face checkpoint, a nemojax model directory or a workdir")
+    add_distributed_flags(parser)
+    parser.add_argument("--compilation-cache", default=os.path.expanduser("~/.cache/nemojax/jax"),
+                        help="persistent XLA compilation cache, so restarts skip compiling ('' disables)")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="end this session after STEP with a checkpoint (rerun to continue)")
     return parser.parse_known_args(argv)
@@ -27,11 +38,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    from nemojax.errors import NemojaxError
-    from nemojax.train.loop import TrainingDiverged, train
-    from nemojax.train.run_config import load_run_config
-
     try:
+        initialize(args)
+        if args.compilation_cache:
+            jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
         cfg = load_run_config(args.config, overrides)
         last = train(cfg, args.workdir, init_from=args.init_from, stop_at=args.stop_at)
     except TrainingDiverged as e:

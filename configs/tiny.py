@@ -41,4 +41,18 @@ def get_model_config() -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(model=get_model_config()))
+    """The model plus the training fields chosen for it (every other field keeps its default in
+    nemojax/train/run_config.py). fp32 compute: on CPU bf16 is no faster for this model."""
+    return ml_collections.ConfigDict(dict(
+        model=get_model_config(),
+        num_steps=600,
+        batch_size=8,
+        seq_len=128,
+        log_every=10,
+        eval_every=100,
+        eval_batches=8,
+        checkpoint_every=100,
+        keep_checkpoints=2,
+        bias_update_rate=1e-2,
+        optimizer=dict(learning_rate=1e-3, schedule="wsd", warmup_steps=30, decay_fraction=0.2, min_lr_ratio=0.1),
+    ))

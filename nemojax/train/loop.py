@@ -16,22 +16,22 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from nemojax.checkpoint import orbax as orbax_model
 from nemojax.checkpoint.hf import load_pretrained
 from nemojax.config import ModelConfig, from_dict
 from nemojax.errors import CheckpointError, ConfigError, NemojaxError
-from nemojax.model import NemotronH, init_variables
+from nemojax.model import NemotronH
 from nemojax.sharding import use_mesh
 from nemojax.train.checkpointing import TrainCheckpoints
 from nemojax.train.data import TokenBatches, build_tokenizer, heldout_batches, validate_data_config
 from nemojax.train.metrics import MetricsLog, plot_loss_curve
-from nemojax.train.optimizer import make_optimizer, make_schedule
-from nemojax.train.placement import build_mesh, put_batch, state_shardings, with_shardings
+from nemojax.train.placement import build_mesh, process_slice, put_batch, with_shardings
+from nemojax.train.programs import build_programs
 from nemojax.train.run_config import model_config
-from nemojax.train.step import TrainState, init_state, make_eval_step, make_train_step
+from nemojax.train.step import TrainState
 
 
 class TrainingDiverged(NemojaxError):
@@ -102,9 +102,8 @@ class TrainingRun:
                               f"vocab_size is {config.vocab_size}")
         if jax.process_index() == 0:
             orbax_model.write_config(self.workdir, config, run=cfg.to_dict())
-        self.tx = make_optimizer(cfg.optimizer, int(cfg.num_steps))
-        self.schedule = make_schedule(cfg.optimizer, int(cfg.num_steps))
-        slices = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        self.programs = build_programs(cfg, config, self.mesh)
+        slices = process_slice(self.mesh, int(cfg.batch_size))
         self.batches = TokenBatches(cfg.data, self.tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                     seed=cfg.seed, **slices)
         self.eval_set = heldout_batches(cfg.data, self.tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
@@ -122,21 +121,14 @@ class TrainingRun:
 
     def _initial_state(self, resume_step: int | None, variables: dict | None) -> TrainState:
         """Restored (resume), built around loaded variables (fine-tune), or freshly initialised."""
-        seed = int(self.cfg.seed)
-
-        def fresh() -> TrainState:
-            return init_state(init_variables(self.config, jax.random.key(seed)), self.tx, seed)
-
-        abstract = jax.eval_shape(fresh)
-        self.shardings = state_shardings(abstract, self.config, self.tx, self.mesh)
+        programs = self.programs
         if resume_step is not None:
-            state, data_state = self.checkpoints.restore(resume_step, with_shardings(abstract, self.shardings))
+            target = with_shardings(programs.abstract_state, programs.shardings)
+            state, data_state = self.checkpoints.restore(resume_step, target)
             self.batches.restore(data_state)
             return state
         with self.mesh_context():
-            if variables is not None:
-                return jax.jit(lambda v: init_state(v, self.tx, seed), out_shardings=self.shardings)(variables)
-            return jax.jit(fresh, out_shardings=self.shardings)()
+            return programs.fresh_state() if variables is None else programs.state_from(variables)
 
     def evaluate(self, eval_fn: Any) -> float | None:
         """Mean masked LM loss over the fixed held-out batches (None when there are none)."""
@@ -204,10 +196,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
     s+1 runs, so the host never stalls the device except at evaluations and checkpoints.
     """
     run = TrainingRun(cfg, workdir, init_from)
-    step_shardings = {} if run.mesh is None else {
-        "out_shardings": (run.shardings, NamedSharding(run.mesh, PartitionSpec()))}
-    step_fn = jax.jit(make_train_step(run.model, run.tx, cfg, run.schedule), donate_argnums=0, **step_shardings)
-    eval_fn = jax.jit(make_eval_step(run.model))
+    step_fn, eval_fn = run.programs.train_step, run.programs.eval_step
     num_steps = int(cfg.num_steps)
     last_step = num_steps if stop_at is None else min(num_steps, stop_at)
     record = _Recorder(run)

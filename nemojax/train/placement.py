@@ -17,8 +17,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nemojax.config import ModelConfig
+from nemojax.distributed import global_batch, local_batch_rows
 from nemojax.errors import ConfigError
-from nemojax.sharding import MESH_AXES, batch_sharding, make_mesh, variable_shardings
+from nemojax.sharding import MESH_AXES, make_mesh, variable_shardings
 
 
 def build_mesh(mesh_cfg: ml_collections.ConfigDict) -> Mesh | None:
@@ -59,9 +60,21 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def process_slice(mesh: Mesh | None, global_batch_size: int) -> dict[str, int]:
+    """`process_index` / `process_count` for the batch iterator: which equal share of each global batch
+    this process loads (the rows its devices hold on the mesh)."""
+    if mesh is None:
+        return {"process_index": 0, "process_count": 1}
+    rows = local_batch_rows(mesh, global_batch_size)
+    size = rows.stop - rows.start
+    if global_batch_size % size or rows.start % size:
+        raise ConfigError(f"batch_size {global_batch_size} does not split into equal per-process shares on "
+                          f"mesh {dict(mesh.shape)}")
+    return {"process_index": rows.start // size, "process_count": global_batch_size // size}
+
+
 def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh | None, global_batch_size: int) -> dict[str, jax.Array]:
     """This process's rows as device arrays; on a mesh, one global array per field over all processes."""
     if mesh is None:
         return jax.device_put(local_batch)
-    sharding = batch_sharding(mesh, global_batch_size)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+    return {k: global_batch(mesh, v, global_batch_size) for k, v in local_batch.items()}

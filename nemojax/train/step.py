@@ -69,7 +69,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_
         ((loss, parts), grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
         parts = dict(parts, aux_loss=parts["aux_loss"] / accum)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
