@@ -16,11 +16,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-import jax
-
 from nemojax.config import resolve_model_config
 from nemojax.errors import ConfigError
-from nemojax.planning.layout import mesh_devices, mesh_text, parse_mesh
+from nemojax.planning.layout import mesh_devices, mesh_text, parse_mesh, use_fake_cpu_devices
 from nemojax.planning.report import DEVICE_MEMORY, PlanRequest, format_plan, make_plan
 from nemojax.planning.weights import WEIGHT_FORMATS
 
@@ -55,12 +53,6 @@ def resolve_mesh(mesh: str | None, devices: int | None) -> dict[str, int]:
         raise ConfigError(f"--mesh {mesh_text(shape)} uses {mesh_devices(shape)} devices, "
                           f"but --devices is {devices}: the axis sizes must multiply to the device count")
     return shape
-
-
-def use_fake_cpu_devices(count: int) -> None:
-    """Plan on `count` simulated CPU devices; must run before JAX starts its backend."""
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", count)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,6 +49,13 @@ def mesh_text(mesh_shape: Mapping[str, int]) -> str:
     return ",".join(used) or "single device"
 
 
+def use_fake_cpu_devices(count: int) -> None:
+    """Plan on `count` simulated CPU devices (the supported form of XLA's
+    --xla_force_host_platform_device_count); must run before JAX starts its backend."""
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+
+
 def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
     """A device-free mesh: enough to compute every sharding and per-device shape."""
     return AbstractMesh(tuple(mesh_shape[a] for a in MESH_AXES), MESH_AXES,
