@@ -1,0 +1,125 @@
+"""Training pieces: schedules, weight-decay mask, gradient accumulation, MoE bias balancing, MTP loss
+alignment, run-config overrides."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from nemojax.config import from_hf_config
+from nemojax.errors import ConfigError
+from nemojax.model import NemotronH, init_variables
+from nemojax.train.losses import masked_xent_sum, model_losses, token_counts
+from nemojax.train.moe_balance import load_ratios, update_correction_bias
+from nemojax.train.optimizer import default_optimizer_config, make_optimizer, make_schedule
+from nemojax.train.run_config import load_run_config
+from nemojax.train.step import init_state, make_train_step
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+MICRO = dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="E", num_attention_heads=2,
+             num_key_value_heads=1, head_dim=16, mamba_num_heads=2, mamba_head_dim=16, ssm_state_size=8,
+             n_groups=1, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+             moe_shared_expert_intermediate_size=16, mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1,
+             dtype="float32", param_dtype="float32")
+
+
+def _optimizer(**changes):
+    opt = default_optimizer_config()
+    opt.update(changes)
+    return opt
+
+
+def test_wsd_schedule_warms_up_holds_then_decays():
+    lr = make_schedule(_optimizer(learning_rate=1.0, warmup_steps=10, decay_fraction=0.2, min_lr_ratio=0.1), 110)
+    assert float(lr(0)) == pytest.approx(0.1)  # the first update already moves
+    assert float(lr(9)) == pytest.approx(1.0)
+    assert float(lr(50)) == pytest.approx(1.0) and float(lr(89)) == pytest.approx(1.0)
+    assert float(lr(100)) == pytest.approx(0.55)  # halfway through the last 20 steps
+    assert float(lr(110)) == pytest.approx(0.1)
+
+
+def test_cosine_schedule_ends_at_the_floor():
+    lr = make_schedule(_optimizer(learning_rate=2.0, schedule="cosine", warmup_steps=4, min_lr_ratio=0.1), 104)
+    assert float(lr(3)) == pytest.approx(2.0)
+    assert float(lr(54)) == pytest.approx(1.1)  # cosine midpoint between 2.0 and 0.2
+    assert float(lr(104)) == pytest.approx(0.2)
+
+
+def test_weight_decay_leaves_vectors_alone():
+    tx = make_optimizer(_optimizer(learning_rate=0.1, warmup_steps=0, weight_decay=0.5), 10)
+    params = {"kernel": jnp.ones((2, 3)), "norm": {"weight": jnp.ones((3,))}}
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(new["kernel"], 1 - 0.1 * 0.5)
+    np.testing.assert_array_equal(new["norm"]["weight"], 1.0)
+
+
+def test_correction_bias_moves_towards_underused_experts():
+    buffers = {"layers_0": {"mixer": {"gate": {"e_score_correction_bias": jnp.zeros(4)}}}}
+    loads = {("layers_0", "mixer"): jnp.array([10, 2, 4, 0])}
+    new = update_correction_bias(buffers, loads, 0.01)["layers_0"]["mixer"]["gate"]["e_score_correction_bias"]
+    np.testing.assert_allclose(new, [-0.01, 0.01, 0.0, 0.01])
+    assert float(load_ratios(loads)["layers_0/mixer"]) == pytest.approx(2.5)
+
+
+@pytest.fixture(scope="module")
+def micro_model():
+    config = from_hf_config(MICRO)
+    variables = jax.jit(lambda: init_variables(config, jax.random.key(0)))()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (4, 17))
+    mask = (rng.random((4, 16)) > 0.3).astype(np.float32)  # uneven masks: rows weigh differently
+    batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+             "loss_mask": jnp.asarray(mask)}
+    return NemotronH(config), variables, batch
+
+
+def test_mtp_loss_predicts_two_tokens_ahead(micro_model):
+    model, variables, batch = micro_model
+    losses = jax.jit(lambda v, b: model_losses(model, v["params"], v["buffers"], b, token_counts(b), 0.3, 0.0))
+    _, parts = losses(variables, batch)
+    logits, hidden, _ = jax.jit(lambda v, ids: model.apply(v, ids, method="forward"))(variables, batch["inputs"])
+    mtp_logits, _, _ = jax.jit(lambda v, h, ids: model.apply(v, h, ids, method="mtp_forward"))(
+        variables, hidden[:, :-1], batch["inputs"][:, 1:])
+    mask = batch["loss_mask"]
+    # position t of the MTP head sees hidden(t) and token t+1, and is scored on target t+1 = token t+2
+    want = masked_xent_sum(mtp_logits, batch["targets"][:, 1:], mask[:, 1:]) / jnp.sum(mask[:, 1:])
+    np.testing.assert_allclose(parts["mtp_loss"], want, rtol=1e-6)
+    np.testing.assert_allclose(parts["lm_loss"], masked_xent_sum(logits, batch["targets"], mask) / jnp.sum(mask),
+                               rtol=1e-6)
+
+
+def test_gradient_accumulation_matches_the_full_batch(micro_model):
+    model, variables, batch = micro_model
+    opt = _optimizer(learning_rate=1e-2, warmup_steps=0)
+    tx, schedule = make_optimizer(opt, 10), make_schedule(opt, 10)
+    outputs = []
+    for accum in (1, 4):
+        cfg = ml_collections.ConfigDict(dict(grad_accum_steps=accum, mtp_loss_weight=0.3, aux_loss_weight=0.01,
+                                             bias_update_rate=1e-3))
+        step = jax.jit(make_train_step(model, tx, cfg, schedule))
+        outputs.append(step(init_state(variables, tx, 0), batch))
+    (full, full_metrics), (accumulated, accumulated_metrics) = outputs
+    for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
+        np.testing.assert_allclose(accumulated_metrics[key], full_metrics[key], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(accumulated["params"]), jax.tree.leaves(full["params"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)  # Adam's first step is ~lr*sign(g)
+    for a, b in zip(jax.tree.leaves(accumulated["buffers"]), jax.tree.leaves(full["buffers"]), strict=True):
+        np.testing.assert_array_equal(a, b)  # the same total expert loads move the biases
+
+
+def test_run_config_overrides_are_typed():
+    cfg = load_run_config(TINY, ["--config.num_steps=7", "--config.optimizer.learning_rate", "2e-4",
+                                 "--config.data.paths=a.txt,b.txt", "--config.remat=dots",
+                                 "--config.model.hidden_size=128"])
+    assert (cfg.num_steps, cfg.optimizer.learning_rate, cfg.data.paths, cfg.remat) == (7, 2e-4, ("a.txt", "b.txt"),
+                                                                                        "dots")
+    assert cfg.model.hidden_size == 128 and cfg.data.source == "stdlib"  # defaults fill what the file omits
+    with pytest.raises(ConfigError, match="optimizer.learning_rat"):
+        load_run_config(TINY, ["--config.optimizer.learning_rat=1"])
+    with pytest.raises(ConfigError, match="num_steps"):
+        load_run_config(TINY, ["--config.num_steps=many"])
