@@ -43,6 +43,8 @@ class Attention(nn.Module):
         q = q.reshape(b, t, c.num_attention_heads, hd)
         k = k.reshape(b, t, c.num_key_value_heads, hd)
         v = v.reshape(b, t, c.num_key_value_heads, hd)
+        q = sharding.constrain(q, ("batch", "length", "act_heads", None))
+        k, v = (sharding.constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
         valid = jnp.ones((b, t), bool) if valid_bt is None else valid_bt.astype(bool)
 
         if cache is None:

@@ -70,7 +70,9 @@ class Embedding(nn.Module):
                                  (c.vocab_size, c.hidden_size), dtype_of(c.param_dtype))
 
     def __call__(self, ids_bt: jax.Array) -> jax.Array:
-        return jnp.take(self.weight, ids_bt, axis=0).astype(dtype_of(self.config.dtype))
+        # Gather from the table with its fsdp shards collected (as FSDP does for every weight).
+        table = sharding.constrain(self.weight, ("vocab", "act_embed"))
+        return jnp.take(table, ids_bt, axis=0).astype(dtype_of(self.config.dtype))
 
 
 class Backbone(nn.Module):
