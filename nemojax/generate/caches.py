@@ -24,7 +24,7 @@ def keep_positions(layer_caches: Sequence[Any], kinds: Sequence[str], start: jax
     0 positions is left at position 0's state; such rows are finished and ignored), attention layers
     mark the rest invalid."""
     out = []
-    for cache, kind in zip(layer_caches, kinds):
+    for cache, kind in zip(layer_caches, kinds, strict=True):
         if kind == "mamba":
             last = jnp.maximum(keep_b - 1, 0)
             out.append({name: _take_position(state, last) for name, state in cache.items()})
@@ -44,7 +44,7 @@ def _take_position(states_bt: jax.Array, position_b: jax.Array) -> jax.Array:
 def invalidate_from(layer_caches: Sequence[Any], kinds: Sequence[str], index: jax.Array) -> tuple[Any, ...]:
     """Mark every KV entry at or beyond `index` invalid (drops speculative writes past the commit point)."""
     out = []
-    for cache, kind in zip(layer_caches, kinds):
+    for cache, kind in zip(layer_caches, kinds, strict=True):
         if kind == "attention":
             positions = jnp.arange(cache["valid"].shape[1])[None, :]
             cache = dict(cache, valid=cache["valid"] & (positions < index))
@@ -83,7 +83,7 @@ def compact_if_needed(cache: Cache, kinds: Sequence[str], room: int) -> Cache:
 
 
 def _max_len(cache: Cache, kinds: Sequence[str]) -> int | None:
-    for layer, kind in zip(cache["layers"], kinds):
+    for layer, kind in zip(cache["layers"], kinds, strict=True):
         if kind == "attention":
             return layer["valid"].shape[1]
     return None

@@ -92,7 +92,7 @@ class Engine:
         max_new = max(r.max_new_tokens for r in requests)
         p_len = prompt_bucket(longest, self.prefill_chunk)
         extra = 3 * self.k + 2 if self.k else 1
-        cache_len = p_len + next_pow2(max_new + extra)
+        cache_len = next_pow2(p_len + max_new + extra)  # one bucket for many prompt lengths: fewer compiles
         out_len = next_pow2(max_new) + self.k + 1
 
         ids = np.zeros((batch, p_len), np.int32)

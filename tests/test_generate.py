@@ -1,0 +1,262 @@
+"""The generation engine: parity with transformers generate(), cached decoding vs full forwards,
+batching equivalences, speculative decoding (greedy identity, rollback, rejection sampling) and
+the thinking budget."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from hf_reference import make_checkpoint
+
+import nemojax
+from nemojax.config import from_hf_config
+from nemojax.generate import Engine, Request, caches, sampling, speculative
+from nemojax.model import NemotronH, init_cache, init_variables
+
+THINK_END = 13
+MAX_NEW = 12
+SMALL = dict(vocab_size=40, hidden_size=32, hybrid_override_pattern="M*EM", num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+             n_groups=2, chunk_size=4, intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2,
+             moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, moe_latent_size=12, n_group=2,
+             topk_group=1, routed_scaling_factor=2.5, mtp_hybrid_override_pattern="*E",
+             num_nextn_predict_layers=1, dtype="float32", param_dtype="float32", eos_token_id=2)
+
+
+def request(index, ids, max_new=8, **overrides):
+    fields = dict(index=index, prompt_ids=tuple(int(i) for i in ids), max_new_tokens=max_new, temperature=0.0,
+                  top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=(), ignore_eos=True, thinking_budget=None)
+    fields.update(overrides)
+    return Request(**fields)
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    config = from_hf_config(SMALL)
+    return NemotronH(config), jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def engines(small_model):
+    """A plain and a speculative engine shared by the tests below (their compiled programs are reused)."""
+    model, variables = small_model
+    return (Engine(model, variables, eos_ids=(2,), think_end_id=THINK_END, prefill_chunk=8),
+            Engine(model, variables, eos_ids=(2,), think_end_id=THINK_END, prefill_chunk=8, num_draft_tokens=2))
+
+
+def mixed_requests(max_new=MAX_NEW):
+    """Prompts of different lengths (one and two prefill chunks) with different sampling settings."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(14, 40, n) for n in (3, 14, 9)]
+    settings = [dict(top_k=5), dict(temperature=0.9, top_k=10, seed=7), dict(temperature=1.2, top_p=0.8, min_p=0.05)]
+    return [request(i, p, max_new, **s) for i, (p, s) in enumerate(zip(prompts, settings, strict=True))]
+
+
+@pytest.mark.parametrize("pattern,overrides", [("ME*-", {}), ("M*EM", {"moe_latent_size": None, "n_group": 1})])
+def test_greedy_equals_transformers_generate(tmp_path, pattern, overrides):
+    """A batch of equal-length prompts and single prompts of different lengths (one and two prefill
+    chunks), EOS respected: the same ids as transformers' greedy generate().
+
+    transformers' cached Mamba decoding does not clamp dt at time_step_min (its full forward does),
+    so the checkpoint uses a negligible time_step_min for the two to agree."""
+    reference = make_checkpoint(tmp_path, pattern, seed=len(pattern) + len(overrides), time_step_min=1e-6,
+                                **overrides)
+    model, variables = nemojax.load_pretrained(tmp_path, dtype="float32", param_dtype="float32")
+    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=8)
+    rng = np.random.default_rng(0)
+    max_new = 10
+
+    def hf_generate(ids):
+        with torch.no_grad():
+            out = reference.generate(torch.as_tensor(np.asarray(ids)), max_new_tokens=max_new, do_sample=False,
+                                     eos_token_id=2, pad_token_id=0)
+        rows = []
+        for row in out[:, len(ids[0]):].tolist():
+            rows.append(row[:row.index(2) + 1] if 2 in row else row)
+        return rows
+
+    batch = rng.integers(3, model.config.vocab_size, (3, 6))
+    ours = engine.generate([request(i, p, max_new, ignore_eos=False) for i, p in enumerate(batch)])
+    assert [c.output_ids for c in ours] == hf_generate(batch.tolist())
+    for length in (3, 13):
+        prompt = rng.integers(3, model.config.vocab_size, (1, length))
+        (ours,) = engine.generate([request(0, prompt[0], max_new, ignore_eos=False)])
+        assert ours.output_ids == hf_generate(prompt.tolist())[0]
+        assert ours.finish_reason == ("stop" if ours.output_ids[-1] == 2 else "length")
+
+
+def test_cached_decoding_logits_equal_full_forward(small_model):
+    """Left-padded chunked prefill, then one token at a time: the logits at every step equal a full
+    forward over the unpadded sequence."""
+    model, variables = small_model
+    rng = np.random.default_rng(1)
+    prompt, continuation = rng.integers(3, 40, 7), rng.integers(3, 40, 6)
+    pad, chunk = 5, 4
+    ids = np.concatenate([np.zeros(pad, np.int64), prompt])[None]
+    valid = np.arange(ids.shape[1])[None] >= pad
+    cache = init_cache(model.config, 1, 32)
+    forward = jax.jit(lambda v, i, m, c: model.apply(v, i, m, c, method="forward"))
+    for s in range(0, ids.shape[1], chunk):
+        logits, _, cache = forward(variables, ids[:, s:s + chunk], valid[:, s:s + chunk], cache)
+    steps = [logits[0, -1]]
+    for token in continuation[:-1]:
+        logits, _, cache = forward(variables, jnp.asarray([[token]]), None, cache)
+        steps.append(logits[0, -1])
+    full = jax.jit(model.apply)(variables, np.concatenate([prompt, continuation])[None])
+    np.testing.assert_allclose(np.stack(steps), full[0, len(prompt) - 1:-1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_rollback_to_any_verified_position_continues_exactly(small_model, keep):
+    """Verify 4 tokens with per-position states, keep the first `keep` (rows of a batch keep different
+    counts), and continue: logits equal the full forward of each row's kept sequence."""
+    model, variables = small_model
+    rng = np.random.default_rng(2)
+    prompts = rng.integers(3, 40, (2, 6))
+    verified = rng.integers(3, 40, (2, 4))
+    keep_b = jnp.asarray([keep, 4 - keep])
+    forward = jax.jit(lambda *a, **k: model.apply(*a, **k, method="forward"), static_argnames="per_position_states")
+    cache = init_cache(model.config, 2, 32)
+    _, _, cache = forward(variables, prompts, None, cache)
+    start = cache["index"]
+    _, _, cache = forward(variables, verified, None, cache, per_position_states=True)
+    cache = dict(cache, layers=caches.keep_positions(cache["layers"], model.config.layer_types, start, keep_b),
+                 index=start + jnp.max(keep_b))
+    nxt = rng.integers(3, 40, (2, 1))
+    logits, _, _ = forward(variables, nxt, None, cache)
+    for row in range(2):
+        kept = verified[row, :int(keep_b[row])]
+        full = jax.jit(model.apply)(variables, np.concatenate([prompts[row], kept, nxt[row]])[None])
+        np.testing.assert_allclose(logits[row, -1], full[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_kv_compaction_is_exact(small_model):
+    model, variables = small_model
+    ids = np.random.default_rng(3).integers(3, 40, (2, 9))
+    valid = np.ones((2, 9), bool)
+    valid[0, [1, 4, 5]] = False
+    valid[1, [7]] = False
+    forward = jax.jit(lambda *a: model.apply(*a, method="forward"))
+    cache = init_cache(model.config, 2, 16)
+    _, _, cache = forward(variables, ids, valid, cache)
+    compacted = caches.compact(cache, model.config.layer_types)
+    assert int(compacted["index"]) == 8
+    probe = np.asarray([[5], [6]])
+    before, _, _ = forward(variables, probe, None, cache)
+    after, _, _ = forward(variables, probe, None, compacted)
+    np.testing.assert_allclose(before, after, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_of_mixed_lengths_equals_each_prompt_alone(engines):
+    """Greedy and seeded sampling: a prompt's output does not depend on its batch companions."""
+    plain, _ = engines
+    reqs = mixed_requests()
+    together = plain.generate(reqs)
+    for r, out in zip(reqs, together, strict=True):
+        assert plain.generate([r])[0].output_ids == out.output_ids
+        assert len(out.output_ids) == MAX_NEW
+    assert [c.output_ids for c in plain.generate(reqs)] == [c.output_ids for c in together]
+
+
+def test_speculative_on_random_model_equals_plain_greedy(engines):
+    """A random MTP block is rarely right, so nearly every step rejects and rolls back."""
+    plain, spec = engines
+    reqs = [dataclasses.replace(r, temperature=0.0) for r in mixed_requests()]
+    assert [c.output_ids for c in spec.generate(reqs)] == [c.output_ids for c in plain.generate(reqs)]
+    assert spec.stats.verify_steps > 0
+
+
+def _train_counting_model(steps=80):
+    """A tiny model trained (LM + MTP loss) on sequences that count up by a per-sequence stride, so its
+    MTP block becomes a good drafter."""
+    config = from_hf_config(dict(SMALL, hybrid_override_pattern="M*", vocab_size=32))
+    model = NemotronH(config)
+    variables = init_variables(config, jax.random.key(1))
+    optimizer = optax.adam(1e-2)
+    rng = np.random.default_rng(0)
+
+    def batch():
+        start, stride = rng.integers(3, 32, (16, 1)), rng.integers(1, 3, (16, 1))
+        return (start + stride * np.arange(24)[None]) % 29 + 3
+
+    def loss_fn(params, ids):
+        v = {**variables, "params": params}
+        logits, hidden, _ = model.apply(v, ids[:, :-1], method="forward")
+        lm = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+        mtp_logits, _, _ = model.apply(v, hidden[:, :-1], ids[:, 1:-1], method="mtp_forward")
+        return lm + optax.softmax_cross_entropy_with_integer_labels(mtp_logits, ids[:, 2:]).mean()
+
+    @jax.jit
+    def step(params, opt_state, ids):
+        grads = jax.grad(loss_fn)(params, ids)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = variables["params"], optimizer.init(variables["params"])
+    for _ in range(steps):
+        params, opt_state = step(params, opt_state, batch())
+    return model, {**variables, "params": params}, batch()
+
+
+def test_speculative_equals_plain_greedy_on_trained_model():
+    model, variables, data = _train_counting_model()
+    reqs = [request(i, data[i, :n], 16) for i, n in enumerate((5, 9, 6))]
+    plain = Engine(model, variables, eos_ids=(2,), prefill_chunk=16).generate(reqs)
+    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=16, num_draft_tokens=3)
+    spec = engine.generate(reqs)
+    assert [c.output_ids for c in spec] == [c.output_ids for c in plain]
+    assert engine.stats.accepted_drafts > 0.5 * 3 * engine.stats.verify_steps  # a good drafter
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    """Drafts from q, accepted against p: the first emitted token is distributed as p_0, and after an
+    acceptance the second as p_1."""
+    vocab, k, n = 4, 2, 200_000
+    key_p, key_q, key_d, key_a, key_r = jax.random.split(jax.random.key(0), 5)
+    p = jax.nn.softmax(2 * jax.random.normal(key_p, (k + 1, vocab)))
+    q = jax.nn.softmax(2 * jax.random.normal(key_q, (k, vocab)))
+    drafts = jax.vmap(lambda kk: jax.random.categorical(kk, jnp.log(q)))(jax.random.split(key_d, n))
+    count, nxt = speculative.accept(jax.random.split(key_a, n), jax.random.split(key_r, n), drafts,
+                                    jnp.broadcast_to(q, (n, k, vocab)), jnp.broadcast_to(p, (n, k + 1, vocab)))
+    tokens = np.asarray(speculative.emitted_tokens(drafts, count, nxt))
+    first = np.bincount(tokens[:, 0], minlength=vocab) / n
+    np.testing.assert_allclose(first, p[0], atol=5e-3)
+    second = tokens[np.asarray(count) >= 1, 1]
+    np.testing.assert_allclose(np.bincount(second, minlength=vocab) / len(second), p[1], atol=8e-3)
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 3))
+    params = sampling.SamplingParams.create([1.0, 1.0, 1.0], [2, 0, 0], [1.0, 0.7, 1.0], [0.0, 0.0, 0.2])
+    probs = np.asarray(sampling.token_probs(logits, params))
+    np.testing.assert_allclose(probs[0], [0.625, 0.375, 0, 0], atol=1e-6)   # top-k 2
+    np.testing.assert_allclose(probs[1], [0.625, 0.375, 0, 0], atol=1e-6)   # top-p 0.7
+    np.testing.assert_allclose(probs[2], [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=1e-6)  # min-p 0.2
+    greedy = sampling.SamplingParams.create([0.0], [0], [1.0], [0.0])
+    assert np.asarray(sampling.token_probs(logits[:1], greedy)).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_thinking_budget_closes_the_think_block(engines, speculative):
+    engine = engines[speculative]
+    reqs = mixed_requests()
+    budgets = (0, 3, 6)
+    outs = engine.generate([dataclasses.replace(r, prompt_ids=reqs[0].prompt_ids, temperature=0.0,
+                                                thinking_budget=b) for r, b in zip(reqs, budgets, strict=True)])
+    free = engine.generate([dataclasses.replace(reqs[0], temperature=0.0)])[0].output_ids
+    for budget, out in zip(budgets, outs, strict=True):
+        closed = out.output_ids.index(THINK_END)
+        assert closed <= budget and len(out.output_ids) == MAX_NEW  # the answer follows the closed block
+        if THINK_END not in free[:budget]:
+            assert closed == budget and out.output_ids[:budget] == free[:budget]
+
+
+def test_engine_rejects_speculation_without_mtp(small_model):
+    model, variables = small_model
+    plain = dataclasses.replace(model.config, num_nextn_predict_layers=0, mtp_layer_types=())
+    with pytest.raises(nemojax.errors.ConfigError):
+        Engine(NemotronH(plain), variables, eos_ids=(2,), num_draft_tokens=2)
