@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from nemojax.config import ModelConfig
 from nemojax.errors import ConfigError
@@ -102,12 +102,24 @@ def sized_spec(logical_axes: Sequence[str | None], units: Sequence[int], mesh_sh
     return _spec(entries)
 
 
+def context_mesh() -> Mesh | AbstractMesh | None:
+    """The mesh set by `use_mesh`: concrete outside `jax.jit` (eager code), abstract inside; None if unset."""
+    abstract = jax.sharding.get_abstract_mesh()
+    if abstract.empty:
+        return None
+    try:
+        return jax.sharding.get_mesh()
+    except ValueError:  # inside jit only the abstract mesh is available
+        return abstract
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Constrain an activation's sharding when a mesh is in context; identity otherwise."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    mesh = context_mesh()
+    if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, sized_spec(logical_axes, x.shape, dict(mesh.shape)))
+    spec = sized_spec(logical_axes, x.shape, dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 SMALL = dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="*E", num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
@@ -87,6 +88,25 @@ def test_two_processes_match_one_process():
         np.testing.assert_allclose(r["losses"], expected, rtol=1e-5)
     assert sorted(r["rows"][0] for r in results) == [0, BATCH // 2]
     assert expected[-1] < expected[0]
+
+
+def test_cluster_detection_and_flag_checks(monkeypatch):
+    from nemojax import distributed
+    from nemojax.errors import ConfigError
+
+    assert distributed.cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
+    assert not distributed.cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
+    assert distributed.cluster_detected({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert not distributed.cluster_detected({"HOME": "/root"})
+    parser = distributed.add_distributed_flags(argparse.ArgumentParser())
+    for argv, message in ((["--num-processes", "2"], "together"),
+                          (["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"], "0..1"),
+                          (["--coordinator-address", "h", "--num-processes", "2", "--process-id", "0"], "HOST:PORT")):
+        with pytest.raises(ConfigError, match=message):
+            distributed.initialize(parser.parse_args(argv))
+    for name in ("SLURM_JOB_ID", "JAX_COORDINATOR_ADDRESS", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize(parser.parse_args([])) is False  # a single machine: nothing to join
 
 
 def _worker() -> None:

@@ -65,6 +65,15 @@ def test_make_mesh_axes_and_errors():
         sharding.make_mesh(data=0)
 
 
+def test_constrain_outside_jit_uses_the_concrete_mesh():
+    mesh = sharding.make_mesh(data=2, tensor=4)
+    x = jnp.ones((6, 8))
+    assert sharding.constrain(x, ("batch", "act_mlp")) is x  # no mesh in context
+    with sharding.use_mesh(mesh):
+        y = sharding.constrain(x, ("batch", "act_mlp"))
+    assert y.sharding.spec == PartitionSpec("data", "tensor") and y.addressable_shards[0].data.shape == (3, 2)
+
+
 def test_sized_spec_keeps_only_dividing_axes():
     shape = {"data": 2, "fsdp": 2, "tensor": 4, "expert": 2}
     # two KV heads cannot split over tensor=4; four query heads can

@@ -19,16 +19,17 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from nemojax.ops.grouped_matmul import grouped_matmul
+from nemojax.sharding import context_mesh
 
 TOKEN_AXES = ("data", "fsdp", "expert")
 
 
-def uses_expert_parallelism(mesh: AbstractMesh, num_experts: int) -> bool:
+def uses_expert_parallelism(mesh: Mesh | AbstractMesh | None, num_experts: int) -> bool:
     """True when `mesh` has an expert axis larger than 1 that divides the number of experts."""
-    ep = 1 if mesh.empty else dict(mesh.shape).get("expert", 1)
+    ep = 1 if mesh is None or mesh.empty else dict(mesh.shape).get("expert", 1)
     return ep > 1 and num_experts % ep == 0
 
 
@@ -66,12 +67,12 @@ def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Arra
 
 def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up_efn: jax.Array,
                             down_enf: jax.Array, activation: Callable[[jax.Array], jax.Array],
-                            mesh: AbstractMesh | None = None) -> jax.Array:
+                            mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
     """Routed experts with experts spread over the mesh's "expert" axis; equals `dropless_experts`.
 
-    Uses the context mesh by default. Returns [t, width] float32.
+    Uses the context mesh (`nemojax.sharding.use_mesh`) by default. Returns [t, width] float32.
     """
-    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    mesh = context_mesh() if mesh is None else mesh
     shape = dict(mesh.shape)
     t = x_td.shape[0]
     token_axes = _divisible_axes(TOKEN_AXES, t, shape)
