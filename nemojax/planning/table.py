@@ -2,7 +2,7 @@
 nvfp4-experts weights) and for training, over a few meshes, checked against 8 x H100-80GB and
 8 x H200.
 
-    python -m nemojax.planning.table > docs/planning_table.md
+    python -m nemojax.planning.table     # prints the markdown table pasted into docs/planning.md
 
 Serving and training settings are the constants below. The activation compiles of a mesh are
 shared by both weight formats (the model computes in bf16 either way).
