@@ -39,7 +39,7 @@ from nemojax.model.layers import Linear, RMSNorm, dtype_of
 from nemojax.model.mamba import init_mamba_cache
 from nemojax.planning.caches import layer_cache_axes
 from nemojax.planning.layout import array_sharding
-from nemojax.sharding import variable_shardings
+from nemojax.sharding import use_mesh, variable_shardings
 
 ACT_AXES = ("batch", "length", "act_embed")
 
@@ -179,7 +179,7 @@ def serving_part(part: _Part, config: ModelConfig, mesh: Mesh, batch: int, chunk
     def prefill(variables, inputs, cache, index):
         return part.run(part.module, variables, inputs, cache, index)
 
-    with jax.set_mesh(mesh):
+    with use_mesh(mesh):
         compiled = jax.jit(prefill, in_shardings=(var_shardings, input_shardings, cache_shardings, replicated),
                            out_shardings=(out_sharding, cache_shardings), donate_argnums=(2,)
                            ).lower(variables, inputs, cache, index).compile()
@@ -226,7 +226,7 @@ def training_part(part: _Part, config: ModelConfig, mesh: Mesh, batch: int, seq_
         return jax.grad(loss, argnums=(0, 2))(params, buffers, inputs, target)
 
     in_shardings = (param_sh, buffer_sh, input_shardings, target_sharding)
-    with jax.set_mesh(mesh):
+    with use_mesh(mesh):
         kept = _memory(jax.jit(residuals, in_shardings=in_shardings).lower(params, buffers, inputs, target).compile())
         backward = _memory(jax.jit(gradients, in_shardings=in_shardings, out_shardings=(param_sh, input_shardings))
                            .lower(params, buffers, inputs, target).compile())
