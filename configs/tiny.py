@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     nemojax/train/run_config.py). fp32 compute: on CPU bf16 is no faster for this model."""
     return ml_collections.ConfigDict(dict(
         model=get_model_config(),
-        num_steps=600,
+        num_steps=400,
         batch_size=8,
         seq_len=128,
         log_every=10,
