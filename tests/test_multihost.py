@@ -1,10 +1,9 @@
-"""Several hosts: 2 processes x 4 CPU devices joined by jax.distributed (gloo) train a sharded model for
-a few steps on one global batch, each process feeding only its rows; the losses equal 1 process x 8
-devices. The model (attention + expert-parallel MoE) is small to keep three compiles cheap. Run as a
-script, this file is one of the worker processes."""
+"""Several hosts: train.py run as 2 processes x 4 CPU devices, joined by jax.distributed (gloo), each
+process loading only its rows of the global batch, logs the same losses as 1 process x 8 devices on
+the same (data, tensor, expert) = (2, 2, 2) mesh: sharded params, expert parallelism, AdamW, the
+balance loss and the multi-process checkpoint all take part. Plus the flag checks and global batches."""
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -13,51 +12,26 @@ import sys
 import numpy as np
 import pytest
 
-SMALL = dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="*E", num_attention_heads=4,
-             num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
-             n_groups=2, chunk_size=4, intermediate_size=48, n_routed_experts=8, num_experts_per_tok=3,
-             moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, moe_latent_size=12, n_group=2,
-             topk_group=1, routed_scaling_factor=2.5, dtype="float32", param_dtype="float32")
-BATCH, LENGTH, STEPS = 8, 10, 3
+from nemojax.train.metrics import read_metrics
 
-
-def sharded_training_losses() -> list[float]:
-    """AdamW steps of a next-token loss on a (data, tensor, expert) = (2, 2, 2) mesh over every process's
-    devices; this process loads only its rows of the global batch."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from nemojax import distributed, sharding
-    from nemojax.config import from_hf_config
-    from nemojax.model import NemotronH, init_variables
-
-    cfg = from_hf_config(SMALL)
-    model = NemotronH(cfg)
-    mesh = sharding.make_mesh(data=2, tensor=2, expert=2)
-    variables = sharding.shard_variables(jax.jit(lambda k: init_variables(cfg, k))(jax.random.key(0)), cfg, mesh)
-    all_ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (BATCH, LENGTH), dtype=np.int32)
-    ids = distributed.global_batch(mesh, all_ids[distributed.local_batch_rows(mesh, BATCH)], BATCH)
-    tx = optax.adamw(1e-2)
-
-    def loss_fn(params, ids):
-        logits = model.apply({"params": params, "buffers": variables["buffers"]}, ids[:, :-1])
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
-
-    @jax.jit
-    def step(params, opt_state, ids):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return loss, optax.apply_updates(params, updates), opt_state
-
-    losses = []
-    with sharding.use_mesh(mesh):
-        params = variables["params"]
-        opt_state = jax.jit(tx.init)(params)
-        for _ in range(STEPS):
-            loss, params, opt_state = step(params, opt_state, ids)
-            losses.append(float(loss))
-    return losses
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+# Mamba, attention and MoE layers at small widths, no MTP (three compiles must stay cheap); 8 devices needed.
+RUN = [
+    "--config", os.path.join(REPO, "configs", "tiny.py"), "--compilation-cache", "",
+    "--config.model.hybrid_override_pattern=M*E", "--config.model.num_nextn_predict_layers=0",
+    "--config.model.mtp_hybrid_override_pattern=",
+    "--config.model.vocab_size=512", "--config.model.hidden_size=64", "--config.model.num_attention_heads=2",
+    "--config.model.num_key_value_heads=1", "--config.model.head_dim=32", "--config.model.mamba_num_heads=4",
+    "--config.model.mamba_head_dim=16", "--config.model.ssm_state_size=16", "--config.model.chunk_size=32",
+    "--config.model.intermediate_size=128", "--config.model.n_routed_experts=8",
+    "--config.model.num_experts_per_tok=2", "--config.model.moe_intermediate_size=32",
+    "--config.model.moe_shared_expert_intermediate_size=64", "--config.model.moe_latent_size=32",
+    "--config.data.vocab_size=512", "--config.data.max_corpus_bytes=200000", "--config.batch_size=8",
+    "--config.seq_len=32", f"--config.num_steps={STEPS}", "--config.log_every=1", "--config.eval_every=100",
+    "--config.eval_batches=1", "--config.checkpoint_every=100",
+    "--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.expert=2",
+]
 
 
 def _free_port() -> int:
@@ -66,28 +40,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process():
-    import jax
+def _train(workdir: str, devices: int, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--workdir", workdir, *RUN, *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    assert jax.process_count() == 1 and jax.device_count() == 8
+
+def _finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_train_py_two_processes_match_one_process(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _finish(_train(one, 8))  # also trains the tokenizer that the two-process run reuses
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    workers = [subprocess.Popen([sys.executable, __file__, "--coordinator-address", f"localhost:{port}",
-                                 "--num-processes", "2", "--process-id", str(i)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-    expected = sharded_training_losses()
-    results = []
+    tokenizer = f"--config.data.tokenizer_path={os.path.join(one, 'tokenizer.json')}"
+    workers = [_train(two, 4, tokenizer, "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+                      "--process-id", str(i)) for i in range(2)]
     for w in workers:
-        out, err = w.communicate(timeout=300)
-        assert w.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    for r in results:
-        assert r["process_count"] == 2 and r["device_count"] == 8 and r["local_device_count"] == 4
-        assert r["rows"][1] - r["rows"][0] == BATCH // 2
-        np.testing.assert_allclose(r["losses"], expected, rtol=1e-5)
-    assert sorted(r["rows"][0] for r in results) == [0, BATCH // 2]
-    assert expected[-1] < expected[0]
+        _finish(w)  # a (2, 2, 2) mesh on 4 local devices only works if the processes joined
+    want, got = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (one, two))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    for key in ("loss", "aux_loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, err_msg=key)
+    assert want[-1]["loss"] < want[0]["loss"]
 
 
 def test_cluster_detection_and_flag_checks(monkeypatch):
@@ -109,22 +86,12 @@ def test_cluster_detection_and_flag_checks(monkeypatch):
     assert distributed.initialize(parser.parse_args([])) is False  # a single machine: nothing to join
 
 
-def _worker() -> None:
-    from nemojax import distributed
+def test_global_batch_on_one_process():
+    from nemojax import distributed, sharding
 
-    args = distributed.add_distributed_flags(argparse.ArgumentParser()).parse_args()
-    assert distributed.initialize(args)
-    import jax
-
-    jax.config.update("jax_default_matmul_precision", "highest")
-    from nemojax import sharding
-
-    rows = distributed.local_batch_rows(sharding.make_mesh(data=2, tensor=2, expert=2), BATCH)
-    losses = sharded_training_losses()
-    print(json.dumps(dict(process_count=jax.process_count(), device_count=jax.device_count(),
-                          local_device_count=jax.local_device_count(), rows=[rows.start, rows.stop],
-                          losses=losses)))
-
-
-if __name__ == "__main__":
-    _worker()
+    mesh = sharding.make_mesh(data=2, tensor=2, expert=2)
+    rows = np.arange(8 * 3).reshape(8, 3)
+    assert distributed.local_batch_rows(mesh, 8) == slice(0, 8)
+    batch = distributed.global_batch(mesh, rows, 8)
+    assert batch.sharding == sharding.batch_sharding(mesh, 8) and batch.addressable_shards[0].data.shape == (2, 3)
+    np.testing.assert_array_equal(np.asarray(batch), rows)
