@@ -162,14 +162,20 @@ def test_batch_of_mixed_lengths_equals_each_prompt_alone(engines):
 
 
 def test_speculative_on_random_model_equals_plain_greedy(engines):
-    """A random MTP block is rarely right, so nearly every step rejects and rolls back."""
+    """A random MTP block is rarely right, so nearly every step rejects and rolls back. An all-greedy
+    batch takes the argmax path; in a batch with sampled rows the greedy row goes through rejection
+    sampling with one-hot distributions and must still equal plain greedy."""
     plain, spec = engines
-    reqs = [dataclasses.replace(r, temperature=0.0) for r in mixed_requests()]
-    assert [c.output_ids for c in spec.generate(reqs)] == [c.output_ids for c in plain.generate(reqs)]
+    greedy_reqs = [dataclasses.replace(r, temperature=0.0) for r in mixed_requests()]
+    expected = [c.output_ids for c in plain.generate(greedy_reqs)]
+    assert [c.output_ids for c in spec.generate(greedy_reqs)] == expected
+    mixed = spec.generate(mixed_requests())
+    assert mixed[0].output_ids == expected[0]
+    assert all(len(c.output_ids) == MAX_NEW for c in mixed)
     assert spec.stats.verify_steps > 0
 
 
-def _train_counting_model(steps=80):
+def _train_counting_model(steps=40):
     """A tiny model trained (LM + MTP loss) on sequences that count up by a per-sequence stride, so its
     MTP block becomes a good drafter."""
     config = from_hf_config(dict(SMALL, hybrid_override_pattern="M*", vocab_size=32))
@@ -204,11 +210,14 @@ def _train_counting_model(steps=80):
 def test_speculative_equals_plain_greedy_on_trained_model():
     model, variables, data = _train_counting_model()
     reqs = [request(i, data[i, :n], 16) for i, n in enumerate((5, 9, 6))]
-    plain = Engine(model, variables, eos_ids=(2,), prefill_chunk=16).generate(reqs)
-    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=16, num_draft_tokens=3)
+    plain = Engine(model, variables, eos_ids=(2,), prefill_chunk=16, min_batch=4).generate(reqs)
+    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=16, num_draft_tokens=3, min_batch=4)
     spec = engine.generate(reqs)
     assert [c.output_ids for c in spec] == [c.output_ids for c in plain]
     assert engine.stats.accepted_drafts > 0.3 * 3 * engine.stats.verify_steps  # a useful drafter (random: ~3%)
+    # The rejection-sampling path, with many accepted drafts: the greedy row still equals plain greedy.
+    sampled = engine.generate([reqs[0], dataclasses.replace(reqs[1], temperature=1.0, seed=3)])
+    assert sampled[0].output_ids == plain[0].output_ids and len(sampled[1].output_ids) == 16
 
 
 def test_rejection_sampling_keeps_the_target_distribution():

@@ -28,6 +28,7 @@ from nemojax.model import NemotronH, init_cache
 
 State = dict[str, Any]
 MIN_PROMPT_BUCKET = 16
+MIN_CACHE_LEN = 64  # short requests share one cache shape (and one compiled program)
 
 
 @dataclasses.dataclass
@@ -55,7 +56,7 @@ def next_pow2(n: int) -> int:
 
 
 def prompt_bucket(length: int, chunk: int) -> int:
-    """Padded prompt length: a power of two (at least 16) up to one chunk, then whole chunks."""
+    """Padded prompt (or cache) length: a power of two (at least 16) up to one chunk, then whole chunks."""
     if length <= chunk:
         return min(chunk, max(MIN_PROMPT_BUCKET, next_pow2(length)))
     return -(-length // chunk) * chunk
@@ -97,7 +98,7 @@ class Engine:
         max_new = max(r.max_new_tokens for r in requests)
         p_len = prompt_bucket(longest, self.prefill_chunk)
         extra = 3 * self.k + 2 if self.k else 1
-        cache_len = next_pow2(p_len + max_new + extra)  # one bucket for many prompt lengths: fewer compiles
+        cache_len = max(MIN_CACHE_LEN, prompt_bucket(p_len + max_new + extra, self.prefill_chunk))
         out_len = next_pow2(max_new) + self.k + 1
 
         ids = np.zeros((batch, p_len), np.int32)
@@ -107,6 +108,7 @@ class Engine:
             valid[i, p_len - len(r.prompt_ids):] = True
         rowwise = self._row_arrays(requests, batch)
         use_sort = any(r.top_k > 0 or r.top_p < 1.0 for r in requests)
+        greedy = all(r.temperature == 0 for r in requests)
 
         start = time.perf_counter()
         compile_before = self.stats.compile_seconds
@@ -128,8 +130,8 @@ class Engine:
         compile_before = self.stats.compile_seconds
         steps = segment_steps if stop_check is not None and segment_steps else max_new
         while True:
-            state = self._run("segment", functools.partial(self._segment, use_sort=use_sort), self.variables, state,
-                              jnp.int32(steps))
+            state = self._run("segment", functools.partial(self._segment, use_sort=use_sort, greedy=greedy),
+                              self.variables, state, jnp.int32(steps))
             done, out, count = jax.device_get((state["done"], state["out"], state["count"]))
             if done.all():
                 break
@@ -176,7 +178,7 @@ class Engine:
 
     def _run(self, name: str, fn: Callable, *args: Any) -> Any:
         """Run `fn` jitted, compiling once per (name, argument shapes) and counting compile time apart."""
-        key = (name, fn.keywords.get("use_sort") if isinstance(fn, functools.partial) else None,
+        key = (name, tuple(sorted(fn.keywords.items())) if isinstance(fn, functools.partial) else (),
                jax.tree.structure(args), tuple(_signature(a) for a in jax.tree.leaves(args)))
         if key not in self._executables:
             static = tuple(i for i, a in enumerate(args) if isinstance(a, int) and not isinstance(a, bool))
@@ -225,7 +227,7 @@ class Engine:
             state["verify_steps"] = jnp.zeros((), jnp.int32)
         return state
 
-    def _segment(self, variables: dict, state: State, steps, *, use_sort: bool) -> State:
+    def _segment(self, variables: dict, state: State, steps, *, use_sort: bool, greedy: bool) -> State:
         step = self._speculative_step if self.k else self._plain_step
 
         def cond(carry):
@@ -234,18 +236,21 @@ class Engine:
 
         def body(carry):
             i, s = carry
-            return i + 1, step(variables, s, use_sort)
+            return i + 1, step(variables, s, use_sort, greedy)
 
         return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
-    def _plain_step(self, variables: dict, state: State, use_sort: bool) -> State:
+    def _plain_step(self, variables: dict, state: State, use_sort: bool, greedy: bool) -> State:
         logits, _, cache = self.model.apply(variables, state["token"][:, None], cache=state["cache"],
                                             method="forward")
         keys = sampling.row_keys(state["keys"], state["count"])
-        token = sampling.sample(keys, logits[:, 0], state["params"], use_sort)
+        token = (jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32) if greedy
+                 else sampling.sample(keys, logits[:, 0], state["params"], use_sort))
         return self._emit(dict(state, cache=cache), token[:, None], jnp.ones_like(token))
 
-    def _speculative_step(self, variables: dict, state: State, use_sort: bool) -> State:
+    def _speculative_step(self, variables: dict, state: State, use_sort: bool, greedy: bool) -> State:
+        """One draft-verify-accept-rollback step (see `nemojax.generate.speculative`); `greedy` (every
+        row at temperature 0) takes argmaxes instead of building distributions."""
         k, kinds, mtp_kinds = self.k, self.config.layer_types, self.config.mtp_layer_types
         cache = state["cache"]
         cache = dict(caches.compact_if_needed(cache, kinds, k + 1),
@@ -262,10 +267,13 @@ class Engine:
         mtp_commit = mtp_start + jnp.max(jnp.sum(state["pair_valid"], axis=1))
         drafts, draft_probs = [], []
         for j in range(k):
-            probs = sampling.token_probs(logits_bv, params, use_sort)
-            draft = sampling.sample_from_probs(sampling.row_keys(state["keys"], count + j, stream=1), probs)
+            if greedy:
+                draft = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+            else:
+                probs = sampling.token_probs(logits_bv, params, use_sort)
+                draft = sampling.sample_from_probs(sampling.row_keys(state["keys"], count + j, stream=1), probs)
+                draft_probs.append(probs)
             drafts.append(draft)
-            draft_probs.append(probs)
             if j < k - 1:
                 logits, out, mtp = self.model.apply(variables, hidden_bd[:, None], draft[:, None], None, mtp,
                                                     method="mtp_forward")
@@ -278,10 +286,14 @@ class Engine:
         start = cache["index"]
         logits, hidden, main = self.model.apply(variables, verify_ids, None, dict(cache, mtp=None),
                                                 per_position_states=True, method="forward")
-        target_probs = jax.vmap(lambda lg: sampling.token_probs(lg, params, use_sort), in_axes=1, out_axes=1)(logits)
-        accepted, nxt = speculative.accept(
-            sampling.row_keys(state["keys"], count, stream=2), sampling.row_keys(state["keys"], count, stream=3),
-            drafts_bk, jnp.stack(draft_probs, axis=1), target_probs)
+        if greedy:
+            accepted, nxt = speculative.accept_greedy(drafts_bk, logits)
+        else:
+            target_probs = jax.vmap(lambda lg: sampling.token_probs(lg, params, use_sort), in_axes=1,
+                                    out_axes=1)(logits)
+            accepted, nxt = speculative.accept(
+                sampling.row_keys(state["keys"], count, stream=2), sampling.row_keys(state["keys"], count, stream=3),
+                drafts_bk, jnp.stack(draft_probs, axis=1), target_probs)
         tokens = speculative.emitted_tokens(drafts_bk, accepted, nxt)
         tokens, emitted, think_left = self._thinking_budget(tokens, accepted + 1, state["think_left"])
 

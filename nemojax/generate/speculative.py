@@ -44,6 +44,15 @@ def accept(keys_accept_b: jax.Array, keys_residual_b: jax.Array, drafts_bk: jax.
     return count.astype(jnp.int32), sampling.sample_from_probs(keys_residual_b, residual)
 
 
+def accept_greedy(drafts_bk: jax.Array, target_logits_bkv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`accept` for an all-greedy batch without probabilities or randomness: the longest prefix of
+    drafts equal to the target's argmax, then the target's argmax after it."""
+    target = jnp.argmax(target_logits_bkv, axis=-1).astype(jnp.int32)
+    matches = drafts_bk == target[:, :drafts_bk.shape[1]]
+    count = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=1), axis=1)
+    return count.astype(jnp.int32), jnp.take_along_axis(target, count[:, None], axis=1)[:, 0]
+
+
 def emitted_tokens(drafts_bk: jax.Array, count_b: jax.Array, next_b: jax.Array) -> jax.Array:
     """[d_1 .. d_K, _] with the next token written at position `count`: the step's new tokens are e[:count+1]."""
     e = jnp.concatenate([drafts_bk, jnp.zeros_like(drafts_bk[:, :1])], axis=1)
