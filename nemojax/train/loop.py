@@ -82,6 +82,14 @@ class TrainingRun:
         self.mesh = build_mesh(cfg.mesh)
         os.makedirs(self.workdir, exist_ok=True)
         self.checkpoints = TrainCheckpoints(self.workdir, int(cfg.keep_checkpoints))
+        try:
+            self._set_up(init_from)
+        except BaseException:
+            self.checkpoints.close()  # stops Orbax's background threads before the error propagates
+            raise
+
+    def _set_up(self, init_from: str | None) -> None:
+        cfg = self.cfg
         resume_step = self.checkpoints.latest_step()
         config, variables = model_config(cfg), None
         if resume_step is not None:
