@@ -38,11 +38,12 @@ def init_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> 
 
 
 def _split_micro(batch: Batch, n: int) -> Batch:
-    """[B, T] -> [n, B/n, T] micro-batches (B must divide)."""
+    """[B, T] -> [n, B/n, T] micro-batches taking every n-th row, so that rows sharded in contiguous blocks
+    over devices give every device its share of each micro-batch."""
     def split(x):
         if x.shape[0] % n:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={n}")
-        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+        return x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
     return jax.tree.map(split, batch)
 
 
