@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from nemojax.distributed import initialize
     from nemojax.errors import ConfigError, DataError
     from nemojax.generate import Defaults, Engine
@@ -87,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
                         top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
                         ignore_eos=args.ignore_eos, thinking_budget=args.thinking_budget, reasoning=args.reasoning)
     records = serve(lines, engine, encoder, tokenizer, defaults, args.batch_size, progress=not args.no_progress)
+    if jax.process_index() != 0:  # several hosts run the same program; one writes
+        return 0
     with open(args.output, "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")

@@ -2,6 +2,7 @@
 reported in place, stop strings, statistics, and exit status 2 for unreadable input."""
 
 import json
+import shutil
 
 import jax
 import pytest
@@ -106,6 +107,19 @@ def test_chatml_prompt_ends_in_an_open_think_block(checkpoint):
     assert encoder.encode(encoder.render(messages, "on"))[-2:] == [12, encoder.encode("\n")[0]]
     assert encoder.render(messages, "off").endswith("<think></think>")
     assert "{reasoning effort: efficient}" in encoder.render(messages, "medium")
+
+
+def test_chat_template_from_tokenizer_config(checkpoint, tmp_path):
+    shutil.copy(checkpoint / "tokenizer.json", tmp_path / "tokenizer.json")
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                "{% if enable_thinking %}<think>\n{% else %}<think></think>{% endif %}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    encoder, _ = load_encoder(str(tmp_path))
+    messages = [{"role": "user", "content": "hi"}]
+    assert encoder.render(messages, "on") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert encoder.render(messages, "off").endswith("assistant\n<think></think>")
+    assert "hi\n\n{reasoning effort: efficient}<|im_end|>" in encoder.render(messages, "medium")
 
 
 @pytest.mark.parametrize("make", ["missing", "garbage_config", "no_variables"])

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import jinja2.sandbox
 from tokenizers import Tokenizer
 
-from nemojax.chat import IM_END, THINK_END, THINK_START, render_messages
+from nemojax.chat import EFFORT_SUFFIX, IM_END, THINK_END, THINK_START, render_messages, validate_messages
 from nemojax.checkpoint import orbax
 from nemojax.checkpoint.hf import load_pretrained
 from nemojax.errors import CheckpointError, DataError
@@ -86,13 +87,9 @@ def _chat_template(directory: str) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def render_messages_for(template: str):
+def render_messages_for(template: str) -> Callable[[Sequence[Mapping[str, str]], str], str]:
     """A renderer for a Jinja chat template from tokenizer_config.json (thinking on unless reasoning is off;
     the effort suffix of `medium`/`low` is appended to the last user message first, as in ChatML)."""
-    import jinja2.sandbox
-
-    from nemojax.chat import EFFORT_SUFFIX, validate_messages
-
     compiled = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
         template)
 
