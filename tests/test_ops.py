@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemojax.ops.grouped_matmul import grouped_matmul
+from nemojax.ops.grouped_matmul import grouped_matmul, grouped_matmul_tiled
 from nemojax.ops.ssd import ssd_chunked, ssd_sequential, ssd_step
 
 
@@ -69,3 +69,14 @@ def test_grouped_matmul_equals_per_group_matmul(sizes):
     grad_w = jax.grad(lambda w_: jnp.sum(grouped_matmul(jnp.asarray(x), w_, jnp.asarray(sizes)) ** 2))(w)
     grad_ref = jax.grad(lambda w_: jnp.sum(jnp.einsum("mk,mkn->mn", x, w_[groups]) ** 2))(w)
     np.testing.assert_allclose(grad_w, grad_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_tiled_lowering_equals_ragged_dot_with_trailing_rows():
+    """The CPU tiles and XLA's ragged_dot (the GPU lowering) agree, including rows past the groups."""
+    rng = np.random.default_rng(0)
+    sizes = jnp.asarray([3, 0, 6, 2])
+    x = jnp.asarray(rng.normal(size=(15, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 4, 3)), jnp.float32)
+    tiled = grouped_matmul_tiled(x, w, sizes, tile=8)
+    np.testing.assert_allclose(tiled, jax.lax.ragged_dot(x, w, sizes), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(tiled[11:], 0)

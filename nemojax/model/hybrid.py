@@ -114,7 +114,7 @@ class MTPLayer(nn.Module):
             h = RMSNorm(c.layer_norm_epsilon, pdtype, name="hnorm")(x_btd)
             x_btd = Linear(c.hidden_size, ("mtp_concat", "embed"), dtype, pdtype, name="eh_proj")(
                 jnp.concatenate([e, h], axis=-1))
-        x_btd, cache = Block(c, self.kind, name="block")(x_btd, valid_bt, cache, index)
+        x_btd, cache = _block_class(c)(c, self.kind, name="block")(x_btd, valid_bt, cache, index, False)
         if self.last:
             x_btd = RMSNorm(c.layer_norm_epsilon, pdtype, name="final_layernorm")(x_btd)
         return x_btd, cache

@@ -3,14 +3,18 @@
 `grouped_matmul(x_mk, w_ekn, group_sizes_e)` multiplies consecutive row blocks of `x` (rows sorted
 by group, `group_sizes[e]` rows for group e) by their group's weight `w[e]`.
 
-`jax.lax.ragged_dot` expands every group on CPU (about 36x a dense matmul at 32 groups), so the
-reference lays the rows out in fixed-size tiles that each belong to one group (a group wastes at
-most one partial tile), gathers one weight per tile and runs one batched matmul. The cost is the
-dense FLOPs plus at most `E * tile` padding rows, and it differentiates like any JAX code. The
-Pallas FP4 kernel (`pallas_kernels/fp4_moe.py`) takes the same arguments.
+On GPU and TPU it lowers to `jax.lax.ragged_dot`, which XLA implements natively. On CPU,
+`ragged_dot` expands every group (about 36x a dense matmul at 32 groups), so there the rows are laid
+out in fixed-size tiles that each belong to one group (a group wastes at most one partial tile), one
+weight is gathered per tile and one batched matmul runs: the dense FLOPs plus at most `E * tile`
+padding rows, at the price of a weight copy per tile (fine on CPU, too much memory for GPU-sized
+experts, hence the split). Both differentiate like any JAX code. The Pallas FP4 kernel
+(`pallas_kernels/fp4_moe.py`) will take the same arguments.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +37,24 @@ def grouped_matmul(
     tile: int | None = None,
     preferred_element_type: jnp.dtype | None = None,
 ) -> jax.Array:
-    """y[i] = x[i] @ w[group(i)] for rows sorted by group. Returns [m, n]."""
+    """y[i] = x[i] @ w[group(i)] for rows sorted by group. Returns [m, n].
+
+    Rows past sum(group_sizes) come back as zeros.
+    """
+    tiled = functools.partial(grouped_matmul_tiled, tile=tile, preferred_element_type=preferred_element_type)
+    ragged = functools.partial(jax.lax.ragged_dot, preferred_element_type=preferred_element_type)
+    return jax.lax.platform_dependent(x_mk, w_ekn, group_sizes_e.astype(jnp.int32), cpu=tiled, default=ragged)
+
+
+def grouped_matmul_tiled(
+    x_mk: jax.Array,
+    w_ekn: jax.Array,
+    group_sizes_e: jax.Array,
+    *,
+    tile: int | None = None,
+    preferred_element_type: jnp.dtype | None = None,
+) -> jax.Array:
+    """The CPU lowering of `grouped_matmul`: one-group tiles, one gathered weight per tile."""
     m, k = x_mk.shape
     num_groups, _, n = w_ekn.shape
     tile = tile or _tile_rows(m, num_groups)
@@ -59,4 +80,5 @@ def grouped_matmul(
     row = jnp.arange(m, dtype=jnp.int32)
     row_group = jnp.minimum(jnp.searchsorted(start + sizes, row, side="right"), num_groups - 1)
     row_slot = padded_start[row_group] + row - start[row_group]
-    return y_tiles.reshape(num_tiles * tile, n)[row_slot]
+    y = y_tiles.reshape(num_tiles * tile, n)[row_slot]
+    return jnp.where((row < jnp.sum(sizes))[:, None], y, 0)
