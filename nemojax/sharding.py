@@ -174,9 +174,10 @@ def variable_shardings(config: ModelConfig, mesh: Mesh) -> dict:
 def place(value: Any, sharding: NamedSharding) -> jax.Array:
     """Put one host or device array into `sharding`; each device receives only its own block.
 
-    Works with several processes too, as long as every process passes the same full value.
+    Works with several processes too: a process-local value must be the same full value on every
+    process; a global array is resharded.
     """
-    if isinstance(value, jax.Array) and value.is_fully_addressable and sharding.is_fully_addressable:
+    if isinstance(value, jax.Array) and (sharding.is_fully_addressable or not value.is_fully_addressable):
         return jax.device_put(value, sharding)
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

@@ -51,15 +51,23 @@ def _finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
+def _shared_tokenizer(directory: str) -> str:
+    """A small BPE tokenizer (trained here, so that the three runs can start at once)."""
+    from nemojax.train.tokenizer import save_tokenizer, train_tokenizer
+
+    with open(argparse.__file__) as f:
+        return save_tokenizer(train_tokenizer([f.read()], 512), directory)
+
+
 def test_train_py_two_processes_match_one_process(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    _finish(_train(one, 8))  # also trains the tokenizer that the two-process run reuses
+    tokenizer = f"--config.data.tokenizer_path={_shared_tokenizer(str(tmp_path))}"
     port = _free_port()
-    tokenizer = f"--config.data.tokenizer_path={os.path.join(one, 'tokenizer.json')}"
-    workers = [_train(two, 4, tokenizer, "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
-                      "--process-id", str(i)) for i in range(2)]
-    for w in workers:
-        _finish(w)  # a (2, 2, 2) mesh on 4 local devices only works if the processes joined
+    runs = [_train(one, 8, tokenizer)] + [
+        _train(two, 4, tokenizer, "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+               "--process-id", str(i)) for i in range(2)]
+    for run in runs:
+        _finish(run)  # a (2, 2, 2) mesh on 4 local devices only works if the processes joined
     want, got = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (one, two))
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
     for key in ("loss", "aux_loss", "grad_norm"):
