@@ -20,6 +20,8 @@ from nemojax.train.loop import TrainingDiverged, TrainingRun, train
 from nemojax.train.metrics import read_metrics
 from nemojax.train.run_config import load_run_config, model_config
 
+# One worker runs this module, so its module fixtures are built once under `pytest -n 2 --dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("train_runs")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
 NUM_STEPS = 24

@@ -19,6 +19,8 @@ from nemojax.train.optimizer import default_optimizer_config, make_optimizer, ma
 from nemojax.train.run_config import load_run_config
 from nemojax.train.step import init_state, make_train_step
 
+# One worker runs this module, so its module fixtures are built once under `pytest -n 2 --dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("train_step")
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 MICRO = dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="E", num_attention_heads=2,
              num_key_value_heads=1, head_dim=16, mamba_num_heads=2, mamba_head_dim=16, ssm_state_size=8,
