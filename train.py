@@ -50,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     except NemojaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if last:
-        summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("loss", "eval_loss") if last.get(k) is not None)
-        print(f"step {last['step']}: {summary}; workdir {args.workdir}")
+    if not last:
+        print(f"{args.workdir} has already reached step {cfg.num_steps}; nothing to train")
+        return 0
+    summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("loss", "eval_loss") if last.get(k) is not None)
+    print(f"step {last['step']}: {summary}; workdir {args.workdir}")
     return 0
 
 
