@@ -132,6 +132,8 @@ def test_fine_tune_starts_from_checkpoint_logits(uninterrupted, tmp_path, layout
     source = str(tmp_path / "source")
     (save_pretrained if layout == "hf" else save_model)(source, config, variables)
     run = TrainingRun(cfg, str(tmp_path / "workdir"), init_from=source)
+    run.checkpoints.close()
+    assert os.path.isfile(str(tmp_path / "workdir" / "tokenizer.json"))  # the given tokenizer is copied in
     ids = jnp.asarray(run.eval_set[0]["inputs"])
     logits = jax.jit(run.model.apply)
     expected = logits(variables, ids)

@@ -32,6 +32,7 @@ from nemojax.train.placement import build_mesh, process_slice, put_batch, with_s
 from nemojax.train.programs import build_programs
 from nemojax.train.run_config import model_config
 from nemojax.train.step import TrainState
+from nemojax.train.tokenizer import TOKENIZER_FILENAME, save_tokenizer
 
 
 class TrainingDiverged(NemojaxError):
@@ -110,6 +111,8 @@ class TrainingRun:
                               f"vocab_size is {config.vocab_size}")
         if jax.process_index() == 0:
             orbax_model.write_config(self.workdir, config, run=cfg.to_dict())
+            if not os.path.isfile(os.path.join(self.workdir, TOKENIZER_FILENAME)):
+                save_tokenizer(self.tokenizer, self.workdir)  # a given tokenizer travels with the checkpoints
         self.programs = build_programs(cfg, config, self.mesh)
         slices = process_slice(self.mesh, int(cfg.batch_size))
         self.batches = TokenBatches(cfg.data, self.tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
