@@ -154,6 +154,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(uninterrupted, tmp_path)
         train(cfg, workdir, init_from=source)
     records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
     assert [(r["step"], r["skipped"], r["loss"]) for r in records] == [(1, True, None), (2, True, None)]
+    assert records[0]["lr"] == records[1]["lr"]  # a skipped update does not advance the schedule
     assert latest_step(os.path.join(workdir, "checkpoints")) == 2
     _, saved = load_model(workdir)  # the newest checkpoint restores and holds the untouched variables
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(poisoned), strict=True):

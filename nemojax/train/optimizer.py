@@ -63,3 +63,10 @@ def make_optimizer(opt: ml_collections.ConfigDict, num_steps: int) -> optax.Grad
     if opt.grad_clip_norm and opt.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)
     return adamw
+
+
+def learning_rate(opt_state: Any, schedule: optax.Schedule) -> jax.Array:
+    """The rate the next update uses: the schedule at optax's own update count (skipped steps do not count)."""
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    (state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    return schedule(state.count)

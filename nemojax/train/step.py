@@ -19,6 +19,7 @@ import optax
 
 from nemojax.train.losses import Batch, masked_xent_sum, model_losses, token_counts
 from nemojax.train.moe_balance import load_ratios, update_correction_bias
+from nemojax.train.optimizer import learning_rate
 
 # state: {"step", "params", "buffers", "opt_state", "rng", "bad_steps"}; a plain dict so that
 # Orbax saves and restores it without custom types.
@@ -86,7 +87,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_
         }
         metrics = {
             "loss": loss, "lm_loss": parts["lm_loss"], "mtp_loss": parts["mtp_loss"], "aux_loss": parts["aux_loss"],
-            "grad_norm": grad_norm, "lr": schedule(state["step"]), "skipped": ~finite,
+            "grad_norm": grad_norm, "lr": learning_rate(state["opt_state"], schedule), "skipped": ~finite,
             "bad_steps": new_state["bad_steps"], "expert_load": load_ratios(parts["expert_load"]),
         }
         return new_state, metrics
