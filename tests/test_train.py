@@ -2,6 +2,7 @@
 the uninterrupted losses exactly, fine-tuning starts from the checkpoint's exact logits, repeated
 non-finite steps stop the run with its checkpoint intact, and bad input exits 2 before compiling."""
 
+import functools
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 
 from nemojax.checkpoint.hf import save_pretrained
 from nemojax.checkpoint.orbax import latest_step, load_model, save_model
-from nemojax.model import init_variables
+from nemojax.model import NemotronH, init_variables
 from nemojax.train.loop import TrainingDiverged, TrainingRun, train
 from nemojax.train.metrics import read_metrics
 from nemojax.train.run_config import load_run_config, model_config
@@ -124,6 +125,12 @@ def test_resume_after_kill_9_is_exact(uninterrupted, tmp_path):
     assert losses(workdir) == losses(uninterrupted)
 
 
+@functools.cache
+def _logits_fn(config):
+    """One compiled forward per model config, shared by the parametrized cases."""
+    return jax.jit(NemotronH(config).apply)
+
+
 @pytest.mark.parametrize("layout", ["hf", "orbax"])
 def test_fine_tune_starts_from_checkpoint_logits(uninterrupted, tmp_path, layout):
     cfg = small_config(reuse_tokenizer(uninterrupted))
@@ -135,7 +142,7 @@ def test_fine_tune_starts_from_checkpoint_logits(uninterrupted, tmp_path, layout
     run.checkpoints.close()
     assert os.path.isfile(str(tmp_path / "workdir" / "tokenizer.json"))  # the given tokenizer is copied in
     ids = jnp.asarray(run.eval_set[0]["inputs"])
-    logits = jax.jit(run.model.apply)
+    logits = _logits_fn(run.config)
     expected = logits(variables, ids)
     got = logits({"params": run.state["params"], "buffers": run.state["buffers"]}, ids)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
