@@ -47,7 +47,7 @@ def requests(ids: np.ndarray, max_new: int) -> list[Request]:
             for i, row in enumerate(ids)]
 
 
-def timed_engine_run(engine: Engine, reqs: list[Request], repeats: int = 2) -> dict:
+def timed_engine_run(engine: Engine, reqs: list[Request], repeats: int = 3) -> dict:
     """Warm up (compile) once, then the best of `repeats` runs' prefill and decode throughput."""
     engine.generate(reqs)
     best: dict = {}
@@ -86,17 +86,23 @@ def versus_transformers(batch: int, prompt: int, new: int) -> dict:
             reference.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         return time.perf_counter() - begin
 
-    hf_generate(2)  # warm-up
-    with torch.no_grad():
-        begin = time.perf_counter()
-        reference(input_ids=x, use_cache=True)
-        hf_prefill = time.perf_counter() - begin
-    hf_decode = min(hf_generate(new) - hf_generate(1) for _ in range(2))
+    hf_generate(new), hf_generate(1)  # warm-up: the first calls of each length are much slower
+    hf_prefill = min(_timed_forward(reference, x) for _ in range(3))
+    hf_decode = min(hf_generate(new) - hf_generate(1) for _ in range(3))
     hf = {"prefill_s": hf_prefill, "decode_s": hf_decode, "prefill_tokens_per_s": batch * prompt / hf_prefill,
           "decode_tokens_per_s": batch * (new - 1) / hf_decode}
     return {"batch": batch, "prompt": prompt, "new_tokens": new, "nemojax": ours, "transformers": hf,
             "prefill_speedup": hf["prefill_s"] / ours["prefill_s"],
             "decode_speedup": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]}
+
+
+def _timed_forward(reference, x) -> float:
+    import torch
+
+    begin = time.perf_counter()
+    with torch.no_grad():
+        reference(input_ids=x, use_cache=True)
+    return time.perf_counter() - begin
 
 
 def context_scaling(contexts: list[int], new: int) -> list[dict]:
@@ -108,7 +114,7 @@ def context_scaling(contexts: list[int], new: int) -> list[dict]:
         engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=512)
         for context in contexts:
             ids = np.random.default_rng(0).integers(3, SHAPE["vocab_size"], (1, context))
-            run = timed_engine_run(engine, requests(ids, new), repeats=1)
+            run = timed_engine_run(engine, requests(ids, new), repeats=2)
             rows.append({"model": name, "context": context,
                          "ms_per_token": 1000 * run["decode_s"] / (new - 1)})
     return rows

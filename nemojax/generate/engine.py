@@ -168,7 +168,7 @@ class Engine:
             "params": sampling.SamplingParams.create(
                 column(lambda r: r.temperature, np.float32), column(lambda r: r.top_k, np.int32),
                 column(lambda r: r.top_p, np.float32, 1.0), column(lambda r: r.min_p, np.float32)),
-            "seeds": column(lambda r: r.seed, np.uint32),
+            "seeds": column(lambda r: r.seed % 2**32, np.uint32),
             "line": column(lambda r: r.index, np.uint32),
             "max_new": column(lambda r: r.max_new_tokens, np.int32),
             "ignore_eos": column(lambda r: r.ignore_eos, bool),
