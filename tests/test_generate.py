@@ -17,6 +17,7 @@ from nemojax.config import from_hf_config
 from nemojax.generate import Engine, Request, caches, sampling, speculative
 from nemojax.model import NemotronH, init_cache, init_variables
 
+pytestmark = pytest.mark.xdist_group("generate")  # module fixtures share compiled programs
 THINK_END = 13
 MAX_NEW = 12
 SMALL = dict(vocab_size=40, hidden_size=32, hybrid_override_pattern="M*EM", num_attention_heads=4,

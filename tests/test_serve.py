@@ -18,6 +18,7 @@ from nemojax.generate.serving import serve as serve_lines
 from nemojax.model import init_variables
 from nemojax.train.tokenizer import save_tokenizer, train_tokenizer
 
+pytestmark = pytest.mark.xdist_group("serve")  # module fixtures share compiled programs
 CONTEXT = 48
 TINY = dict(vocab_size=300, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
