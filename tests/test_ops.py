@@ -56,7 +56,7 @@ def test_ssd_chunks_compose_across_calls():
     np.testing.assert_allclose(s3, s2, rtol=1e-6)  # dt = 0 leaves the state untouched
 
 
-@pytest.mark.parametrize("sizes", [[5, 0, 3, 9], [0, 0, 17, 0], [1, 1, 1, 1], [40, 2, 0, 30]])
+@pytest.mark.parametrize("sizes", [[5, 0, 3, 9], [0, 0, 17, 0], [1, 1, 1, 1], [40, 2, 0, 30], [0, 2, 0, 1, 0, 0]])
 def test_grouped_matmul_equals_per_group_matmul(sizes):
     rng = np.random.default_rng(sum(sizes))
     m, k, n = sum(sizes), 6, 5
@@ -80,3 +80,6 @@ def test_tiled_lowering_equals_ragged_dot_with_trailing_rows():
     tiled = grouped_matmul_tiled(x, w, sizes, tile=8)
     np.testing.assert_allclose(tiled, jax.lax.ragged_dot(x, w, sizes), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(tiled[11:], 0)
+    few = grouped_matmul_tiled(x[:4], w, jnp.asarray([1, 0, 2, 0]))  # fewer rows than groups: per-row path
+    np.testing.assert_allclose(few, jax.lax.ragged_dot(x[:4], w, jnp.asarray([1, 0, 2, 0])), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(few[3:], 0)

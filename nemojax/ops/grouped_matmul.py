@@ -54,9 +54,15 @@ def grouped_matmul_tiled(
     tile: int | None = None,
     preferred_element_type: jnp.dtype | None = None,
 ) -> jax.Array:
-    """The CPU lowering of `grouped_matmul`: one-group tiles, one gathered weight per tile."""
+    """The CPU lowering of `grouped_matmul`: one-group tiles, one gathered weight per tile.
+
+    With no more rows than groups (decoding a few tokens) tiles would be mostly padding, so each row
+    gathers its own weight instead (2-3x faster there, measured in bench/).
+    """
     m, k = x_mk.shape
     num_groups, _, n = w_ekn.shape
+    if m <= num_groups:
+        return _per_row(x_mk, w_ekn, group_sizes_e.astype(jnp.int32), preferred_element_type)
     tile = tile or _tile_rows(m, num_groups)
     num_tiles = -(-m // tile) + num_groups  # static upper bound on the tiles needed
     sizes = group_sizes_e.astype(jnp.int32)
@@ -82,3 +88,11 @@ def grouped_matmul_tiled(
     row_slot = padded_start[row_group] + row - start[row_group]
     y = y_tiles.reshape(num_tiles * tile, n)[row_slot]
     return jnp.where((row < jnp.sum(sizes))[:, None], y, 0)
+
+
+def _per_row(x_mk: jax.Array, w_ekn: jax.Array, sizes: jax.Array, preferred_element_type) -> jax.Array:
+    row = jnp.arange(x_mk.shape[0], dtype=jnp.int32)
+    end = jnp.cumsum(sizes)
+    row_group = jnp.minimum(jnp.searchsorted(end, row, side="right"), w_ekn.shape[0] - 1)
+    y = jnp.einsum("mk,mkn->mn", x_mk, w_ekn[row_group], preferred_element_type=preferred_element_type)
+    return jnp.where((row < end[-1])[:, None], y, 0)
