@@ -46,6 +46,7 @@ def ssd_chunked(
     b, t, h, p = x_bthp.shape
     g, n = b_btgn.shape[2], b_btgn.shape[3]
     r = h // g
+    chunk_size = min(chunk_size, t)  # any chunk size is exact; a short input needs no padding
     pad = (-t) % chunk_size
     x, dt, bm, cm = (jnp.pad(v.astype(_F32), [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
                      for v in (x_bthp, dt_bth, b_btgn, c_btgn))
