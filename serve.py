@@ -3,7 +3,7 @@
     python serve.py --checkpoint PATH --prompts IN.jsonl --output OUT.jsonl [--max-new-tokens N]
         [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S] [--stop STR ...] [--ignore-eos]
         [--batch-size B] [--speculative mtp --num-draft-tokens K] [--reasoning on|off|medium|low]
-        [--thinking-budget N] [--stats STATS.json]
+        [--thinking-budget N] [--stats STATS.json] [--mesh data=..,fsdp=..,tensor=..,expert=..]
 
 PATH is a Hugging Face directory (published layout), a nemojax model directory, or a train.py
 workdir (latest checkpoint and its tokenizer). Input lines: {"prompt": ...}, {"messages": [...]}
@@ -11,6 +11,11 @@ or {"input_ids": [...]}, each optionally overriding max_new_tokens, temperature,
 min_p, seed, stop, ignore_eos, reasoning, thinking_budget. Output: one line per input line, in
 order: {"output_ids", "text", "finish_reason"}, or {"error"} for a line that cannot be served.
 An unreadable checkpoint or prompt file exits with status 2.
+
+`--mesh` shards the model and the caches over the devices (sizes multiply to the device count; the
+default is one device). Several hosts: start one process per host with the same arguments plus
+`--coordinator-address/--num-processes/--process-id` (or let a cluster such as SLURM be detected)
+and a `--mesh` over all their devices; process 0 writes the output.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--thinking-budget", type=int, default=None, help="force </think> after N thinking tokens")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--stats", default=None, help="write throughput statistics (JSON) here")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. tensor=4,expert=2 (default: one device)")
     p.add_argument("--no-progress", action="store_true")
     add_distributed_flags(p)
     return p.parse_args(argv)
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from nemojax.generate.loading import end_of_turn_ids, load_checkpoint, load_encoder
     from nemojax.generate.serving import serve
     from nemojax.generate.stats import stats_record
+    from nemojax.sharding import make_mesh, parse_mesh
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.prefill_chunk < 1:
         raise ConfigError("--batch-size, --max-new-tokens and --prefill-chunk must be positive")
@@ -79,16 +86,22 @@ def run(args: argparse.Namespace) -> int:
             lines = [line for line in f.read().splitlines() if line.strip()]
     except OSError as e:
         raise DataError(f"cannot read prompts {args.prompts}: {e}") from e
+    mesh_shape = None if args.mesh is None else parse_mesh(args.mesh)
     initialize(args)
-    model, variables = load_checkpoint(args.checkpoint, args.dtype)
+    if mesh_shape is None and jax.process_count() > 1:
+        raise ConfigError(f"{jax.process_count()} processes joined: give --mesh over all "
+                          f"{jax.device_count()} devices (e.g. --mesh tensor={jax.device_count()})")
+    mesh = None if mesh_shape is None else make_mesh(**mesh_shape)
+    model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh)
     encoder, tokenizer = load_encoder(args.checkpoint)
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
                     think_end_id=encoder.think_end_id, prefill_chunk=args.prefill_chunk,
-                    num_draft_tokens=args.num_draft_tokens if args.speculative else 0)
+                    num_draft_tokens=args.num_draft_tokens if args.speculative else 0, mesh=mesh)
     defaults = Defaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
                         ignore_eos=args.ignore_eos, thinking_budget=args.thinking_budget, reasoning=args.reasoning)
-    records = serve(lines, engine, encoder, tokenizer, defaults, args.batch_size, progress=not args.no_progress)
+    progress = not args.no_progress and jax.process_index() == 0
+    records = serve(lines, engine, encoder, tokenizer, defaults, args.batch_size, progress=progress)
     if jax.process_index() != 0:  # several hosts run the same program; one writes
         return 0
     with open(args.output, "w") as f:

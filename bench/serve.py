@@ -32,6 +32,7 @@ from nemojax.config import from_hf_config  # noqa: E402
 from nemojax.generate import Engine, Request  # noqa: E402
 from nemojax.generate.stats import stats_record  # noqa: E402
 from nemojax.model import NemotronH, init_variables  # noqa: E402
+from nemojax.train.quick import fit_token_batches  # noqa: E402
 
 PATTERN = "MEM*EMEM"
 SHAPE = dict(vocab_size=4096, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -122,32 +123,13 @@ def context_scaling(contexts: list[int], new: int) -> list[dict]:
 
 def trained_mtp_model(steps: int) -> tuple[NemotronH, dict]:
     """The hybrid model with an MTP block trained (LM + MTP loss) on sequences counting up by 1 or 2."""
-    import optax
-
     config = from_hf_config(dict(SHAPE, hybrid_override_pattern=PATTERN, mtp_hybrid_override_pattern="*E",
                                  num_nextn_predict_layers=1), dtype="float32")
     model = NemotronH(config)
     variables = jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0))
-    optimizer = optax.adam(3e-3)
     rng = np.random.default_rng(0)
-
-    def loss_fn(params, ids):
-        v = {**variables, "params": params}
-        logits, hidden, _ = model.apply(v, ids[:, :-1], method="forward")
-        lm = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-        mtp_logits, _, _ = model.apply(v, hidden[:, :-1], ids[:, 1:-1], method="mtp_forward")
-        return lm + optax.softmax_cross_entropy_with_integer_labels(mtp_logits, ids[:, 2:]).mean()
-
-    @jax.jit
-    def step(params, opt_state, ids):
-        grads = jax.grad(loss_fn)(params, ids)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state
-
-    params, opt_state = variables["params"], optimizer.init(variables["params"])
-    for _ in range(steps):
-        params, opt_state = step(params, opt_state, counting_batch(rng, 16, 65))
-    return model, {**variables, "params": params}
+    batches = (counting_batch(rng, 16, 65) for _ in range(steps))
+    return model, fit_token_batches(model, variables, batches, learning_rate=3e-3, mtp_loss_weight=1.0)
 
 
 def counting_batch(rng: np.random.Generator, batch: int, length: int) -> np.ndarray:

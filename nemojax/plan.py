@@ -18,9 +18,10 @@ from collections.abc import Sequence
 
 from nemojax.config import resolve_model_config
 from nemojax.errors import ConfigError
-from nemojax.planning.layout import mesh_devices, mesh_text, parse_mesh, use_fake_cpu_devices
+from nemojax.planning.layout import mesh_devices, mesh_text, use_fake_cpu_devices
 from nemojax.planning.report import DEVICE_MEMORY, PlanRequest, format_plan, make_plan
 from nemojax.planning.weights import WEIGHT_FORMATS
+from nemojax.sharding import parse_mesh
 
 REMAT_CHOICES = ("none", "full", "dots")
 

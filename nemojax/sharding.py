@@ -25,6 +25,7 @@ from nemojax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
+MeshShape = dict[str, int]  # axis name -> size
 
 # logical axis -> mesh axis (or a tuple of mesh axes, or None for replicated).
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -137,6 +138,24 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
         raise ConfigError(f"mesh {described} needs {math.prod(sizes)} devices, but there are {len(devices)}; "
                           "choose sizes whose product is the device count")
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def parse_mesh(text: str) -> MeshShape:
+    """`"data=2,tensor=4"` -> {"data": 2, "fsdp": 1, "tensor": 4, "expert": 1}."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in MESH_AXES:
+            raise ConfigError(f"--mesh: bad entry {item!r}; expected AXIS=SIZE with AXIS one of {MESH_AXES}")
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if size < 1:
+            raise ConfigError(f"--mesh: size of {name!r} must be a positive integer, got {value!r}")
+        sizes[name] = size
+    return sizes
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from hf_reference import make_checkpoint
@@ -16,6 +15,8 @@ import nemojax
 from nemojax.config import from_hf_config
 from nemojax.generate import Engine, Request, caches, sampling, speculative
 from nemojax.model import NemotronH, init_cache, init_variables
+from nemojax.sharding import make_mesh
+from nemojax.train.quick import fit_token_batches
 
 pytestmark = pytest.mark.xdist_group("generate")  # module fixtures share compiled programs
 THINK_END = 13
@@ -176,36 +177,35 @@ def test_speculative_on_random_model_equals_plain_greedy(engines):
     assert spec.stats.verify_steps > 0
 
 
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_engine_on_a_mesh_equals_one_device(small_model, engines, speculative):
+    """Variables and caches sharded over (data, tensor, expert) = (2, 2, 2), experts run expert-parallel:
+    the same tokens as one device for prompts of different lengths, greedy and seeded sampling."""
+    model, variables = small_model
+    mesh = make_mesh(data=2, tensor=2, expert=2)
+    engine = Engine(model, variables, eos_ids=(2,), think_end_id=THINK_END, prefill_chunk=8, min_batch=4,
+                    num_draft_tokens=2 if speculative else 0, mesh=mesh)
+    experts = engine.variables["params"]["backbone"]["layers_2"]["mixer"]["experts"]["up_proj"]
+    assert experts.addressable_shards[0].data.shape[0] == SMALL["n_routed_experts"] // 2
+    reqs = mixed_requests()
+    want = [c.output_ids for c in engines[speculative].generate(reqs)]
+    assert [c.output_ids for c in engine.generate(reqs)] == want
+
+
 def _train_counting_model(steps=40):
     """A tiny model trained (LM + MTP loss) on sequences that count up by a per-sequence stride, so its
     MTP block becomes a good drafter."""
     config = from_hf_config(dict(SMALL, hybrid_override_pattern="M*", vocab_size=32))
     model = NemotronH(config)
-    variables = init_variables(config, jax.random.key(1))
-    optimizer = optax.adam(1e-2)
     rng = np.random.default_rng(0)
 
     def batch():
         start, stride = rng.integers(3, 32, (16, 1)), rng.integers(1, 3, (16, 1))
         return (start + stride * np.arange(24)[None]) % 29 + 3
 
-    def loss_fn(params, ids):
-        v = {**variables, "params": params}
-        logits, hidden, _ = model.apply(v, ids[:, :-1], method="forward")
-        lm = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-        mtp_logits, _, _ = model.apply(v, hidden[:, :-1], ids[:, 1:-1], method="mtp_forward")
-        return lm + optax.softmax_cross_entropy_with_integer_labels(mtp_logits, ids[:, 2:]).mean()
-
-    @jax.jit
-    def step(params, opt_state, ids):
-        grads = jax.grad(loss_fn)(params, ids)
-        updates, opt_state = optimizer.update(grads, opt_state)
-        return optax.apply_updates(params, updates), opt_state
-
-    params, opt_state = variables["params"], optimizer.init(variables["params"])
-    for _ in range(steps):
-        params, opt_state = step(params, opt_state, batch())
-    return model, {**variables, "params": params}, batch()
+    variables = fit_token_batches(model, init_variables(config, jax.random.key(1)), (batch() for _ in range(steps)),
+                                  learning_rate=1e-2, mtp_loss_weight=1.0)
+    return model, variables, batch()
 
 
 def test_speculative_equals_plain_greedy_on_trained_model():

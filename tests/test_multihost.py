@@ -1,9 +1,11 @@
 """Several hosts: train.py run as 2 processes x 4 CPU devices, joined by jax.distributed (gloo), each
 process loading only its rows of the global batch, logs the same losses as 1 process x 8 devices on
 the same (data, tensor, expert) = (2, 2, 2) mesh: sharded params, expert parallelism, AdamW, the
-balance loss and the multi-process checkpoint all take part. Plus the flag checks and global batches."""
+balance loss and the multi-process checkpoint all take part. serve.py the same way, on a sharded
+checkpoint. Plus the flag checks and global batches."""
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -73,6 +75,47 @@ def test_train_py_two_processes_match_one_process(tmp_path):
     for key in ("loss", "aux_loss", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, err_msg=key)
     assert want[-1]["loss"] < want[0]["loss"]
+
+
+def _serve(checkpoint: str, prompts: str, output: str, devices: int, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    command = [sys.executable, os.path.join(REPO, "serve.py"), "--checkpoint", checkpoint, "--prompts", prompts,
+               "--output", output, "--max-new-tokens", "6", "--ignore-eos", "--batch-size", "4", "--no-progress",
+               "--mesh", "data=2,tensor=2,expert=2", *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_serve_py_two_processes_match_one_process(tmp_path):
+    """serve.py on 2 processes x 4 devices (sharded weights and caches, expert parallelism) writes the
+    same completions as 1 process x 8 devices."""
+    import jax
+
+    from nemojax.checkpoint.orbax import save_model
+    from nemojax.config import from_hf_config
+    from nemojax.model import init_variables
+
+    config = from_hf_config(dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8,
+                                 ssm_state_size=8, n_groups=2, chunk_size=8, intermediate_size=32,
+                                 n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                 moe_shared_expert_intermediate_size=16, eos_token_id=2, dtype="float32"))
+    checkpoint = str(tmp_path / "model")
+    save_model(checkpoint, config, init_variables(config, jax.random.key(0)))
+    prompts = tmp_path / "in.jsonl"
+    rng = np.random.default_rng(0)
+    lines = [{"input_ids": rng.integers(3, 64, n).tolist()} for n in (3, 11, 6, 9, 4)]
+    lines[2]["temperature"], lines[2]["seed"] = 0.9, 5
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    one, two = str(tmp_path / "one.jsonl"), str(tmp_path / "two.jsonl")
+    port = _free_port()
+    runs = [_serve(checkpoint, str(prompts), one, 8)] + [
+        _serve(checkpoint, str(prompts), two, 4, "--coordinator-address", f"localhost:{port}",
+               "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
+    for run in runs:
+        _finish(run)
+    want = [json.loads(line) for line in open(one)]
+    assert len(want) == 5 and all(len(r["output_ids"]) == 6 for r in want)
+    assert [json.loads(line) for line in open(two)] == want
 
 
 def test_cluster_detection_and_flag_checks(monkeypatch):

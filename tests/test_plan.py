@@ -11,8 +11,9 @@ import pytest
 from nemojax.config import resolve_model_config
 from nemojax.planning import activations, count_parameters
 from nemojax.planning.caches import cache_bytes_per_device
-from nemojax.planning.layout import build_mesh, parse_mesh
+from nemojax.planning.layout import build_mesh
 from nemojax.planning.weights import serving_config, training_bytes_per_device, weight_bytes_per_device
+from nemojax.sharding import parse_mesh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -93,11 +93,15 @@ def test_resume_after_clean_stop_is_exact(uninterrupted, tmp_path):
     assert losses(workdir) == losses(uninterrupted)
 
 
-def test_training_on_a_mesh_matches_one_device(uninterrupted, tmp_path):
-    # 8 devices: params over fsdp x tensor, experts over expert, batch rows over all three.
+@pytest.mark.parametrize("layout", [
+    # 8 devices: params over fsdp x tensor, experts over expert, batch rows over all but tensor.
+    ("--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.mesh.expert=2"),
+    # Two micro-batches per step, each split over data x fsdp: the same gradient as the whole batch.
+    ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.grad_accum_steps=2"),
+], ids=["fsdp-tensor-expert", "data-fsdp-tensor-accum2"])
+def test_training_on_a_mesh_matches_one_device(uninterrupted, tmp_path, layout):
     workdir = str(tmp_path / "mesh")
-    cfg = small_config(reuse_tokenizer(uninterrupted), "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-                       "--config.mesh.expert=2")
+    cfg = small_config(reuse_tokenizer(uninterrupted), *layout)
     train(cfg, workdir, stop_at=3)
     got, want = losses(workdir), losses(uninterrupted)[:3]
     assert [s for s, _, _ in got] == [s for s, _, _ in want]

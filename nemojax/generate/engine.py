@@ -7,10 +7,16 @@ of shapes are ever compiled. The prompt goes through the cache in chunks; decodi
 step) until every row has finished or a segment ends; between segments the caller may stop rows
 (stop strings). Executables are compiled ahead of time and their compile time kept apart, so the
 timings in `EngineStats` are pure generation.
+
+On a mesh (`mesh=`), the variables and caches are sharded by the logical-axis rules (cache rows over
+the batch axes, KV / SSM heads over `tensor`, experts over `expert`), the programs are traced in the
+mesh context, and host values travel as replicated global arrays: with several processes
+(`jax.distributed`) every process runs the same batches and reads the same replicated results.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -20,7 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from nemojax import sharding
 from nemojax.errors import ConfigError
 from nemojax.generate import caches, sampling, speculative
 from nemojax.generate.requests import Request
@@ -66,11 +74,13 @@ class Engine:
     """Batched generation for one model; `num_draft_tokens` > 0 turns on MTP speculative decoding.
 
     Batches are padded to a power of two rows, at least `min_batch` (one compiled shape serves
-    every smaller batch).
+    every smaller batch). With `mesh`, generation runs sharded over it (variables are placed on it
+    if they are not already).
     """
 
     def __init__(self, model: NemotronH, variables: dict, *, eos_ids: Sequence[int], think_end_id: int | None = None,
-                 prefill_chunk: int = 256, num_draft_tokens: int = 0, min_batch: int = 1) -> None:
+                 prefill_chunk: int = 256, num_draft_tokens: int = 0, min_batch: int = 1,
+                 mesh: Mesh | None = None) -> None:
         config = model.config
         if config.remat != "none":
             config = config.replace(remat="none")
@@ -79,7 +89,9 @@ class Engine:
             raise ConfigError("--speculative mtp needs a checkpoint with an MTP block (num_nextn_predict_layers > 0)")
         if num_draft_tokens and "mamba" in config.mtp_layer_types:
             raise ConfigError("MTP speculation supports attention/MoE/MLP MTP layers only (no Mamba in the MTP block)")
-        self.model, self.config, self.variables = model, config, variables
+        if mesh is not None:
+            variables = sharding.shard_variables(variables, config, mesh)
+        self.model, self.config, self.variables, self.mesh = model, config, variables, mesh
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.think_end_id = -1 if think_end_id is None else int(think_end_id)
         self.prefill_chunk = prefill_chunk
@@ -112,14 +124,14 @@ class Engine:
 
         start = time.perf_counter()
         compile_before = self.stats.compile_seconds
-        cache = init_cache(self.config, batch, cache_len)
+        cache = self._run("cache", self._empty_cache, batch, cache_len)
         chunk = min(p_len, self.prefill_chunk)
         next_ids = np.concatenate([ids[:, 1:], np.zeros((batch, 1), np.int32)], axis=1)
         next_valid = np.concatenate([valid[:, 1:] & valid[:, :-1], np.zeros((batch, 1), bool)], axis=1)
         for s in range(0, p_len, chunk):
             part = slice(s, s + chunk)
-            cache, logits, hidden = self._run("prefill", self._prefill, self.variables, cache, ids[:, part],
-                                              valid[:, part], next_ids[:, part], next_valid[:, part])
+            cache, logits, hidden = self._run("prefill", self._prefill, self.variables, cache, *self._global(
+                (ids[:, part], valid[:, part], next_ids[:, part], next_valid[:, part])))
         state = self._run("start", functools.partial(self._start, use_sort=use_sort), cache, logits, hidden,
                           rowwise, out_len)
         jax.block_until_ready(state)
@@ -131,15 +143,16 @@ class Engine:
         steps = segment_steps if stop_check is not None and segment_steps else max_new
         while True:
             state = self._run("segment", functools.partial(self._segment, use_sort=use_sort, greedy=greedy),
-                              self.variables, state, jnp.int32(steps))
-            done, out, count = jax.device_get((state["done"], state["out"], state["count"]))
+                              self.variables, state, self._global(np.int32(steps)))
+            done, out, count = jax.device_get(self._run("progress", self._progress, state))
             if done.all():
                 break
             if stop_check is not None:
                 stopped = [i < rows and not done[i] and stop_check(i, out[i, :count[i]].tolist())
                            for i in range(batch)]
                 if any(stopped):
-                    state = dict(state, done=state["done"] | jnp.asarray(stopped))
+                    state = dict(state, done=self._run("stop", jnp.logical_or, state["done"],
+                                                       self._global(np.asarray(stopped))))
         self.stats.decode_seconds += time.perf_counter() - prefill_done - (self.stats.compile_seconds - compile_before)
         if self.k:
             self.stats.verify_steps += int(state["verify_steps"])
@@ -162,7 +175,7 @@ class Engine:
         pad = batch - len(requests)
 
         def column(field: Callable[[Request], Any], dtype: Any, fill: Any = 0) -> jax.Array:
-            return jnp.asarray(np.asarray([field(r) for r in requests] + [fill] * pad, dtype))
+            return self._global(np.asarray([field(r) for r in requests] + [fill] * pad, dtype))
 
         return {
             "params": sampling.SamplingParams.create(
@@ -176,15 +189,25 @@ class Engine:
             "real": column(lambda r: True, bool, False),
         }
 
+    def _global(self, value: Any) -> Any:
+        """Host values as device arrays: without a mesh unchanged (jit takes numpy); on a mesh replicated
+        global arrays (every process holds the same prompts and settings)."""
+        if self.mesh is None:
+            return value
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree.map(lambda v: sharding.place(np.asarray(v), replicated), value)
+
     def _run(self, name: str, fn: Callable, *args: Any) -> Any:
-        """Run `fn` jitted, compiling once per (name, argument shapes) and counting compile time apart."""
+        """Run `fn` jitted, compiling once per (name, argument shapes and shardings) and counting compile
+        time apart. On a mesh the program is traced in its context."""
         key = (name, tuple(sorted(fn.keywords.items())) if isinstance(fn, functools.partial) else (),
                jax.tree.structure(args), tuple(_signature(a) for a in jax.tree.leaves(args)))
         if key not in self._executables:
             static = tuple(i for i, a in enumerate(args) if isinstance(a, int) and not isinstance(a, bool))
             begin = time.perf_counter()
             jitted = jax.jit(fn, static_argnums=static, donate_argnums=self._donated(name))
-            self._executables[key] = (jitted.lower(*args).compile(), static)
+            with contextlib.nullcontext() if self.mesh is None else sharding.use_mesh(self.mesh):
+                self._executables[key] = (jitted.lower(*args).compile(), static)
             self.stats.compile_seconds += time.perf_counter() - begin
         executable, static = self._executables[key]
         return executable(*(a for i, a in enumerate(args) if i not in static))
@@ -194,6 +217,20 @@ class Engine:
         return {"prefill": (1,), "segment": (1,)}.get(name, ())
 
     # ---------------------------------------------------------------- device side
+    def _empty_cache(self, batch: int, cache_len: int) -> State:
+        """Zero caches, created in place: on a mesh already sharded (no full copy on any device)."""
+        cache = init_cache(self.config, batch, cache_len)
+        if self.mesh is None:
+            return cache
+        return jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, self.mesh))
+
+    def _progress(self, state: State) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(done, out, count), replicated on a mesh so that every process can read them."""
+        view = (state["done"], state["out"], state["count"])
+        if self.mesh is None:
+            return view
+        return jax.lax.with_sharding_constraint(view, NamedSharding(self.mesh, PartitionSpec()))
+
     def _prefill(self, variables: dict, cache: State, ids_bl, valid_bl, next_ids_bl, next_valid_bl):
         """One prompt chunk through the cache (and, when speculating, its (hidden, next token) pairs
         through the MTP block's cache). Returns (cache, logits and hidden state at the chunk's end)."""
@@ -348,7 +385,9 @@ def _backbone_through_cache(module: NemotronH, ids_bt, valid_bt, cache: State) -
 
 
 def _signature(leaf: Any) -> Any:
-    """What decides a compiled program: shape and dtype of arrays, the value of Python ints (static)."""
+    """What decides a compiled program: shape, dtype (and sharding) of arrays, the value of Python ints."""
+    if isinstance(leaf, jax.Array):
+        return leaf.shape, str(leaf.dtype), leaf.sharding
     if hasattr(leaf, "dtype"):
         return np.shape(leaf), str(leaf.dtype)
     return type(leaf).__name__, leaf

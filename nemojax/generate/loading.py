@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 import jinja2.sandbox
+from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
 from nemojax.chat import EFFORT_SUFFIX, IM_END, THINK_END, THINK_START, render_messages, validate_messages
@@ -26,14 +27,15 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
-def load_checkpoint(path: str, dtype: str | None = None) -> tuple[NemotronH, dict]:
-    """(model, variables) from any supported checkpoint layout; CheckpointError when unreadable."""
+def load_checkpoint(path: str, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[NemotronH, dict]:
+    """(model, variables) from any supported checkpoint layout, sharded onto `mesh` if given;
+    CheckpointError when unreadable."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     try:
         if orbax.is_nemojax_dir(path):
-            return orbax.load_model(path, dtype=dtype)
-        return load_pretrained(path, dtype=dtype)
+            return orbax.load_model(path, dtype=dtype, mesh=mesh)
+        return load_pretrained(path, dtype=dtype, mesh=mesh)
     except CheckpointError:
         raise
     except Exception as e:  # any reader failure (corrupt JSON, truncated tensors, ...) is a bad checkpoint

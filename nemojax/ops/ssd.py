@@ -135,7 +135,7 @@ def ssd_sequential(
         return state, (y, state) if all_states else y
 
     final, out = jax.lax.scan(step, state0, tuple(jnp.moveaxis(v, 1, 0)
-                                                  for v in (x_bthp, dt_bth, b_btgn, c_btgn)))
+                                                  for v in (x_bthp, dt_bth, b_btgn, c_btgn)), unroll=t <= 8)
     if all_states:
         ys, states = out
         return jnp.moveaxis(ys, 0, 1), jnp.moveaxis(states, 0, 1)

@@ -1,4 +1,4 @@
-"""Where each array lands on a mesh: parse `--mesh`, build the mesh (or a device-free abstract
+"""Where each array lands on a mesh: build the mesh (or a device-free abstract
 one) and give arrays the shardings of `nemojax.sharding` (the one rule table, `sized_spec`).
 
 Byte counts only need the axis sizes, so they use an `AbstractMesh` and work for any mesh. A mesh
@@ -17,26 +17,6 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 
 from nemojax.errors import ConfigError
 from nemojax.sharding import MESH_AXES, make_mesh, sized_spec
-
-MeshShape = dict[str, int]
-
-
-def parse_mesh(text: str) -> MeshShape:
-    """`"data=2,tensor=4"` -> {"data": 2, "fsdp": 1, "tensor": 4, "expert": 1}."""
-    sizes = dict.fromkeys(MESH_AXES, 1)
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or name not in MESH_AXES:
-            raise ConfigError(f"--mesh: bad entry {item!r}; expected AXIS=SIZE with AXIS one of {MESH_AXES}")
-        try:
-            size = int(value)
-        except ValueError:
-            size = 0
-        if size < 1:
-            raise ConfigError(f"--mesh: size of {name!r} must be a positive integer, got {value!r}")
-        sizes[name] = size
-    return sizes
 
 
 def mesh_devices(mesh_shape: Mapping[str, int]) -> int:

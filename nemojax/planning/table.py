@@ -14,8 +14,9 @@ import sys
 import time
 
 from nemojax.config import resolve_model_config
-from nemojax.planning.layout import mesh_text, parse_mesh, use_fake_cpu_devices
+from nemojax.planning.layout import mesh_text, use_fake_cpu_devices
 from nemojax.planning.report import DEVICE_MEMORY, PlanRequest, make_plan
+from nemojax.sharding import parse_mesh
 
 MODELS = ("nano", "super", "ultra")
 DEVICES = ("h100-80gb", "h200")
