@@ -36,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
+    ("mamba_groups", "tensor"),
     # parameters
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -169,9 +170,10 @@ def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
 
 
 def _head_units(config: ModelConfig) -> dict[str, int]:
-    """Logical axes whose dimension fuses heads: shard whole heads only."""
+    """Logical axes whose dimension fuses heads (or Mamba groups, stored group-major): shard whole ones only."""
     return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-            "mamba_inner": config.mamba_num_heads, "mamba_heads": config.mamba_num_heads}
+            "mamba_inner": config.mamba_num_heads, "mamba_heads": config.mamba_num_heads,
+            "mamba_proj": config.n_groups, "conv_dim": config.n_groups}
 
 
 def variable_shardings(config: ModelConfig, mesh: Mesh) -> dict:

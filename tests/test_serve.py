@@ -9,7 +9,7 @@ import pytest
 
 import serve
 from nemojax.chat import render_messages
-from nemojax.checkpoint.orbax import save_model
+from nemojax.checkpoint.orbax import LAYOUT_VERSION, save_model
 from nemojax.config import from_hf_config
 from nemojax.generate import Defaults, Engine
 from nemojax.generate.loading import load_checkpoint, load_encoder
@@ -123,13 +123,15 @@ def test_chat_template_from_tokenizer_config(checkpoint, tmp_path):
     assert "hi\n\n{reasoning effort: efficient}<|im_end|>" in encoder.render(messages, "medium")
 
 
-@pytest.mark.parametrize("make", ["missing", "garbage_config", "no_variables"])
+@pytest.mark.parametrize("make", ["missing", "garbage_config", "no_variables", "old_layout"])
 def test_unreadable_checkpoint_exits_2(tmp_path, capsys, make):
     path = tmp_path / "ckpt"
     if make != "missing":
         path.mkdir()
-        text = "{oops" if make == "garbage_config" else json.dumps({"format": "nemojax", "model": tiny_dict()})
-        (path / "config.json").write_text(text)
+        payload = {"format": "nemojax", "model": tiny_dict()}
+        if make == "no_variables":
+            payload["layout_version"] = LAYOUT_VERSION
+        (path / "config.json").write_text("{oops" if make == "garbage_config" else json.dumps(payload))
     prompts = tmp_path / "in.jsonl"
     prompts.write_text(json.dumps({"input_ids": [1, 2]}) + "\n")
     status = serve.main(["--checkpoint", str(path), "--prompts", str(prompts), "--output", str(tmp_path / "o"),
@@ -137,6 +139,7 @@ def test_unreadable_checkpoint_exits_2(tmp_path, capsys, make):
     assert status == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(path) in err and "Traceback" not in err
+    assert ("layout version" in err) == (make == "old_layout")
 
 
 def tiny_dict():

@@ -1,6 +1,8 @@
 """Sharded execution on 8 simulated CPU devices equals one device: logits on three meshes, expert
 parallelism (forward and gradients), one AdamW training step, sharded checkpoint loading."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,7 @@ from nemojax.model.layers import relu2
 from nemojax.model.moe import dropless_experts
 from nemojax.ops.expert_parallel import expert_parallel_experts
 
-# Every layer kind (M, *, E with a latent, -); dims divisible by tensor=4 except the 2 KV heads.
+# Every layer kind (M, *, E with a latent, -); dims divisible by tensor=4 except the 2 KV heads and 2 Mamba groups.
 SMALL = dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E-", num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
              n_groups=2, chunk_size=4, intermediate_size=48, n_routed_experts=8, num_experts_per_tok=3,
@@ -101,12 +103,40 @@ def test_sharded_logits_equal_single_device(setup, single_device_logits, axes):
     n = mesh.shape
     # every device holds only its block of the large weights
     assert up.addressable_shards[0].data.shape == (8 // n["expert"], 12 // n["fsdp"], 16 // n["tensor"])
-    assert in_proj.addressable_shards[0].data.shape == (32 // n["fsdp"], in_proj.shape[1] // n["tensor"])
+    # Mamba in_proj columns split by whole groups: over tensor=2, replicated over tensor=4 (2 groups)
+    group_split = n["tensor"] if cfg.n_groups % n["tensor"] == 0 else 1
+    assert in_proj.addressable_shards[0].data.shape == (32 // n["fsdp"], in_proj.shape[1] // group_split)
     # 2 KV heads: split over tensor=2, replicated over tensor=4
     kv_split = 2 if n["tensor"] == 2 else 1
     assert k_proj.addressable_shards[0].data.shape == (32 // n["fsdp"], 16 // kv_split)
     if n["expert"] > 1:
         assert up.sharding.spec[0] == "expert"
+
+
+def _collectives(hlo: str) -> dict[str, int]:
+    names = ("collective-permute", "all-gather", "all-to-all", "reduce-scatter", "all-reduce")
+    return {name: len(re.findall(rf"\b{name}(-start)?\(", hlo)) for name in names}
+
+
+def test_mamba_tensor_parallelism_is_local_up_to_out_proj(setup):
+    """In_proj columns and conv channels are stored group-major, so a tensor shard of whole groups runs its
+    heads alone: a Mamba-only model on tensor=4 (prefill and one decode step) compiles to all-reduces
+    (row-parallel out_proj, sharded lm_head) and no collective that moves activations between shards."""
+    cfg = from_hf_config(dict(SMALL, hybrid_override_pattern="MM", mamba_num_heads=8, n_groups=4))
+    model = NemotronH(cfg)
+    mesh = sharding.make_mesh(data=2, tensor=4)
+    placed = sharding.shard_variables(init_variables(cfg, jax.random.key(0)), cfg, mesh)
+    ids = jax.device_put(jnp.ones((BATCH, LENGTH), jnp.int32), sharding.batch_sharding(mesh, BATCH))
+    cache = init_cache(cfg, BATCH, 2 * LENGTH)
+    cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
+    step = jax.jit(lambda v, c, t: model.apply(v, t, cache=c, method="forward"))
+    with sharding.use_mesh(mesh):
+        programs = [jax.jit(model.apply).lower(placed, ids), step.lower(placed, cache, ids[:, :1])]
+        counts = [_collectives(program.compile().as_text()) for program in programs]
+    for count in counts:
+        assert count["all-reduce"] > 0  # the programs really are tensor-parallel
+        moved = {k: v for k, v in count.items() if k != "all-reduce"}
+        assert moved == dict.fromkeys(moved, 0), count
 
 
 def test_expert_parallel_equals_dropless_with_gradients():

@@ -2,8 +2,9 @@
 
 `published_tensors(config)` maps every published tensor name to where it lives in the nemojax
 variables and how it is laid out there (linear weights transposed to [in, out], conv weights to
-[kernel, channels], per-expert tensors stacked on a leading expert axis). Loading and saving are
-both driven by that table, so the two can never disagree.
+[kernel, channels], per-expert tensors stacked on a leading expert axis, the fused Mamba in_proj
+outputs and conv channels reordered group-major). Loading and saving are both driven by that
+table, so the two can never disagree.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nemojax.checkpoint.safetensors_io import SafetensorsDir, save_file
 from nemojax.config import ModelConfig, from_hf_config
 from nemojax.errors import CheckpointError
 from nemojax.model import NemotronH, abstract_variables
+from nemojax.model.mamba import conv_order, in_proj_order
 
 Path = tuple[str, ...]
 
@@ -34,6 +36,8 @@ class Placement:
     path: Path
     layout: str  # "same" | "transpose" | "conv" | "expert"
     expert: int = -1
+    # order[j] = the published index (output row / channel) stored at nemojax index j; None = as published.
+    order: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
 
 def _mixer_tensors(config: ModelConfig, kind: str, prefix: str, path: Path) -> Iterator[tuple[str, Placement]]:
@@ -44,10 +48,12 @@ def _mixer_tensors(config: ModelConfig, kind: str, prefix: str, path: Path) -> I
         return f"{prefix}.{name}", Placement(collection, path + sub, "same")
 
     if kind == "mamba":
-        yield linear("in_proj", "in_proj")
-        yield f"{prefix}.conv1d.weight", Placement("params", path + ("conv1d", "weight"), "conv")
+        columns, channels = in_proj_order(config), conv_order(config)
+        yield f"{prefix}.in_proj.weight", Placement("params", path + ("in_proj", "kernel"), "transpose",
+                                                    order=columns)
+        yield f"{prefix}.conv1d.weight", Placement("params", path + ("conv1d", "weight"), "conv", order=channels)
         if config.use_conv_bias:
-            yield plain("conv1d.bias", "conv1d", "bias")
+            yield f"{prefix}.conv1d.bias", Placement("params", path + ("conv1d", "bias"), "same", order=channels)
         for name in ("A_log", "D", "dt_bias"):
             yield plain(name, name)
         yield plain("norm.weight", "norm", "weight")
@@ -160,11 +166,15 @@ def _slice_reader(st: SafetensorsDir, sources: list[tuple[str, Placement]]) -> C
             experts = range(len(by_expert))[index[0]]
             return np.stack([np.asarray(st.read(by_expert[e])[index[2], index[1]]).T for e in experts])
         return read
-    name = sources[0][0]
+    name, order = sources[0][0], sources[0][1].order
+    # The published rows (output dim / channels) that a slice of the nemojax dim reads.
+    rows = (lambda s: s) if order is None else (lambda s: order[s])
     if layout == "transpose":
-        return lambda index: np.asarray(st.read(name)[index[1], index[0]]).T
+        return lambda index: np.asarray(st.read(name)[rows(index[1]), index[0]]).T
     if layout == "conv":
-        return lambda index: np.asarray(st.read(name)[index[1], 0, index[0]]).T
+        return lambda index: np.asarray(st.read(name)[rows(index[1]), 0, index[0]]).T
+    if order is not None:  # the conv bias (one dim)
+        return lambda index: np.asarray(st.read(name)[order[index[0]]])
     return lambda index: np.asarray(st.read(name)[index])
 
 
@@ -225,6 +235,8 @@ def to_published(config: ModelConfig, variables: dict, dtype: str | None = None)
             value = leaf[p.expert].T
         else:
             value = leaf
+        if p.order is not None:  # back to the published order along the first (output / channel) dim
+            value = value[np.argsort(p.order)]
         keep_fp32 = p.collection == "buffers" or name.endswith("gate.weight")
         if dtype is not None and not keep_fp32:
             value = value.astype(jnp.dtype(dtype))

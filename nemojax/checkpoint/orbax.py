@@ -26,12 +26,14 @@ from nemojax.model import NemotronH, abstract_variables
 CONFIG_FILE = "config.json"
 VARIABLES_ITEM = "variables"
 CHECKPOINTS_DIR = "checkpoints"
+# The in-memory variable layout the checkpoint was written in; 2: Mamba in_proj / conv1d group-major.
+LAYOUT_VERSION = 2
 
 
 def write_config(directory: str, config: ModelConfig, **extra: Any) -> None:
     """Write `config.json` with the model config (and any extra sections, such as the run config)."""
     os.makedirs(directory, exist_ok=True)
-    payload = {"format": "nemojax", "model": config.to_dict(), **extra}
+    payload = {"format": "nemojax", "layout_version": LAYOUT_VERSION, "model": config.to_dict(), **extra}
     tmp = os.path.join(directory, CONFIG_FILE + ".tmp")
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
@@ -39,7 +41,18 @@ def write_config(directory: str, config: ModelConfig, **extra: Any) -> None:
 
 
 def read_config(directory: str) -> dict[str, Any]:
-    """The parsed `config.json` of a nemojax directory; CheckpointError when absent or not ours."""
+    """The parsed `config.json` of a nemojax directory; CheckpointError when absent, not ours, or written
+    in another variable layout."""
+    payload = _read_payload(directory)
+    if payload.get("layout_version", 1) != LAYOUT_VERSION:
+        raise CheckpointError(f"{os.path.join(directory, CONFIG_FILE)}: variables in layout version "
+                              f"{payload.get('layout_version', 1)}, this nemojax reads version {LAYOUT_VERSION} "
+                              "(Mamba in_proj/conv1d stored group-major); convert the model again from its "
+                              "Hugging Face checkpoint")
+    return payload
+
+
+def _read_payload(directory: str) -> dict[str, Any]:
     path = os.path.join(directory, CONFIG_FILE)
     try:
         with open(path) as f:
@@ -56,7 +69,7 @@ def read_config(directory: str) -> dict[str, Any]:
 def is_nemojax_dir(directory: str) -> bool:
     """True when `directory` (or, for a step directory, its workdir) carries a nemojax config.json."""
     try:
-        read_config(_config_dir(directory))
+        _read_payload(_config_dir(directory))
         return True
     except CheckpointError:
         return False

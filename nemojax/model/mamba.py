@@ -3,6 +3,12 @@
 Padding is exact: at positions where `valid` is False the conv input is zero and dt is zero, so
 the SSM state passes through unchanged (left-padded prompts start from a clean state).
 
+Layout: the fused `in_proj` columns and the conv channels are stored group-major (for each of the
+`n_groups` groups: its z, x, B, C, dt columns; its x, B, C channels), not in the published order
+(all z, all x, all B, all C, all dt). Heads belong to groups contiguously, so a tensor-parallel shard
+of whole groups holds everything its heads need and the mixer runs without communication up to
+`out_proj`. `in_proj_order` / `conv_order` give the permutation the checkpoint table applies.
+
 Cache (decoding): {"conv": [b, k-1, conv_dim] last conv inputs, "ssm": [b, h, p, n] float32}.
 With `per_position_states` the returned cache holds the state after every position instead
 ({"conv": [b, t, k-1, conv_dim], "ssm": [b, t, h, p, n]}): speculative decoding keeps the one
@@ -16,6 +22,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nemojax import sharding
 from nemojax.config import ModelConfig
@@ -32,6 +39,24 @@ def init_mamba_cache(config: ModelConfig, batch: int, dtype: jnp.dtype) -> Mamba
         "ssm": jnp.zeros((batch, config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size),
                          jnp.float32),
     }
+
+
+def _group_major(pieces: list[tuple[int, int]], groups: int) -> np.ndarray:
+    """Published indices in group-major order; `pieces` are (offset, width per group) in published order."""
+    return np.concatenate([offset + g * width + np.arange(width) for g in range(groups) for offset, width in pieces])
+
+
+def in_proj_order(config: ModelConfig) -> np.ndarray:
+    """order[j] = published in_proj output column stored at nemojax column j."""
+    inner, g, n, h = config.mamba_inner, config.n_groups, config.ssm_state_size, config.mamba_num_heads
+    z, x, b, c, dt = 0, inner, 2 * inner, 2 * inner + g * n, 2 * inner + 2 * g * n
+    return _group_major([(z, inner // g), (x, inner // g), (b, n), (c, n), (dt, h // g)], g)
+
+
+def conv_order(config: ModelConfig) -> np.ndarray:
+    """order[j] = published conv1d channel stored at nemojax channel j."""
+    inner, g, n = config.mamba_inner, config.n_groups, config.ssm_state_size
+    return _group_major([(0, inner // g), (inner, n), (inner + g * n, n)], g)
 
 
 def _dt_bias_init(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
@@ -83,9 +108,12 @@ class MambaMixer(nn.Module):
         b, t, _ = x_btd.shape
         h, p, g, n = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
 
+        inner_g, conv_g = c.mamba_inner // g, c.mamba_conv_dim // g  # per-group widths
         proj = Linear(c.mamba_inner + c.mamba_conv_dim + h, ("embed", "mamba_proj"), dtype, pdtype,
                       name="in_proj")(x_btd)
-        z, xbc, dt_raw = jnp.split(proj, [c.mamba_inner, c.mamba_inner + c.mamba_conv_dim], axis=-1)
+        proj = sharding.constrain(proj.reshape(b, t, g, -1), ("batch", "length", "mamba_groups", None))
+        z, xbc, dt_raw = jnp.split(proj, [inner_g, inner_g + conv_g], axis=-1)
+        z, xbc, dt_raw = z.reshape(b, t, -1), xbc.reshape(b, t, -1), dt_raw.reshape(b, t, h)
         mask = None if valid_bt is None else valid_bt[..., None].astype(dtype)
         if mask is not None:
             xbc = xbc * mask
@@ -96,7 +124,7 @@ class MambaMixer(nn.Module):
         xbc = jax.nn.silu(xbc)
         if mask is not None:
             xbc = xbc * mask
-        x, bm, cm = jnp.split(xbc, [c.mamba_inner, c.mamba_inner + g * n], axis=-1)
+        x, bm, cm = jnp.split(xbc.reshape(b, t, g, conv_g), [inner_g, inner_g + n], axis=-1)
 
         def head_param(name, init):
             return self.param(name, nn.with_logical_partitioning(init, ("mamba_heads",)), (h,), pdtype)
@@ -111,7 +139,6 @@ class MambaMixer(nn.Module):
         a = -jnp.exp(a_log.astype(jnp.float32))
 
         x_bthp = x.reshape(b, t, h, p)
-        bm, cm = bm.reshape(b, t, g, n), cm.reshape(b, t, g, n)
         initial = cache["ssm"] if cache is not None else None
         if cache is not None and per_position_states:
             y, state = ssd.ssd_sequential(x_bthp, dt, a, bm, cm, initial, all_states=True)
