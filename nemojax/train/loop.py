@@ -79,6 +79,8 @@ class TrainingRun:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None):
         _check_run_config(cfg)
         validate_data_config(cfg.data)
+        if init_from:
+            _init_source(init_from)  # a bad path fails before Orbax starts its background threads
         self.cfg, self.workdir = cfg, os.path.abspath(workdir)
         self.mesh = build_mesh(cfg.mesh)
         os.makedirs(self.workdir, exist_ok=True)
