@@ -174,7 +174,7 @@ def _slice_reader(st: SafetensorsDir, sources: list[tuple[str, Placement]]) -> C
     if layout == "conv":
         return lambda index: np.asarray(st.read(name)[rows(index[1]), 0, index[0]]).T
     if order is not None:  # the conv bias (one dim)
-        return lambda index: np.asarray(st.read(name)[order[index[0]]])
+        return lambda index: np.asarray(st.read(name)[rows(index[0])])
     return lambda index: np.asarray(st.read(name)[index])
 
 

@@ -36,16 +36,10 @@ def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_
         key_block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK else s
     q = q_bthd.reshape(b, t, kv, h // kv, d)
     if key_block >= s:
-        out, _ = _attend(q, k_bskd, v_bskd, mask_bts)
+        out, _ = _finish(*_add_block(_empty_rows(q), q, k_bskd, v_bskd, mask_bts))
     else:
         out = _blocked_attention(q, k_bskd, v_bskd, mask_bts, key_block)
     return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d).astype(q_bthd.dtype)
-
-
-def _attend(q_btkrd, k_bskd, v_bskd, mask_bts) -> tuple[jax.Array, jax.Array]:
-    """All keys at once. Returns (out [b,k,r,t,d] f32, row log-sum-exp [b,k,r,t]; -inf for a row with no key)."""
-    acc, peak, total = _add_block(_empty_rows(q_btkrd), q_btkrd, k_bskd, v_bskd, mask_bts)
-    return _finish(acc, peak, total)
 
 
 def _empty_rows(q_btkrd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -74,6 +68,7 @@ def _add_block(carry, q_btkrd, k_bskd, v_bskd, mask_bts):
 
 
 def _finish(acc_bkrtd, peak_bkrt, total_bkrt) -> tuple[jax.Array, jax.Array]:
+    """(out [b,k,r,t,d] f32, row log-sum-exp [b,k,r,t]; -inf for a row that sees no key)."""
     out = acc_bkrtd / jnp.maximum(total_bkrt, 1e-30)[..., None]  # normalise [t, d], not [t, s]
     lse = jnp.where(total_bkrt > 0, peak_bkrt + jnp.log(jnp.maximum(total_bkrt, 1e-30)), -jnp.inf)
     return out, lse

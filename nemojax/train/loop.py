@@ -59,9 +59,11 @@ def _init_source(path: str) -> str:
                           "directory, a nemojax model directory or a training workdir)")
 
 
-def _load_init(path: str, cfg: ml_collections.ConfigDict, dtype: str, mesh: Mesh | None) -> tuple[ModelConfig, dict]:
-    """Model config and variables of the --init-from checkpoint, in the run's dtypes and remat policy."""
-    if _init_source(path) == "nemojax":
+def _load_init(path: str, source: str, cfg: ml_collections.ConfigDict, dtype: str,
+               mesh: Mesh | None) -> tuple[ModelConfig, dict]:
+    """Model config and variables of the --init-from checkpoint (`source` from `_init_source`), in the
+    run's dtypes and remat policy."""
+    if source == "nemojax":
         model, variables = orbax_model.load_model(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh)
     else:
         model, variables = load_pretrained(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh)
@@ -79,19 +81,19 @@ class TrainingRun:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None):
         _check_run_config(cfg)
         validate_data_config(cfg.data)
-        if init_from:
-            _init_source(init_from)  # a bad path fails before Orbax starts its background threads
+        # A bad --init-from fails here, before Orbax starts its background threads.
+        init_source = _init_source(init_from) if init_from else None
         self.cfg, self.workdir = cfg, os.path.abspath(workdir)
         self.mesh = build_mesh(cfg.mesh)
         os.makedirs(self.workdir, exist_ok=True)
         self.checkpoints = TrainCheckpoints(self.workdir, int(cfg.keep_checkpoints))
         try:
-            self._set_up(init_from)
+            self._set_up(init_from, init_source)
         except BaseException:
             self.checkpoints.close()  # stops Orbax's background threads before the error propagates
             raise
 
-    def _set_up(self, init_from: str | None) -> None:
+    def _set_up(self, init_from: str | None, init_source: str | None) -> None:
         cfg = self.cfg
         resume_step = self.checkpoints.latest_step()
         config, variables = model_config(cfg), None
@@ -102,7 +104,7 @@ class TrainingRun:
                                   "use a new --workdir")
             config = saved.replace(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat)
         elif init_from:
-            config, variables = _load_init(init_from, cfg, config.dtype, self.mesh)
+            config, variables = _load_init(init_from, init_source, cfg, config.dtype, self.mesh)
             tokenizer_file = os.path.join(init_from, "tokenizer.json")
             if not cfg.data.tokenizer_path and os.path.isfile(tokenizer_file):
                 cfg.data.tokenizer_path = tokenizer_file
