@@ -212,8 +212,8 @@ def shard_variables(variables: dict, config: ModelConfig, mesh: Mesh) -> dict:
 
 # Decoding-cache leaves (see `nemojax.model.init_cache`) by their key: logical axes per dimension.
 _CACHE_AXES = {
-    "k": ("batch", "length", "kv_heads", None),
-    "v": ("batch", "length", "kv_heads", None),
+    "k": ("batch", "kv_heads", "length", None),
+    "v": ("batch", "kv_heads", "length", None),
     "valid": ("batch", "length"),
     "conv": ("batch", None, "conv_dim"),
     "ssm": ("batch", "mamba_heads", None, None),

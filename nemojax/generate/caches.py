@@ -66,8 +66,8 @@ def compact(cache: Cache, kinds: Sequence[str]) -> Cache:
     for i in attention:
         layer = layers[i]
         layers[i] = {
-            "k": jnp.take_along_axis(layer["k"], order[:, :, None, None], axis=1),
-            "v": jnp.take_along_axis(layer["v"], order[:, :, None, None], axis=1),
+            "k": jnp.take_along_axis(layer["k"], order[:, None, :, None], axis=2),
+            "v": jnp.take_along_axis(layer["v"], order[:, None, :, None], axis=2),
             "valid": jnp.take_along_axis(layer["valid"], order, axis=1),
         }
     index = jnp.max(jnp.sum(valid, axis=1)).astype(cache["index"].dtype)

@@ -281,7 +281,7 @@ class Engine:
         logits, _, cache = self.model.apply(variables, state["token"][:, None], cache=state["cache"],
                                             method="forward")
         keys = sampling.row_keys(state["keys"], state["count"])
-        token = (jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32) if greedy
+        token = (sampling.greedy_tokens(logits[:, 0]) if greedy
                  else sampling.sample(keys, logits[:, 0], state["params"], use_sort))
         return self._emit(dict(state, cache=cache), token[:, None], jnp.ones_like(token))
 
@@ -305,7 +305,7 @@ class Engine:
         drafts, draft_probs = [], []
         for j in range(k):
             if greedy:
-                draft = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+                draft = sampling.greedy_tokens(logits_bv)
             else:
                 probs = sampling.token_probs(logits_bv, params, use_sort)
                 draft = sampling.sample_from_probs(sampling.row_keys(state["keys"], count + j, stream=1), probs)

@@ -1,8 +1,9 @@
 """Grouped-query self-attention with no positional encoding (Nemotron-H `*` layers).
 
-Cache (decoding): {"k", "v": [b, max_len, kv_heads, head_dim], "valid": [b, max_len] bool}; new
+Cache (decoding): {"k", "v": [b, kv_heads, max_len, head_dim], "valid": [b, max_len] bool}; new
 keys are written at `index` (shared by the batch: prompts are left-padded, and with no positional
-encoding left padding is exact once padded keys are masked).
+encoding left padding is exact once padded keys are masked). The cache is kv-head-major so that a
+decoding step's matmuls read it in place (`nemojax.ops.attention.gqa_attention_kv_major`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import jax.numpy as jnp
 from nemojax import sharding
 from nemojax.config import ModelConfig
 from nemojax.model.layers import Linear, default_init, dtype_of
-from nemojax.ops.attention import causal_mask, gqa_attention
+from nemojax.ops.attention import causal_mask, gqa_attention, gqa_attention_kv_major
 
 KVCache = dict[str, jax.Array]
 
 
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "valid": jnp.zeros((batch, max_len), bool)}
 
@@ -49,17 +50,16 @@ class Attention(nn.Module):
 
         if cache is None:
             new_cache = None
-            mask = causal_mask(valid, 0, t)
+            out = gqa_attention(q, k, v, causal_mask(valid, 0, t))
         else:
-            start = (0, index, 0, 0)
+            start = (0, 0, index, 0)
             new_cache = {
-                "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
-                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),
+                "k": jax.lax.dynamic_update_slice(cache["k"], jnp.swapaxes(k, 1, 2).astype(cache["k"].dtype), start),
+                "v": jax.lax.dynamic_update_slice(cache["v"], jnp.swapaxes(v, 1, 2).astype(cache["v"].dtype), start),
                 "valid": jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index)),
             }
-            k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-            mask = causal_mask(new_cache["valid"], index, t)
-        out = gqa_attention(q, k, v, mask)
+            out = gqa_attention_kv_major(q, new_cache["k"].astype(dtype), new_cache["v"].astype(dtype),
+                                         causal_mask(new_cache["valid"], index, t))
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         out = Linear(c.hidden_size, ("heads", "embed"), dtype, pdtype, out_init, name="o_proj")(

@@ -4,8 +4,13 @@ Nemotron-H attention has no positional encoding, so the mask alone carries causa
 Long inputs go over the keys in blocks with a running (online) softmax and a matching backward that
 recomputes each block's probabilities from the saved row log-sum-exp (the FlashAttention scheme):
 neither pass keeps a [t, s] score matrix, so training memory grows with t, not t·s, and on CPU it is
-about 2x faster than one block for prefill and training lengths (t >= 256). Decoding steps (few
-queries) take the one-block path, which is faster there.
+about 2x faster than one block for prefill and training lengths (t >= 256). Blocks whose keys are all
+masked (a decoding cache beyond the write index) are skipped. Decoding steps (few queries) take the
+one-block path, which is faster there.
+
+Keys and values are taken kv-head-major ([b, kv_heads, s, d], `gqa_attention_kv_major`): the layout
+of the decoding cache, which the score and value matmuls read in place (with [b, s, kv_heads, d]
+every decoding step would first copy the whole cache into that order).
 """
 
 from __future__ import annotations
@@ -30,40 +35,47 @@ def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_
     `key_block`: keys per block (None: KEY_BLOCK when t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK,
     else all keys at once, differentiated by plain autodiff).
     """
+    return gqa_attention_kv_major(q_bthd, jnp.swapaxes(k_bskd, 1, 2), jnp.swapaxes(v_bskd, 1, 2), mask_bts,
+                                  key_block)
+
+
+def gqa_attention_kv_major(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array,
+                           key_block: int | None = None) -> jax.Array:
+    """`gqa_attention` with keys and values laid out [b, kv_heads, s, d] (the decoding cache's layout)."""
     b, t, h, d = q_bthd.shape
-    s, kv = k_bskd.shape[1], k_bskd.shape[2]
+    kv, s = k_bksd.shape[1], k_bksd.shape[2]
     if key_block is None:
         key_block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK else s
-    q = q_bthd.reshape(b, t, kv, h // kv, d)
+    q = jnp.moveaxis(q_bthd.reshape(b, t, kv, h // kv, d), 1, 3)  # [b, kv, r, t, d]
     if key_block >= s:
-        out, _ = _finish(*_add_block(_empty_rows(q), q, k_bskd, v_bskd, mask_bts))
+        out, _ = _finish(*_add_block(_empty_rows(q), q, k_bksd, v_bksd, mask_bts))
     else:
-        out = _blocked_attention(q, k_bskd, v_bskd, mask_bts, key_block)
+        out = _blocked_attention(q, k_bksd, v_bksd, mask_bts, key_block)
     return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d).astype(q_bthd.dtype)
 
 
-def _empty_rows(q_btkrd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    b, t, kv, r, d = q_btkrd.shape
+def _empty_rows(q_bkrtd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    b, kv, r, t, d = q_bkrtd.shape
     rows = (b, kv, r, t)
     return jnp.zeros(rows + (d,), _F32), jnp.full(rows, -jnp.inf, _F32), jnp.zeros(rows, _F32)
 
 
-def _scores(q_btkrd, k_bskd, mask_bts) -> jax.Array:
+def _scores(q_bkrtd, k_bksd, mask_bts) -> jax.Array:
     """Scaled, masked scores [b,k,r,t,s] in float32 (-inf where the mask is False)."""
-    scores = jnp.einsum("btkrd,bskd->bkrts", q_btkrd, k_bskd, preferred_element_type=_F32)
-    return jnp.where(mask_bts[:, None, None], scores * (q_btkrd.shape[-1] ** -0.5), -jnp.inf)
+    scores = jnp.einsum("bkrtd,bksd->bkrts", q_bkrtd, k_bksd, preferred_element_type=_F32)
+    return jnp.where(mask_bts[:, None, None], scores * (q_bkrtd.shape[-1] ** -0.5), -jnp.inf)
 
 
-def _add_block(carry, q_btkrd, k_bskd, v_bskd, mask_bts):
+def _add_block(carry, q_bkrtd, k_bksd, v_bksd, mask_bts):
     """Fold one block of keys into the running (unnormalised output, row max, row sum)."""
     acc_bkrtd, peak_bkrt, total_bkrt = carry
-    scores = _scores(q_btkrd, k_bskd, mask_bts)
+    scores = _scores(q_bkrtd, k_bksd, mask_bts)
     new_peak = jnp.maximum(peak_bkrt, jnp.max(scores, axis=-1))
     shift = jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)  # a row with nothing visible yet stays 0
     rescale = jnp.exp(peak_bkrt - shift)
     weights = jnp.exp(scores - shift[..., None])  # masked keys: exp(-inf) = 0
     acc_bkrtd = acc_bkrtd * rescale[..., None] + jnp.einsum(
-        "bkrts,bskd->bkrtd", weights.astype(v_bskd.dtype), v_bskd, preferred_element_type=_F32)
+        "bkrts,bksd->bkrtd", weights.astype(v_bksd.dtype), v_bksd, preferred_element_type=_F32)
     return acc_bkrtd, new_peak, total_bkrt * rescale + jnp.sum(weights, axis=-1)
 
 
@@ -74,63 +86,77 @@ def _finish(acc_bkrtd, peak_bkrt, total_bkrt) -> tuple[jax.Array, jax.Array]:
     return out, lse
 
 
-def _key_blocks(k_bskd, v_bskd, mask_bts, key_block: int):
-    """Keys, values and mask split into [n, ...] blocks (padded keys are masked out)."""
-    b, s, kv, d = k_bskd.shape
-    blocks = -(-s // key_block)
-    pad = blocks * key_block - s
+def _padded_keys(k_bksd, v_bksd, mask_bts, key_block: int):
+    """Keys, values and mask with the key axis padded to whole blocks (padded keys are masked out)."""
+    pad = (-k_bksd.shape[2]) % key_block
     if pad:
-        k_bskd, v_bskd = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k_bskd, v_bskd))
+        k_bksd, v_bksd = (jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))) for a in (k_bksd, v_bksd))
         mask_bts = jnp.pad(mask_bts, ((0, 0), (0, 0), (0, pad)))
-    k_nbskd = k_bskd.reshape(b, blocks, key_block, kv, d).swapaxes(0, 1)
-    v_nbskd = v_bskd.reshape(b, blocks, key_block, kv, d).swapaxes(0, 1)
+    return k_bksd, v_bksd, mask_bts
+
+
+def _key_blocks(k_bksd, v_bksd, mask_bts, key_block: int):
+    """Keys, values and mask split into [n, ...] blocks: k, v [n, b, kv, block, d], mask [n, b, t, block]."""
+    k_bksd, v_bksd, mask_bts = _padded_keys(k_bksd, v_bksd, mask_bts, key_block)
+    b, kv, s, d = k_bksd.shape
+    blocks = s // key_block
+    k_nbksd = jnp.moveaxis(k_bksd.reshape(b, kv, blocks, key_block, d), 2, 0)
+    v_nbksd = jnp.moveaxis(v_bksd.reshape(b, kv, blocks, key_block, d), 2, 0)
     mask_nbts = mask_bts.reshape(b, mask_bts.shape[1], blocks, key_block).transpose(2, 0, 1, 3)
-    return k_nbskd, v_nbskd, mask_nbts
+    return k_nbksd, v_nbksd, mask_nbts
 
 
-def _unblock(x_nbskd: jax.Array, s: int) -> jax.Array:
-    n, b, block = x_nbskd.shape[:3]
-    return x_nbskd.swapaxes(0, 1).reshape((b, n * block) + x_nbskd.shape[3:])[:, :s]
+def _unblock(x_nbksd: jax.Array, s: int) -> jax.Array:
+    n, b, kv, block, d = x_nbksd.shape
+    return jnp.moveaxis(x_nbksd, 0, 2).reshape(b, kv, n * block, d)[:, :, :s]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_attention(q_btkrd, k_bskd, v_bskd, mask_bts, key_block: int) -> jax.Array:
-    return _blocked_forward(q_btkrd, k_bskd, v_bskd, mask_bts, key_block)[0]
+def _blocked_attention(q_bkrtd, k_bksd, v_bksd, mask_bts, key_block: int) -> jax.Array:
+    return _blocked_forward(q_bkrtd, k_bksd, v_bksd, mask_bts, key_block)[0]
 
 
-def _blocked_forward(q_btkrd, k_bskd, v_bskd, mask_bts, key_block: int):
-    def step(carry, block):
-        return _add_block(carry, q_btkrd, *block), None
+def _blocked_forward(q_bkrtd, k_bksd, v_bksd, mask_bts, key_block: int):
+    """The running softmax over key blocks, stopping after the last block with a visible key (a decoding
+    cache is mostly empty during prefill: its unwritten tail is never read)."""
+    k_pad, v_pad, mask_pad = _padded_keys(k_bksd, v_bksd, mask_bts, key_block)
+    blocks = k_pad.shape[2] // key_block
+    seen_n = jnp.any(mask_pad.reshape(mask_pad.shape[:2] + (blocks, key_block)), axis=(0, 1, 3))
+    live = jnp.max(jnp.where(seen_n, jnp.arange(1, blocks + 1), 0))
 
-    carry, _ = jax.lax.scan(step, _empty_rows(q_btkrd), _key_blocks(k_bskd, v_bskd, mask_bts, key_block))
-    out, lse = _finish(*carry)
-    return out, (q_btkrd, k_bskd, v_bskd, mask_bts, out, lse)
+    def step(i, carry):
+        block = tuple(jax.lax.dynamic_slice_in_dim(a, i * key_block, key_block, axis=2)
+                      for a in (k_pad, v_pad, mask_pad))
+        return _add_block(carry, q_bkrtd, *block)
+
+    out, lse = _finish(*jax.lax.fori_loop(0, live, step, _empty_rows(q_bkrtd)))
+    return out, (q_bkrtd, k_bksd, v_bksd, mask_bts, out, lse)
 
 
 def _blocked_backward(key_block: int, residuals, g_bkrtd):
     """Gradients block by block, the probabilities recomputed from the row log-sum-exp."""
-    q_btkrd, k_bskd, v_bskd, mask_bts, out, lse = residuals
-    scale = q_btkrd.shape[-1] ** -0.5
+    q_bkrtd, k_bksd, v_bksd, mask_bts, out, lse = residuals
+    scale = q_bkrtd.shape[-1] ** -0.5
     g = g_bkrtd.astype(_F32)
     delta_bkrt = jnp.sum(g * out, axis=-1)  # sum_s p * dp = g . out
     safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    q32 = q_btkrd.astype(_F32)
+    q32 = q_bkrtd.astype(_F32)
 
-    def step(dq_btkrd, block):
+    def step(dq_bkrtd, block):
         k, v, mask = block
-        probs = jnp.exp(_scores(q_btkrd, k, mask) - safe_lse[..., None])  # masked (and empty rows): 0
-        dv = jnp.einsum("bkrts,bkrtd->bskd", probs, g)
-        dprobs = jnp.einsum("bkrtd,bskd->bkrts", g, v.astype(_F32))
+        probs = jnp.exp(_scores(q_bkrtd, k, mask) - safe_lse[..., None])  # masked (and empty rows): 0
+        dv = jnp.einsum("bkrts,bkrtd->bksd", probs, g)
+        dprobs = jnp.einsum("bkrtd,bksd->bkrts", g, v.astype(_F32))
         dscores = probs * (dprobs - delta_bkrt[..., None]) * scale
-        dq_btkrd = dq_btkrd + jnp.einsum("bkrts,bskd->btkrd", dscores, k.astype(_F32))
-        dk = jnp.einsum("bkrts,btkrd->bskd", dscores, q32)
-        return dq_btkrd, (dk, dv)
+        dq_bkrtd = dq_bkrtd + jnp.einsum("bkrts,bksd->bkrtd", dscores, k.astype(_F32))
+        dk = jnp.einsum("bkrts,bkrtd->bksd", dscores, q32)
+        return dq_bkrtd, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_btkrd.shape, _F32),
-                                _key_blocks(k_bskd, v_bskd, mask_bts, key_block))
-    s = k_bskd.shape[1]
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_bkrtd.shape, _F32),
+                                _key_blocks(k_bksd, v_bksd, mask_bts, key_block))
+    s = k_bksd.shape[2]
     mask_cotangent = np.zeros(mask_bts.shape, jax.dtypes.float0)
-    return (dq.astype(q_btkrd.dtype), _unblock(dk, s).astype(k_bskd.dtype), _unblock(dv, s).astype(v_bskd.dtype),
+    return (dq.astype(q_bkrtd.dtype), _unblock(dk, s).astype(k_bksd.dtype), _unblock(dv, s).astype(v_bksd.dtype),
             mask_cotangent)
 
 

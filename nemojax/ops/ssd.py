@@ -23,12 +23,15 @@ def _segment_sum(a_bclh: jax.Array) -> jax.Array:
     """seg[..., i, j, h] = sum_{j < k <= i} a[k] for i >= j, -inf above the diagonal.
 
     Summing masked copies (rather than subtracting cumulative sums) keeps it accurate when the
-    cumulative decay is large.
+    cumulative decay is large. The running sum over i is a matmul with a lower-triangular matrix of
+    ones (exact products, float32 accumulation): on CPU a cumulative sum lowers to a windowed
+    reduction that costs the chunk length times more.
     """
     length = a_bclh.shape[2]
-    a_bclsh = jnp.broadcast_to(a_bclh[:, :, :, None, :], a_bclh.shape[:3] + (length,) + a_bclh.shape[3:])
     strict = jnp.tril(jnp.ones((length, length), bool), -1)[None, None, :, :, None]
-    seg = jnp.cumsum(jnp.where(strict, a_bclsh, 0.0), axis=2)
+    masked_bcksh = jnp.where(strict, a_bclh[:, :, :, None, :], 0.0)
+    lower_ik = jnp.tril(jnp.ones((length, length), a_bclh.dtype))
+    seg = jnp.einsum("ik,bcksh->bcish", lower_ik, masked_bcksh, precision=jax.lax.Precision.HIGHEST)
     causal = jnp.tril(jnp.ones((length, length), bool))[None, None, :, :, None]
     return jnp.where(causal, seg, -jnp.inf)
 
@@ -105,9 +108,11 @@ def ssd_step(
     decay = jnp.exp(dt * a_h.astype(_F32).reshape(g, r))
     x = x_bhp.astype(_F32).reshape(b, g, r, p)
     state = state_bhpn.astype(_F32).reshape(b, g, r, p, n)
-    state = state * decay[..., None, None] + jnp.einsum(
-        "bgr,bgrp,bgn->bgrpn", dt, x, b_bgn.astype(_F32))
-    y = jnp.einsum("bgrpn,bgn->bgrp", state, c_bgn.astype(_F32))
+    bm, cm = b_bgn.astype(_F32), c_bgn.astype(_F32)
+    xdt = x * dt[..., None]
+    # y = new_state . C, expanded so that it reads the old state (no second pass over the new one).
+    y = decay[..., None] * jnp.einsum("bgrpn,bgn->bgrp", state, cm) + xdt * jnp.sum(bm * cm, axis=-1)[:, :, None, None]
+    state = state * decay[..., None, None] + xdt[..., None] * bm[:, :, None, None, :]
     return y.reshape(b, h, p), state.reshape(b, h, p, n)
 
 

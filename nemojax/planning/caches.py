@@ -17,8 +17,8 @@ from nemojax.model import init_cache
 from nemojax.planning.layout import abstract_mesh, array_sharding, local_bytes
 
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": ("batch", "length", "kv_heads", None),
-    "v": ("batch", "length", "kv_heads", None),
+    "k": ("batch", "kv_heads", "length", None),
+    "v": ("batch", "kv_heads", "length", None),
     "valid": ("batch", "length"),
     "conv": ("batch", None, "conv_dim"),
     "ssm": ("batch", "mamba_heads", None, None),
