@@ -7,17 +7,19 @@ Three lowerings, chosen statically from the number of rows m and groups G:
 - GPU/TPU: `jax.lax.ragged_dot`. XLA on GPU expands it over every group (each expert's weight is read
   whatever the routing), so with fewer rows than groups (decoding) the weights of the non-empty groups
   are gathered first and the ragged_dot runs over those m slots only.
-- CPU, m <= `LOOP_MAX_ROWS` (decoding): a loop over the non-empty one-group tiles of rows, as many
-  iterations as there are such tiles; each slices its group's weight and multiplies it in place, so a
-  group whose rows fit one tile has its weight read once. `ragged_dot` on CPU expands every group
-  (about 36x a dense matmul at 32 groups), and a copy of the weight per row (the gather the tiled
-  lowering does) moves bytes in proportion to the rows instead of the distinct groups.
-- CPU, larger m (prefill, training): rows laid out in a static number of fixed-size tiles that each
-  belong to one group (a group wastes at most one partial tile), one weight gathered per tile and one
-  batched matmul: the dense FLOPs plus at most `G * tile` padding rows.
-The crossover was measured (bench/grouped_matmul.py, bench/results/grouped_matmul.md). All three give
-the same values up to float rounding and differentiate like JAX code (the loop has a backward of its
-own over the same tiles). The Pallas FP4 kernel (`pallas_kernels/fp4_moe.py`) will take the same arguments.
+- CPU, m <= `LOOP_MAX_ROWS`: a loop over the non-empty one-group tiles of rows, as many iterations as
+  there are such tiles (decoding: about one per distinct expert routed); each slices its group's
+  weight once and multiplies its rows. `ragged_dot` on CPU expands every group (about 36x a dense
+  matmul at 32 groups), and gathering a weight copy per row or per static tile moves bytes in
+  proportion to the rows instead of the distinct groups.
+- CPU, larger m: rows laid out in a static number of fixed-size tiles that each belong to one group
+  (a group wastes at most one partial tile), one weight gathered per tile and one batched matmul: the
+  dense FLOPs plus at most `G * tile` padding rows.
+The crossover was measured (bench/grouped_matmul.py, bench/results/grouped_matmul.md): the loop was
+faster at every size timed up to 16384 rows, with and without gradients, its lead shrinking with m.
+All three give the same values up to float rounding and differentiate like JAX code (the loop has a
+backward of its own over the same tiles). The Pallas FP4 kernel (`pallas_kernels/fp4_moe.py`) will
+take the same arguments.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOOP_MAX_ROWS = 512  # CPU: the per-tile loop up to this many rows, the static tiles above (measured)
+LOOP_MAX_ROWS = 16384  # CPU: the per-tile loop up to this many rows, the static tiles above (measured)
 
 
 def grouped_matmul(
