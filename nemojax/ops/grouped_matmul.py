@@ -156,20 +156,21 @@ def _zeros_like_both(a: jax.Array, b: jax.Array, shape: tuple[int, int], dtype) 
 
 
 def _tile_loop_forward(x_mk, w_ekn, sizes_e, rows: int, out_dtype):
+    """Tiles run in row order and each writes its whole window: rows past its count belong to the next
+    tile, which overwrites them; rows past the last group are zeroed at the end."""
     m = x_mk.shape[0]
-    num_tiles, group, first_row, count = _loop_tiles(m, w_ekn.shape[0], sizes_e, rows)
+    num_tiles, group, first_row, _ = _loop_tiles(m, w_ekn.shape[0], sizes_e, rows)
     x_pad = _padded_rows(x_mk, rows)
-    row = jnp.arange(rows)[:, None]
 
     def one_tile(i, y):
         window = jax.lax.dynamic_slice_in_dim(x_pad, first_row[i], rows)
         w_kn = jax.lax.dynamic_index_in_dim(w_ekn, group[i], keepdims=False)
         out = jnp.dot(window, w_kn, preferred_element_type=out_dtype)
-        old = jax.lax.dynamic_slice_in_dim(y, first_row[i], rows)
-        return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(row < count[i], out, old), first_row[i], 0)
+        return jax.lax.dynamic_update_slice_in_dim(y, out, first_row[i], 0)
 
     y = jax.lax.fori_loop(0, num_tiles, one_tile, _zeros_like_both(x_mk, w_ekn, (m + rows, w_ekn.shape[2]), out_dtype))
-    return y[:m], (x_mk, w_ekn, sizes_e)
+    y = jnp.where((jnp.arange(m) < jnp.sum(sizes_e))[:, None], y[:m], 0)
+    return y, (x_mk, w_ekn, sizes_e)
 
 
 def _tile_loop_backward(rows: int, out_dtype, residuals, g_mn):
@@ -188,8 +189,7 @@ def _tile_loop_backward(rows: int, out_dtype, residuals, g_mn):
         window_g = jnp.where(mine, jax.lax.dynamic_slice_in_dim(g_pad, first_row[i], rows), 0)
         w_kn = jax.lax.dynamic_index_in_dim(w_ekn, group[i], keepdims=False)
         dx_window = jnp.dot(window_g, w_kn.T.astype(window_g.dtype), preferred_element_type=jnp.float32)
-        old = jax.lax.dynamic_slice_in_dim(dx, first_row[i], rows)
-        dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(mine, dx_window, old), first_row[i], 0)
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, dx_window, first_row[i], 0)  # the next tile rewrites its rows
         dw_kn = jax.lax.dynamic_index_in_dim(dw, group[i], keepdims=False) + jnp.dot(
             window_x.T, window_g.astype(window_x.dtype), preferred_element_type=jnp.float32)
         return dx, jax.lax.dynamic_update_index_in_dim(dw, dw_kn, group[i], 0)
