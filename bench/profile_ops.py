@@ -40,27 +40,50 @@ CONTAINERS = ("while", "call", "conditional")  # their time is the time of the o
 
 def op_sources(compiled_text: str) -> dict[str, str]:
     """HLO instruction name -> the source it came from: its op_name; without one (XLA's own matrix-vector
-    dots), the variable it reads ("params/.../in_proj/kernel"); else its opcode."""
-    sources, variables = {}, {}
+    dots), the variable it reads ("params/.../in_proj/kernel", followed into while-loop bodies through
+    their argument tuples); else its opcode."""
+    lines = []  # (computation, instruction, opcode, operands, op_name)
+    computation = ""
     for line in compiled_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(([^)]*)\)", line)
-        if not m:
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$", line)
+        if header:
+            computation = header.group(1)
             continue
-        name = re.search(r'op_name="([^"]*)"', line)
-        if name and name.group(1).startswith("variables"):
-            variables[m.group(1)] = "/".join(re.findall(r"\\?'([^'\\]+)\\?'", name.group(1)))
-        read = [variables[o] for o in re.findall(r"%([\w.\-]+)", m.group(3)) if o in variables]
-        sources[m.group(1)] = name.group(1) if name else (read[0] if read else m.group(2))
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*? ([\w\-]+)\(([^)]*)\)(.*)", line)
+        if m:
+            name = re.search(r'op_name="([^"]*)"', line)
+            lines.append((computation, m.group(1), m.group(2), m.group(3), m.group(4), name.group(1) if name else None))
+    variables, tuples, bodies = {}, {}, {}
+    for _, inst, opcode, operands, rest, name in lines:
+        if name and name.startswith("variables"):
+            variables[inst] = "/".join(re.findall(r"\\?'([^'\\]+)\\?'", name))
+        if opcode == "tuple":
+            tuples[inst] = re.findall(r"%([\w.\-]+)", operands)
+        if opcode == "while":
+            body = re.search(r"body=%([\w.\-]+)", rest)
+            if body:
+                bodies[body.group(1)] = re.findall(r"%([\w.\-]+)", operands)[0]
+    for computation, inst, opcode, _operands, rest, _ in lines:  # loop bodies read variables through their tuple
+        index = re.search(r"index=(\d+)", rest)
+        if opcode == "get-tuple-element" and computation in bodies and index:
+            carried = tuples.get(bodies[computation], [])
+            if int(index.group(1)) < len(carried) and carried[int(index.group(1))] in variables:
+                variables[inst] = variables[carried[int(index.group(1))]]
+    sources = {}
+    for _, inst, opcode, operands, _, name in lines:
+        read = [variables[o] for o in re.findall(r"%([\w.\-]+)", operands) if o in variables]
+        sources[inst] = name or (read[0] if read else opcode)
     return sources
 
 
-def op_seconds(compiled, args, repeats: int) -> dict[str, float]:
-    """Seconds per call of each executed HLO operation (containers excluded), from a profiler trace."""
+def op_seconds(compiled, calls: list[tuple]) -> dict[str, float]:
+    """Seconds per call of each executed HLO operation (containers excluded), from a profiler trace of
+    one call per argument tuple in `calls` (fresh ones where the program donates its inputs)."""
     sources = op_sources(compiled.as_text())
-    jax.block_until_ready(compiled(*args))
+    repeats = len(calls)
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=True):
-            for _ in range(repeats):
+            for args in calls:
                 jax.block_until_ready(compiled(*args))
         trace = glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)[0]
         with gzip.open(trace) as f:
@@ -111,16 +134,21 @@ def prefill_program(model, variables, batch: int, prompt: int):
     return jax.jit(prefill).lower(*args).compile(), args
 
 
-def decode_program(model, variables, batch: int, context: int):
-    """One decoding step (not in a loop, so that XLA's matrix-vector dots read named variables)."""
+def decode_program(model, variables, batch: int, context: int, steps: int):
+    """`steps` decoding steps in one loop with the caches carried (updated in place, as in the engine)."""
     cache = dict(init_cache(model.config, batch, 2 * context), index=jnp.int32(context))
 
-    def step(variables, cache, token):
-        logits, _, cache = model.apply(variables, token[:, None], cache=cache, method="forward")
-        return cache, greedy_tokens(logits[:, 0])
+    def decode(variables, cache, token):
+        def step(_, carry):
+            cache, token = carry
+            logits, _, cache = model.apply(variables, token[:, None], cache=cache, method="forward")
+            return cache, greedy_tokens(logits[:, 0])
+        return jax.lax.fori_loop(0, steps, step, (cache, token))
 
     args = (variables, cache, jnp.arange(batch, dtype=jnp.int32) + 3)
-    return jax.jit(step).lower(*args).compile(), args
+    compiled = jax.jit(decode).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    return compiled, args
 
 
 def median_seconds(compiled, args, repeats: int) -> float:
@@ -167,12 +195,12 @@ def main() -> None:
                "matmul_peak_gflop_per_s": peak / 1e9,
                "prefill": {"batch": batch, "prompt": prompt, "seconds": seconds, "useful_gflop": flops / 1e9,
                            "gflop_per_s": flops / seconds / 1e9, "fraction_of_peak": flops / seconds / peak,
-                           "groups": grouped(op_seconds(compiled, inputs, repeats))},
+                           "groups": grouped(op_seconds(compiled, [inputs] * repeats))},
                "decode": []}
     for rows in (1, 8):
-        compiled, inputs = decode_program(model, variables, rows, context)
-        results["decode"].append({"batch": rows, "context": context,
-                                  "groups": grouped(op_seconds(compiled, inputs, repeats * steps))})
+        compiled, inputs = decode_program(model, variables, rows, context, steps)
+        per_step = {g: s / steps for g, s in grouped(op_seconds(compiled, [inputs] * repeats)).items()}
+        results["decode"].append({"batch": rows, "context": context, "groups": per_step})
     results["conditions"] = (f"run {began} to {time.strftime('%H:%M:%S')}, load average (1/5/15 min) "
                              f"{'/'.join(f'{x:.1f}' for x in load)} at the start (a shared machine)")
     os.makedirs(args.out, exist_ok=True)

@@ -9,8 +9,11 @@ masked (a decoding cache beyond the write index) are skipped. Decoding steps (fe
 one-block path, which is faster there.
 
 Keys and values are taken kv-head-major ([b, kv_heads, s, d], `gqa_attention_kv_major`): the layout
-of the decoding cache, which the score and value matmuls read in place (with [b, s, kv_heads, d]
-every decoding step would first copy the whole cache into that order).
+of the decoding cache, read in place (with [b, s, kv_heads, d] every decoding step would first copy
+the whole cache into that order). With at most FEW_QUERIES queries (decoding, speculative
+verification) the scores and the weighted values are products summed over one axis rather than
+matmuls: XLA on CPU fuses the cache write into them, where a matmul operand would be a fresh copy
+of the whole just-written cache (measured: the cache copied several times per step).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 
 KEY_BLOCK = 256
 MIN_QUERIES_FOR_BLOCKS = 256
+FEW_QUERIES = 8
 _F32 = jnp.float32
 
 
@@ -62,7 +66,10 @@ def _empty_rows(q_bkrtd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def _scores(q_bkrtd, k_bksd, mask_bts) -> jax.Array:
     """Scaled, masked scores [b,k,r,t,s] in float32 (-inf where the mask is False)."""
-    scores = jnp.einsum("bkrtd,bksd->bkrts", q_bkrtd, k_bksd, preferred_element_type=_F32)
+    if q_bkrtd.shape[3] <= FEW_QUERIES:
+        scores = jnp.sum(q_bkrtd[:, :, :, :, None].astype(_F32) * k_bksd[:, :, None, None].astype(_F32), axis=-1)
+    else:
+        scores = jnp.einsum("bkrtd,bksd->bkrts", q_bkrtd, k_bksd, preferred_element_type=_F32)
     return jnp.where(mask_bts[:, None, None], scores * (q_bkrtd.shape[-1] ** -0.5), -jnp.inf)
 
 
@@ -74,8 +81,11 @@ def _add_block(carry, q_bkrtd, k_bksd, v_bksd, mask_bts):
     shift = jnp.where(jnp.isfinite(new_peak), new_peak, 0.0)  # a row with nothing visible yet stays 0
     rescale = jnp.exp(peak_bkrt - shift)
     weights = jnp.exp(scores - shift[..., None])  # masked keys: exp(-inf) = 0
-    acc_bkrtd = acc_bkrtd * rescale[..., None] + jnp.einsum(
-        "bkrts,bksd->bkrtd", weights.astype(v_bksd.dtype), v_bksd, preferred_element_type=_F32)
+    if q_bkrtd.shape[3] <= FEW_QUERIES:
+        values = jnp.sum(weights[..., None] * v_bksd[:, :, None, None].astype(_F32), axis=-2)
+    else:
+        values = jnp.einsum("bkrts,bksd->bkrtd", weights.astype(v_bksd.dtype), v_bksd, preferred_element_type=_F32)
+    acc_bkrtd = acc_bkrtd * rescale[..., None] + values
     return acc_bkrtd, new_peak, total_bkrt * rescale + jnp.sum(weights, axis=-1)
 
 
