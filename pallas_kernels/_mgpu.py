@@ -64,6 +64,12 @@ class Regs:
         """ref[...] in the given register layout (the layout hint must directly follow the load)."""
         return self.cast(ref[...], layout)
 
+    def load_gmem(self, ref, layout=WGMMA) -> jax.Array:
+        """A GMEM tile straight into registers (unoptimised: for a once-per-CTA load, saves an SMEM stage)."""
+        if self.interpret:
+            return ref[...]
+        return plgpu.load(ref, (), layout=layout, optimized=False)
+
     def iota(self, shape: tuple[int, ...], dim: int) -> jax.Array:
         if self.interpret:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
@@ -105,15 +111,18 @@ class Regs:
 
 
 def stream_out(step: jax.Array, tiles: list[tuple[jax.Array, object, object]]) -> None:
-    """Writes this step's output tiles to GMEM through double-buffered SMEM, without waiting.
+    """Writes this step's output tiles to GMEM through SMEM buffers, without waiting for the copies.
 
-    `tiles` holds (value, smem [2, *shape], gmem destination) triples. The copy issued from a slot
-    two steps ago must have read its SMEM before the slot is overwritten; one commit group per step
-    makes `wait_smem_to_gmem(1)` exactly that wait. (`emit_pipeline` out_specs would do the same but
-    use predicated copies, which the GPU interpreter does not support.)
+    `tiles` holds (value, smem [slots, *shape], gmem destination) triples, all with the same number
+    of slots. Before a slot is overwritten, the copy issued from it `slots` steps ago must have read
+    it; one commit group per step makes `wait_smem_to_gmem(slots - 1)` exactly that wait. With one
+    slot the wait comes after this step's compute, by which time the last step's copy is long done.
+    (`emit_pipeline` out_specs would do the same but use predicated copies, which the GPU
+    interpreter does not support.)
     """
-    slot = lax.rem(step, 2)
-    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+    slots = tiles[0][1].shape[0]
+    slot = lax.rem(step, slots) if slots > 1 else 0
+    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
     for value, smem, _ in tiles:
         smem.at[slot][...] = value
     plgpu.commit_smem()

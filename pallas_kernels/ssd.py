@@ -26,6 +26,7 @@ from pallas_kernels._mgpu import round_up
 from pallas_kernels.interpret import run_interpreted
 from pallas_kernels.ssd_backward import backward_call
 from pallas_kernels.ssd_forward import CHUNK, MMA_DTYPE, forward_call
+from pallas_kernels.ssd_step import state_update_call
 
 _F32 = jnp.float32
 _TILE = 64
@@ -137,3 +138,28 @@ def chunked_scan(
         initial_state = jnp.zeros((bsz, h, p, n), _F32)
     return _scan(x, dt, A, B, C, initial_state, interpret)
 
+
+
+def state_update(
+    state: jax.Array,
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    *,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """One-token update: state [b, h, p, n], x [b, h, p], dt [b, h], A [h], B and C [b, g, n].
+
+    Returns (y [b, h, p] float32, new state [b, h, p, n] float32), like `nemojax.ops.ssd.ssd_step`.
+    """
+    _, _, p, n = state.shape
+    p_pad, n_pad = round_up(p, _TILE) - p, round_up(n, _TILE) - n
+    dt32 = dt.astype(_F32)
+    decay = jnp.broadcast_to(jnp.exp(dt32 * A.astype(_F32))[..., None], x.shape)
+    xdt = x.astype(_F32) * dt32[..., None]
+    y, new_state = run_interpreted(
+        state_update_call, _pad_state(state), _pad(decay, {2: p_pad}), _pad(xdt, {2: p_pad}),
+        _pad(B.astype(_F32), {2: n_pad}), _pad(C.astype(_F32), {2: n_pad}), interpret=interpret)
+    return y[:, :, :p], new_state[:, :, :p, :n]

@@ -51,14 +51,11 @@ def backward_call(x, dt, cum, b_mat, c_mat, states, dy, d_final, *, interpret: b
 
     def kernel(x_g, dt_g, cum_g, b_g, c_g, states_g, dy_g, dfinal_g,
                dx_g, db_g, dc_g, dinit_g, rowt_g, colt_g, dw_g, sdot_g,
-               ds_smem, mat_smem, dye_smem, stage_smem, barrier,
-               dx_out, db_out, dc_out, rowt_out, colt_out, dw_out, sdot_out):
+               ds_smem, mat_smem, dye_smem, dx_out, db_out, dc_out, rowt_out, colt_out, dw_out, sdot_out):
         head = lax.axis_index("h")
         row = lax.axis_index("b")
         group = lax.div(head, jnp.int32(heads_per_group))
-        plgpu.copy_gmem_to_smem(dfinal_g.at[row, head], stage_smem, barrier)
-        plgpu.barrier_wait(barrier)
-        d_state = regs.load(stage_smem)
+        d_state = regs.load_gmem(dfinal_g.at[row, head])
 
         def chunk(indices, x_s, dy_s, dt_s, cum_s, b_s, c_s, s0_s, d_state):
             (step,) = indices
@@ -131,10 +128,7 @@ def backward_call(x, dt, cum, b_mat, c_mat, states, dy, d_final, *, interpret: b
             init_carry=d_state,
         )(x_g.at[row, :, head], dy_g.at[row, :, head], dt_g.at[row, head], cum_g.at[row, head],
           b_g.at[row, :, group], c_g.at[row, :, group], states_g.at[row, head])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        stage_smem[...] = d_initial
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(stage_smem, dinit_g.at[row, head])
+        dinit_g.at[row, head][...] = d_initial
         plgpu.wait_smem_to_gmem(0)
 
     out_type = (
@@ -147,9 +141,9 @@ def backward_call(x, dt, cum, b_mat, c_mat, states, dy, d_final, *, interpret: b
     )
     scratch = [
         tiled_smem((p, n), MMA_DTYPE), tiled_smem((L, L), MMA_DTYPE), tiled_smem((L, p), MMA_DTYPE),
-        tiled_smem((p, n), _F32), plgpu.Barrier(),
-        tiled_smem((2, L, p), MMA_DTYPE), tiled_smem((2, L, n), MMA_DTYPE), tiled_smem((2, L, n), MMA_DTYPE),
-        plgpu.SMEM((2, L), _F32), plgpu.SMEM((2, L), _F32), plgpu.SMEM((2, L), _F32), plgpu.SMEM((2, p), _F32),
+        # Outputs, one slot each (see `stream_out`): two would not fit in SMEM with n = 128.
+        tiled_smem((1, L, p), MMA_DTYPE), tiled_smem((1, L, n), MMA_DTYPE), tiled_smem((1, L, n), MMA_DTYPE),
+        plgpu.SMEM((1, L), _F32), plgpu.SMEM((1, L), _F32), plgpu.SMEM((1, L), _F32), plgpu.SMEM((1, p), _F32),
     ]
     return plgpu.kernel(
         kernel,

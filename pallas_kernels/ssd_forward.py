@@ -47,13 +47,11 @@ def forward_call(x, dt, cum, b_mat, c_mat, state0, *, save_states: bool, interpr
 
     def kernel(x_g, dt_g, cum_g, b_g, c_g, s0_g, y_g, final_g, *rest):
         states_g, saved_smem = (rest[0], rest[-1]) if save_states else (None, None)
-        s_smem, p_smem, xw_smem, stage_smem, barrier, y_smem = rest[-7:-1] if save_states else rest[-6:]
+        s_smem, p_smem, xw_smem, y_smem = rest[-5:-1] if save_states else rest[-4:]
         head = lax.axis_index("h")
         row = lax.axis_index("b")
         group = lax.div(head, jnp.int32(heads_per_group))
-        plgpu.copy_gmem_to_smem(s0_g.at[row, head], stage_smem, barrier)
-        plgpu.barrier_wait(barrier)
-        state = regs.load(stage_smem)
+        state = regs.load_gmem(s0_g.at[row, head])
 
         def chunk(indices, x_s, dt_s, cum_s, b_s, c_s, state):
             (step,) = indices
@@ -96,17 +94,14 @@ def forward_call(x, dt, cum, b_mat, c_mat, state0, *, save_states: bool, interpr
             init_carry=state,
         )(x_g.at[row, :, head], dt_g.at[row, head], cum_g.at[row, head], b_g.at[row, :, group],
           c_g.at[row, :, group])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        stage_smem[...] = final
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(stage_smem, final_g.at[row, head])
+        final_g.at[row, head][...] = final
         plgpu.wait_smem_to_gmem(0)
 
     out_type = [jax.ShapeDtypeStruct((bsz, t, h, p), _F32), jax.ShapeDtypeStruct((bsz, h, p, n), _F32)]
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((bsz, h, num_chunks, p, n), MMA_DTYPE))
     scratch = [tiled_smem((p, n), MMA_DTYPE), tiled_smem((L, L), MMA_DTYPE), tiled_smem((L, p), MMA_DTYPE),
-               tiled_smem((p, n), _F32), plgpu.Barrier(), tiled_smem((2, L, p), _F32)]
+               tiled_smem((2, L, p), _F32)]
     if save_states:
         scratch.append(tiled_smem((2, p, n), MMA_DTYPE))
     outs = plgpu.kernel(
