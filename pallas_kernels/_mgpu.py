@@ -11,6 +11,7 @@ transposed copy of the operand. Everything else in a kernel is the same code on 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,11 @@ def _interpreter_transposes() -> bool:
 
 
 INTERPRETER_TRANSPOSES = _interpreter_transposes()
+_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters
+
+# Kernels here place registers in explicit layouts (Lane semantics). jax 0.12 made Warpgroup semantics
+# (layouts inferred) the default, so the choice is pinned.
+COMPILER_PARAMS = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -68,7 +74,8 @@ class Regs:
         """A GMEM tile straight into registers (unoptimised: for a once-per-CTA load, saves an SMEM stage)."""
         if self.interpret:
             return ref[...]
-        return plgpu.load(ref, (), layout=layout, optimized=False)
+        index = ((),) if _LOAD_TAKES_INDEX else ()  # jax 0.12 dropped `plgpu.load`'s index argument
+        return plgpu.load(ref, *index, layout=layout, optimized=False)
 
     def iota(self, shape: tuple[int, ...], dim: int) -> jax.Array:
         if self.interpret:

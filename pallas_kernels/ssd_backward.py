@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._mgpu import COL, ROW, Regs, stream_out, tile_transforms, tiled_smem
+from pallas_kernels._mgpu import COL, COMPILER_PARAMS, ROW, Regs, stream_out, tile_transforms, tiled_smem
 from pallas_kernels.interpret import interpret_params
 from pallas_kernels.ssd_forward import CHUNK, MMA_DTYPE
 
@@ -151,5 +151,6 @@ def backward_call(x, dt, cum, b_mat, c_mat, states, dy, d_final, *, interpret: b
         grid=(h, bsz),
         grid_names=("h", "b"),
         scratch_types=scratch,
+        compiler_params=COMPILER_PARAMS,
         interpret=interpret_params(interpret),
     )(x, dt, cum, b_mat, c_mat, states, dy, d_final)

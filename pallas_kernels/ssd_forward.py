@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._mgpu import COL, ROW, Regs, stream_out, tile_transforms, tiled_smem
+from pallas_kernels._mgpu import COL, COMPILER_PARAMS, ROW, Regs, stream_out, tile_transforms, tiled_smem
 from pallas_kernels.interpret import interpret_params
 
 CHUNK = 64  # tokens per chunk walked by the kernel (a [64, 64] tile is one wgmma M block)
@@ -110,6 +110,7 @@ def forward_call(x, dt, cum, b_mat, c_mat, state0, *, save_states: bool, interpr
         grid=(h, bsz),
         grid_names=("h", "b"),
         scratch_types=scratch,
+        compiler_params=COMPILER_PARAMS,
         interpret=interpret_params(interpret),
     )(x, dt, cum, b_mat, c_mat, state0)
     return tuple(outs) if save_states else (*outs, None)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._mgpu import COL, ROW, Regs, tiled_smem
+from pallas_kernels._mgpu import COL, COMPILER_PARAMS, ROW, Regs, tiled_smem
 from pallas_kernels.interpret import interpret_params
 
 _F32 = jnp.float32
@@ -60,5 +60,6 @@ def state_update_call(state, decay, xdt, b_vec, c_vec, *, interpret: bool):
         scratch_types=[tiled_smem((p, n), _F32), plgpu.SMEM((p,), _F32), plgpu.SMEM((p,), _F32),
                        plgpu.SMEM((n,), _F32), plgpu.SMEM((n,), _F32), plgpu.SMEM((p,), _F32),
                        plgpu.Barrier(num_arrivals=5)],
+        compiler_params=COMPILER_PARAMS,
         interpret=interpret_params(interpret),
     )(state, decay, xdt, b_vec, c_vec)
