@@ -45,16 +45,19 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def tile_transforms(minor: int, dtype: jnp.dtype) -> tuple:
-    """Tiling + swizzle for an SMEM tile whose minor dimension holds `minor` elements (wgmma/TMA friendly)."""
+def tile_transforms(minor: int, dtype: jnp.dtype, swizzle: int | None = None) -> tuple:
+    """Tiling + swizzle for an SMEM tile whose minor dimension holds `minor` elements (wgmma/TMA friendly).
+
+    The swizzle defaults to the widest that divides a row; the two SMEM operands of a wgmma need equal ones.
+    """
     itemsize = jnp.dtype(dtype).itemsize
     row_bytes = minor * itemsize
-    swizzle = next(s for s in (128, 64, 32) if row_bytes % s == 0)
+    swizzle = swizzle or next(s for s in (128, 64, 32) if row_bytes % s == 0)
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def tiled_smem(shape: tuple[int, ...], dtype: jnp.dtype) -> plgpu.SMEM:
-    return plgpu.SMEM(shape, dtype, transforms=tile_transforms(shape[-1], dtype))
+def tiled_smem(shape: tuple[int, ...], dtype: jnp.dtype, swizzle: int | None = None) -> plgpu.SMEM:
+    return plgpu.SMEM(shape, dtype, transforms=tile_transforms(shape[-1], dtype, swizzle))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +87,19 @@ class Regs:
 
     def matmul(self, a, b, *, a_t: bool = False, b_t: bool = False) -> jax.Array:
         """float32 (a or a^T) @ (b or b^T) of two SMEM tiles, through a fresh wgmma accumulator."""
+        return self.matmul_sum([(a, b)], a_t=a_t, b_t=b_t)
+
+    def matmul_sum(self, pairs, *, a_t: bool = False, b_t: bool = False) -> jax.Array:
+        """The sum of several such products, issued back to back into one accumulator."""
+        a, b = pairs[0]
         m = a.shape[1] if a_t else a.shape[0]
         n = b.shape[0] if b_t else b.shape[1]
         if self.interpret and not INTERPRETER_TRANSPOSES and (a_t or b_t):
-            return self._matmul_copying_transposes(a, b, a_t, b_t)
-        a = a.T if a_t else a
-        b = b.T if b_t else b
+            return sum(self._matmul_copying_transposes(a, b, a_t, b_t) for a, b in pairs)
 
         def scope(acc):
-            plgpu.wgmma(acc, a, b)
+            for a, b in pairs:
+                plgpu.wgmma(acc, a.T if a_t else a, b.T if b_t else b)
             return acc[...]
 
         return pl.run_scoped(scope, plgpu.ACC((m, n), jnp.float32))
