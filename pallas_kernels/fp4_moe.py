@@ -43,6 +43,7 @@ from pallas_kernels.interpret import interpret_params, run_interpreted
 STEP_K = 256  # K per pipeline step: 128 packed bytes, 16 block scales (the 16-byte TMA minimum)
 ROWS_N = 64  # weight rows per CTA (one wgmma M block)
 _HALF = STEP_K // 4  # 64 packed bytes = one decoded [64, 64] tile per nibble
+_MAX_GRID_Y = 65535  # token tiles are the grid's second dimension
 
 
 def _scale_selection() -> np.ndarray:
@@ -200,6 +201,9 @@ def grouped_matmul(
     if tile % 16 or not 16 <= tile <= 256:
         raise ValueError(f"tile_tokens = {tile}: expected a multiple of 16 between 16 and 256")
     num_tiles = -(-m // tile) + min(num_experts, m)
+    if num_tiles > _MAX_GRID_Y:
+        raise ValueError(f"{m} rows in tiles of {tile} need {num_tiles} token tiles, more than a CUDA grid "
+                         f"dimension holds ({_MAX_GRID_Y}): pass a larger tile_tokens")
     k_pad, n_pad = round_up(k, STEP_K), round_up(n, ROWS_N)
     x_perm = _permute_k(jnp.pad(x, [(0, tile), (0, k_pad - k)]))
     packed_q = jnp.pad(packed, [(0, 0), (0, n_pad - n), (0, (k_pad - k) // 2)]).reshape(
