@@ -7,8 +7,9 @@ with the ModelOpt layout: `packed` uint8 [E, N, K/2] (element 2j in the low nibb
 expert, `group_sizes` [E] rows each (summing to at most M; rows past the sum come back zero).
 
 Hopper has no FP4 tensor cores, so the weights are decoded in the kernel, tile by tile, into SMEM
-and multiplied there: BF16 weights never reach HBM. Decoding uses integer bit operations (Mosaic GPU
-refuses float4 -> bf16 casts before Blackwell). Two layout tricks keep every step a plain
+and multiplied there: BF16 weights never reach HBM. Mosaic GPU refuses float4 -> bf16 casts before
+Blackwell, so each E2M1 code is moved with integer bit operations into an E4M3 byte of the same
+value times 2**-6, which the hardware converts. Two layout tricks keep every step a plain
 elementwise operation on tiles of the same shape:
 
 - The low and high nibbles of a byte hold elements 2j and 2j+1. Instead of interleaving them, the
@@ -44,6 +45,7 @@ STEP_K = 256  # K per pipeline step: 128 packed bytes, 16 block scales (the 16-b
 ROWS_N = 64  # weight rows per CTA (one wgmma M block)
 _HALF = STEP_K // 4  # 64 packed bytes = one decoded [64, 64] tile per nibble
 _MAX_GRID_Y = 65535  # token tiles are the grid's second dimension
+_DECODE_SCALE = 64.0  # the decoded weights are E2M1 values times 2**-6 (see _e2m1_to_scaled_f32)
 
 
 def _scale_selection() -> np.ndarray:
@@ -55,13 +57,21 @@ def _scale_selection() -> np.ndarray:
     return sel
 
 
-def _decode_e2m1(code: jax.Array) -> jax.Array:
-    """Twice the E2M1 value of 4-bit codes (int32 in, float32 out): 0,1,2,3,4,6,8,12 with the sign bit."""
-    magnitude = code & 7
-    exponent = magnitude >> 1
-    normal = (2 + (magnitude & 1)) << jnp.maximum(exponent - 1, 0)
-    twice = jnp.where(magnitude < 2, magnitude, normal)
-    return jnp.where(code >= 8, -twice, twice).astype(jnp.float32)
+def _e2m1_to_scaled_f32(byte: jax.Array, nibble: int) -> jax.Array:
+    """E2M1 codes in the low (0) or high (1) nibble of uint8 `byte`, as float32 values times 2**-6.
+
+    The code's bits are moved into an E4M3 byte (sign to bit 7, the two exponent bits and the
+    mantissa bit to the top of E4M3's exponent and mantissa fields): a bit-exact re-encoding of
+    value * 2**-6, E2M1's subnormal 0.5 landing on an E4M3 subnormal. The hardware E4M3 -> f16 ->
+    f32 conversions then do the rest (a few integer operations per element in all).
+    """
+    wide = byte.astype(jnp.uint16)  # Mosaic GPU shifts 16- and 32-bit values only
+    if nibble == 0:
+        bits = ((wide & 0x08) << 4) | ((wide & 0x07) << 2)
+    else:
+        bits = (wide & 0x80) | ((wide & 0x70) >> 2)
+    e4m3 = lax.bitcast_convert_type(bits.astype(jnp.uint8), jnp.float8_e4m3fn)
+    return e4m3.astype(jnp.float16).astype(jnp.float32)
 
 
 def _tile_schedule(group_sizes: jax.Array, num_tiles: int, tile_tokens: int):
@@ -128,9 +138,9 @@ def _kernel_call(x_perm, packed_q, scales, global_scale, selection, schedule, *,
                 plgpu.commit_smem()
                 for half, packed_s in enumerate((packed_lo_s, packed_hi_s)):
                     per_byte = regs.matmul(scale_smem, sel_smem.at[half])
-                    byte = regs.load(packed_s).astype(jnp.int32)
+                    byte = regs.load(packed_s)
                     for nibble in range(2):
-                        value = _decode_e2m1((byte >> (4 * nibble)) & 15) * per_byte
+                        value = _e2m1_to_scaled_f32(byte, nibble) * per_byte
                         w_smem.at[2 * half + nibble][...] = value.astype(dtype)
                 plgpu.commit_smem()
                 return acc + regs.matmul_sum([(w_smem.at[q], x_s.at[q]) for q in range(4)], b_t=True)
@@ -151,7 +161,7 @@ def _kernel_call(x_perm, packed_q, scales, global_scale, selection, schedule, *,
                 max_concurrent_steps=2,
                 init_carry=acc0,
             )(packed_rows, packed_rows, scales_g.at[group, n_rows], x_g.at[:, pl.ds(first_row, T)])
-            out_smem[...] = (acc * (0.5 * gscale_g[group])).astype(out_dtype)
+            out_smem[...] = (acc * (_DECODE_SCALE * gscale_g[group])).astype(out_dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem, out_g.at[tile, n_rows])
             plgpu.wait_smem_to_gmem(0)
