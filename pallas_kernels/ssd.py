@@ -132,11 +132,22 @@ def chunked_scan(
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    bsz, _, h, p = x.shape
-    n = B.shape[-1]
+    bsz, t, h, p = x.shape
+    g, n = B.shape[2:]
+    _check_shapes(dict(x=x, dt=dt, A=A, B=B, C=C, initial_state=initial_state),
+                  dict(x=(bsz, t, h, p), dt=(bsz, t, h), A=(h,), B=(bsz, t, g, n), C=(bsz, t, g, n),
+                       initial_state=(bsz, h, p, n)), h, g)
     if initial_state is None:
         initial_state = jnp.zeros((bsz, h, p, n), _F32)
     return _scan(x, dt, A, B, C, initial_state, interpret)
+
+
+def _check_shapes(arrays: dict, expected: dict, heads: int, groups: int) -> None:
+    for name, value in arrays.items():
+        if value is not None and tuple(value.shape) != expected[name]:
+            raise ValueError(f"SSD kernel argument `{name}` has shape {tuple(value.shape)}, expected {expected[name]}")
+    if heads % groups:
+        raise ValueError(f"{groups} groups (B, C) do not divide {heads} heads (x)")
 
 
 
@@ -154,7 +165,10 @@ def state_update(
 
     Returns (y [b, h, p] float32, new state [b, h, p, n] float32), like `nemojax.ops.ssd.ssd_step`.
     """
-    _, _, p, n = state.shape
+    bsz, h, p, n = state.shape
+    g = B.shape[1]
+    _check_shapes(dict(state=state, x=x, dt=dt, A=A, B=B, C=C),
+                  dict(state=(bsz, h, p, n), x=(bsz, h, p), dt=(bsz, h), A=(h,), B=(bsz, g, n), C=(bsz, g, n)), h, g)
     p_pad, n_pad = round_up(p, _TILE) - p, round_up(n, _TILE) - n
     dt32 = dt.astype(_F32)
     decay = jnp.broadcast_to(jnp.exp(dt32 * A.astype(_F32))[..., None], x.shape)

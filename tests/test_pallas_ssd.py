@@ -113,3 +113,11 @@ def test_kernels_lower_for_cuda_at_model_tile_sizes():
     assert _lowers_for_cuda(jax.grad(lambda *args: jnp.sum(scan(*args)[0]), argnums=range(6)),
                             x, dt, a, bm, cm, state)
     assert _lowers_for_cuda(kernels.state_update, state, x[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0])
+
+
+def test_mismatched_shapes_name_the_argument():
+    x, dt, a, bm, cm, _ = _inputs(1, 8, 4, 8, 2, 8, jnp.float32, False)
+    with pytest.raises(ValueError, match="`dt`"):
+        kernels.chunked_scan(x, dt[:, :4], a, bm, cm, chunk_size=8)
+    with pytest.raises(ValueError, match="groups"):
+        kernels.chunked_scan(x[:, :, :3], dt[:, :, :3], a[:3], bm, cm, chunk_size=8)
