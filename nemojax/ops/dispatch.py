@@ -43,8 +43,10 @@ def _on_mesh(fn: Callable, args: tuple, logical: tuple, units: tuple, out_logica
         return fn(*args)
     shape = dict(mesh.shape)
     spec = lambda axes, sizes: PartitionSpec() if axes is None else sized_spec(axes, sizes, shape)
+    # check_vma=False: values a kernel computes from its (device-varying) inputs are not typed as varying.
     return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a, u) for a, u in zip(logical, units, strict=True)),
-                         out_specs=tuple(spec(a, u) for a, u in zip(out_logical, out_units, strict=True)))(*args)
+                         out_specs=tuple(spec(a, u) for a, u in zip(out_logical, out_units, strict=True)),
+                         check_vma=False)(*args)
 
 
 def ssd_chunked(x_bthp, dt_bth, a_h, b_btgn, c_btgn, chunk_size: int, initial_state_bhpn=None, *,
