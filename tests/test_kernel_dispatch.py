@@ -63,25 +63,38 @@ def test_mamba_mixer_with_pallas_kernels_matches_reference():
 
 
 def test_under_a_mesh_the_kernels_run_per_shard(monkeypatch):
-    """data=2 x tensor=2: the state update matches the reference (interpreter); the scan's forward and
-    backward lower for CUDA inside shard_map (the interpreter cannot run scans for several devices at once)."""
+    """data=2 x tensor=2. The per-shard split is checked with the reference ops in its place (the GPU
+    interpreter cannot run kernels for several devices at once); the kernels' forward, backward and
+    state update compile for CUDA inside shard_map."""
     mesh = make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
     ks = jax.random.split(jax.random.key(3), 6)
-    state = jax.random.normal(ks[0], (2, 4, 8, 8))
-    x, dt = jax.random.normal(ks[1], (2, 4, 8)), jax.nn.softplus(jax.random.normal(ks[2], (2, 4)))
-    a = -jnp.exp(jax.random.normal(ks[3], (4,)))
-    bv, cv = (jax.random.normal(k, (2, 2, 8)) for k in ks[4:])
+    x, dt = jax.random.normal(ks[0], (2, 24, 4, 8)), jax.nn.softplus(jax.random.normal(ks[1], (2, 24, 4)))
+    a = -jnp.exp(jax.random.normal(ks[2], (4,)))
+    bm, cm = (jax.random.normal(k, (2, 24, 2, 8)) for k in ks[3:5])
+    state = jax.random.normal(ks[5], (2, 4, 8, 8))
+    scan = lambda *args: ssd.ssd_chunked(*args[:5], 8, args[5])
+    step_args = (state, x[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0])
     with use_mesh(mesh):
-        got = jax.jit(lambda *args: dispatch.ssd_step(*args, kernels="pallas"))(state, x, dt, a, bv, cv)
-    for g, w in zip(got, ssd.ssd_step(state, x, dt, a, bv, cv), strict=True):
+        got = jax.jit(lambda *args: (*dispatch.scan_per_shard(scan, *args[:6]),
+                                     *dispatch.step_per_shard(ssd.ssd_step, *args[6:])))(
+            x, dt, a, bm, cm, state, *step_args)
+    want = (*scan(x, dt, a, bm, cm, state), *ssd.ssd_step(*step_args))
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
     monkeypatch.setattr(dispatch, "_interpret", lambda: False)  # compile for the GPU instead
     shapes = [((2, 128, 4, 64), jnp.bfloat16), ((2, 128, 4), jnp.float32), ((4,), jnp.float32),
               ((2, 128, 2, 128), jnp.bfloat16), ((2, 128, 2, 128), jnp.bfloat16), ((2, 4, 64, 128), jnp.float32)]
     args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
-    loss = lambda *a: jnp.sum(dispatch.ssd_chunked(*a[:5], 128, a[5], kernels="pallas")[0])
+    step_args = [args[5], *(jax.ShapeDtypeStruct((s[0], *s[2:]), d) for s, d in (shapes[0], shapes[1])),
+                 args[2], *(jax.ShapeDtypeStruct((s[0], *s[2:]), d) for s, d in shapes[3:5])]
+
+    def loss(*a):
+        y, final = dispatch.ssd_chunked(*a[:5], 128, a[5], kernels="pallas")
+        y_step, state = dispatch.ssd_step(*a[6:], kernels="pallas")
+        return jnp.sum(y) + jnp.sum(final) + jnp.sum(y_step) + jnp.sum(state)
+
     with use_mesh(mesh):
-        lowered = jax.jit(jax.grad(loss, argnums=range(6))).trace(*args).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    assert "mosaic_gpu" in text and "sdy.manual_computation" in text
+        text = jax.jit(jax.grad(loss, argnums=range(6))).trace(*args, *step_args).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3 and "sdy.manual_computation" in text

@@ -56,14 +56,21 @@ def ssd_chunked(x_bthp, dt_bth, a_h, b_btgn, c_btgn, chunk_size: int, initial_st
         return ssd.ssd_chunked(x_bthp, dt_bth, a_h, b_btgn, c_btgn, chunk_size, initial_state_bhpn)
     from pallas_kernels.ssd import chunked_scan
 
-    b, t, h, p = x_bthp.shape
-    g, n = b_btgn.shape[2:]
+    b, h, p, n = x_bthp.shape[0], x_bthp.shape[2], x_bthp.shape[3], b_btgn.shape[3]
     if initial_state_bhpn is None:
         initial_state_bhpn = jax.numpy.zeros((b, h, p, n), jax.numpy.float32)
-    run = lambda *args: chunked_scan(*args[:5], chunk_size=chunk_size, initial_state=args[5], interpret=_interpret())
+    scan = lambda *args: chunked_scan(*args[:5], chunk_size=chunk_size, initial_state=args[5],
+                                      interpret=_interpret())
+    return scan_per_shard(scan, x_bthp, dt_bth, a_h, b_btgn, c_btgn, initial_state_bhpn)
+
+
+def scan_per_shard(scan: Callable, x_bthp, dt_bth, a_h, b_btgn, c_btgn, state_bhpn):
+    """scan(x, dt, A, B, C, state) -> (y, final state), run per shard of the context mesh, if any."""
+    b, t, _, p = x_bthp.shape
+    g, n = b_btgn.shape[2:]
     heads = ("batch", None, "mamba_heads", None)
     state = ("batch", "mamba_heads", None, None)
-    return _on_mesh(run, (x_bthp, dt_bth, a_h, b_btgn, c_btgn, initial_state_bhpn),
+    return _on_mesh(scan, (x_bthp, dt_bth, a_h, b_btgn, c_btgn, state_bhpn),
                     (heads, heads[:3], ("mamba_heads",), heads, heads, state),
                     ((b, t, g, p), (b, t, g), (g,), (b, t, g, n), (b, t, g, n), (b, g, p, n)),
                     (heads, state), ((b, t, g, p), (b, g, p, n)))
@@ -75,12 +82,17 @@ def ssd_step(state_bhpn, x_bhp, dt_bh, a_h, b_bgn, c_bgn, *, kernels: str = "aut
         return ssd.ssd_step(state_bhpn, x_bhp, dt_bh, a_h, b_bgn, c_bgn)
     from pallas_kernels.ssd import state_update
 
-    b, h, p, n = state_bhpn.shape
+    update = lambda *args: state_update(*args, interpret=_interpret())
+    return step_per_shard(update, state_bhpn, x_bhp, dt_bh, a_h, b_bgn, c_bgn)
+
+
+def step_per_shard(update: Callable, state_bhpn, x_bhp, dt_bh, a_h, b_bgn, c_bgn):
+    """update(state, x, dt, A, B, C) -> (y, new state), run per shard of the context mesh, if any."""
+    b, _, p, n = state_bhpn.shape
     g = b_bgn.shape[1]
-    run = lambda *args: state_update(*args, interpret=_interpret())
     state = ("batch", "mamba_heads", None, None)
     heads = ("batch", "mamba_heads", None)
-    return _on_mesh(run, (state_bhpn, x_bhp, dt_bh, a_h, b_bgn, c_bgn),
+    return _on_mesh(update, (state_bhpn, x_bhp, dt_bh, a_h, b_bgn, c_bgn),
                     (state, heads, heads[:2], ("mamba_heads",), heads, heads),
                     ((b, g, p, n), (b, g, p), (b, g), (g,), (b, g, n), (b, g, n)),
                     (heads, state), ((b, g, p), (b, g, p, n)))
