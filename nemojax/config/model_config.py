@@ -21,8 +21,11 @@ LAYER_KINDS = ("mamba", "attention", "moe", "mlp")
 PATTERN_LETTERS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+# "pallas": the Pallas GPU kernels, "reference": the pure-JAX ops, "auto": kernels on a GPU only
+# (nemojax.ops.dispatch).
+KERNEL_CHOICES = ("auto", "pallas", "reference")
 # Fields that are nemojax choices, not part of a published config.json.
-NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat")
+NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -79,6 +82,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     remat: str = "none"
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "compute_dtype"):
@@ -189,3 +193,4 @@ def _validate(c: ModelConfig) -> None:
         value = getattr(c, name)
         _require(value in FLOAT_DTYPES, name, f"expected one of {FLOAT_DTYPES}, got {value!r}")
     _require(c.remat in REMAT_POLICIES, "remat", f"expected one of {REMAT_POLICIES}, got {c.remat!r}")
+    _require(c.kernels in KERNEL_CHOICES, "kernels", f"expected one of {KERNEL_CHOICES}, got {c.kernels!r}")
