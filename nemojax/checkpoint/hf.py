@@ -3,8 +3,9 @@
 `published_tensors(config)` maps every published tensor name to where it lives in the nemojax
 variables and how it is laid out there (linear weights transposed to [in, out], conv weights to
 [kernel, channels], per-expert tensors stacked on a leading expert axis, the fused Mamba in_proj
-outputs and conv channels reordered group-major). Loading and saving are both driven by that
-table, so the two can never disagree.
+outputs and conv channels reordered group-major; with scanned layers, each layer a row of its
+kind's stacked leaf). Loading and saving are both driven by that table, so the two can never
+disagree, and the files are the same whichever layout the model uses in memory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from nemojax.config import ModelConfig, dtype_name, from_hf_config, read_hf_conf
 from nemojax.errors import CheckpointError
 from nemojax.model import NemotronH, abstract_variables
 from nemojax.model.mamba import conv_order, in_proj_order
+from nemojax.model.stacking import LAYERS_NAME, stack_plan
 from nemojax.sharding.placement import variable_shardings
 
 Path = tuple[str, ...]
@@ -38,6 +40,7 @@ class Placement:
     path: Path
     layout: str  # "same" | "transpose" | "conv" | "expert"
     expert: int = -1
+    layer: int = -1  # row of a leaf stacked over layers (scanned layers); -1: not stacked
     # order[j] = the published index (output row / channel) stored at nemojax index j; None = as published.
     order: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
@@ -87,10 +90,13 @@ def published_tensors(config: ModelConfig) -> dict[str, Placement]:
         "backbone.norm_f.weight": Placement("params", ("backbone", "norm_f", "weight"), "same"),
         "lm_head.weight": Placement("params", ("lm_head", "kernel"), "transpose"),
     }
+    slots = stack_plan(config).slots
     for i, kind in enumerate(config.layer_types):
-        path = ("backbone", f"layers_{i}")
-        table[f"backbone.layers.{i}.norm.weight"] = Placement("params", path + ("norm", "weight"), "same")
-        table.update(_mixer_tensors(config, kind, f"backbone.layers.{i}.mixer", path + ("mixer",)))
+        path, layer = (("backbone", LAYERS_NAME, kind), int(slots[i])) if config.scan_layers else (
+            ("backbone", f"{LAYERS_NAME}_{i}"), -1)
+        tensors = {f"backbone.layers.{i}.norm.weight": Placement("params", path + ("norm", "weight"), "same")}
+        tensors.update(_mixer_tensors(config, kind, f"backbone.layers.{i}.mixer", path + ("mixer",)))
+        table.update({name: dataclasses.replace(p, layer=layer) for name, p in tensors.items()})
     if config.has_mtp:
         last = len(config.mtp_layer_types) - 1
         for i, kind in enumerate(config.mtp_layer_types):
@@ -109,6 +115,8 @@ def published_tensors(config: ModelConfig) -> dict[str, Placement]:
 
 
 def _published_shape(placement: Placement, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if placement.layer >= 0:
+        leaf_shape = leaf_shape[1:]
     if placement.layout == "transpose":
         return leaf_shape[::-1]
     if placement.layout == "conv":
@@ -153,6 +161,16 @@ def _check_tensors(st: SafetensorsDir, table: dict[str, Placement], abstract: di
 
 def _slice_reader(st: SafetensorsDir, sources: list[tuple[str, Placement]]) -> Callable[[tuple], np.ndarray]:
     """A function index -> numpy block of the leaf, reading only the needed part of the files."""
+    if sources[0][1].layer >= 0:  # stacked over layers: the first index picks the layers
+        by_layer: dict[int, list[tuple[str, Placement]]] = {}
+        for name, p in sources:
+            by_layer.setdefault(p.layer, []).append((name, p))
+        readers = [_layer_reader(st, by_layer[layer]) for layer in range(len(by_layer))]
+        return lambda index: np.stack([readers[layer](index[1:]) for layer in range(len(readers))[index[0]]])
+    return _layer_reader(st, sources)
+
+
+def _layer_reader(st: SafetensorsDir, sources: list[tuple[str, Placement]]) -> Callable[[tuple], np.ndarray]:
     layout = sources[0][1].layout
     if layout == "expert":
         by_expert = {p.expert: name for name, p in sources}
@@ -200,12 +218,12 @@ def load_variables(directory: str, config: ModelConfig, mesh: jax.sharding.Mesh 
 
 
 def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, param_dtype: DTypeLike | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> tuple[NemotronH, dict]:
+                    mesh: jax.sharding.Mesh | None = None, scan_layers: bool | None = None) -> tuple[NemotronH, dict]:
     """Load a checkpoint directory in the published layout: (model, variables).
 
     `param_dtype` defaults to the checkpoint's storage dtype, `dtype` (compute) to the parameter dtype;
-    both accept names or numpy/JAX dtypes. Missing, unexpected or mis-shaped tensors raise one
-    CheckpointError that lists them all.
+    both accept names or numpy/JAX dtypes. `scan_layers` None: scanned from 16 layers on (ModelConfig).
+    Missing, unexpected or mis-shaped tensors raise one CheckpointError that lists them all.
     """
     directory = os.fspath(path)
     if not os.path.isfile(os.path.join(directory, "config.json")):
@@ -213,15 +231,19 @@ def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, par
     hf = read_hf_config(directory)
     param_dtype = dtype_name(param_dtype) if param_dtype is not None else storage_dtype(hf)
     compute_dtype = dtype_name(dtype) if dtype is not None else param_dtype
-    config = from_hf_config(hf, compute_dtype=compute_dtype, param_dtype=param_dtype)
+    config = from_hf_config(hf, compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     return NemotronH(config), load_variables(directory, config, mesh)
 
 
 def to_published(config: ModelConfig, variables: dict, dtype: DTypeLike | None = None) -> dict[str, np.ndarray]:
     """The published tensors (numpy) of nemojax variables; `dtype` casts floating tensors except fp32-kept ones."""
-    out = {}
+    out, fetched = {}, {}
     for name, p in published_tensors(config).items():
-        leaf = np.asarray(jax.device_get(_leaf(variables[p.collection], p.path)))
+        if (p.collection, p.path) not in fetched:  # each leaf copied to the host once
+            fetched[p.collection, p.path] = np.asarray(jax.device_get(_leaf(variables[p.collection], p.path)))
+        leaf = fetched[p.collection, p.path]
+        if p.layer >= 0:
+            leaf = leaf[p.layer]
         if p.layout == "transpose":
             value = leaf.T
         elif p.layout == "conv":

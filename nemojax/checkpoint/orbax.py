@@ -2,7 +2,8 @@
 
 Three directory shapes hold a model, and `load_model` reads all of them:
 - a model directory: `config.json` ({"format": "nemojax", "model": ModelConfig.to_dict()}) and
-  `variables/` (an Orbax tree {"params", "buffers"}), written by `save_model`;
+  `variables/` (an Orbax tree {"params", "buffers"} in the model's in-memory layout: per layer, or
+  stacked per layer kind when `model.scan_layers`), written by `save_model`;
 - a training workdir: `config.json` (same "model" key, plus the run config) and
   `checkpoints/<step>/variables/`, the latest finalised step is read;
 - one training step directory `WORKDIR/checkpoints/<step>`.
@@ -22,13 +23,17 @@ import orbax.checkpoint as ocp
 from nemojax.config import ModelConfig, dtype_name, from_dict
 from nemojax.errors import CheckpointError
 from nemojax.model import NemotronH, abstract_variables
+from nemojax.model.stacking import to_layout
 from nemojax.sharding.placement import variable_shardings
 
 CONFIG_FILE = "config.json"
 VARIABLES_ITEM = "variables"
 CHECKPOINTS_DIR = "checkpoints"
-# The in-memory variable layout the checkpoint was written in; 2: Mamba in_proj / conv1d group-major.
-LAYOUT_VERSION = 2
+# The in-memory variable layout the checkpoint was written in; 2: Mamba in_proj / conv1d group-major;
+# 3: as 2, and the main stack per layer or stacked per kind as the model config's `scan_layers` says
+# (version 2 files are always per layer and still read).
+LAYOUT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 
 
 def write_config(directory: str, config: ModelConfig, **extra: Any) -> None:
@@ -45,9 +50,11 @@ def read_config(directory: str) -> dict[str, Any]:
     """The parsed `config.json` of a nemojax directory; CheckpointError when absent, not ours, or written
     in another variable layout."""
     payload = _read_payload(directory)
-    if payload.get("layout_version", 1) != LAYOUT_VERSION:
+    if payload.get("layout_version", 1) == 2:  # written before scanned layers: per-layer variables
+        payload["model"] = dict(payload["model"], scan_layers=False)
+    if payload.get("layout_version", 1) not in READABLE_VERSIONS:
         raise CheckpointError(f"{os.path.join(directory, CONFIG_FILE)}: variables in layout version "
-                              f"{payload.get('layout_version', 1)}, this nemojax reads version {LAYOUT_VERSION} "
+                              f"{payload.get('layout_version', 1)}, this nemojax reads versions {READABLE_VERSIONS} "
                               "(Mamba in_proj/conv1d stored group-major); convert the model again from its "
                               "Hugging Face checkpoint")
     return payload
@@ -126,11 +133,13 @@ def save_model(path: str | os.PathLike, config: ModelConfig, variables: dict) ->
 
 
 def load_model(path: str | os.PathLike, dtype: str | None = None, param_dtype: str | None = None,
-               mesh: jax.sharding.Mesh | None = None) -> tuple[NemotronH, dict]:
+               mesh: jax.sharding.Mesh | None = None, scan_layers: bool | None = None) -> tuple[NemotronH, dict]:
     """Load (model, variables) from a model directory, a training workdir or a step directory.
 
     `dtype` / `param_dtype` override the stored compute and parameter dtypes (values are cast while
-    restoring); with `mesh`, each variable lands sharded by the logical-axis rules.
+    restoring); with `mesh`, each variable lands sharded by the logical-axis rules. `scan_layers`
+    (None: as stored) other than the stored layout converts the variables after restoring (both
+    layouts are in device memory for a moment).
     """
     directory = os.path.abspath(os.fspath(path))
     if not os.path.isdir(directory):
@@ -147,4 +156,9 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, param_dtype: s
             restored = checkpointer.restore(source, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{source}: cannot restore the model variables ({e})") from e
-    return NemotronH(config), {"params": restored["params"], "buffers": restored["buffers"]}
+    variables = {"params": restored["params"], "buffers": restored["buffers"]}
+    if scan_layers is not None and scan_layers != config.scan_layers:
+        config = config.replace(scan_layers=scan_layers)
+        out = {} if mesh is None else {"out_shardings": variable_shardings(config, mesh)}
+        variables = jax.jit(lambda v: to_layout(config, v, scan_layers), **out)(variables)
+    return NemotronH(config), variables

@@ -2,8 +2,8 @@
 
 Field defaults are the `transformers` NemotronHConfig defaults, so a published `config.json` that
 leaves a field out means the same model here as there (`nemojax.config.hf.from_hf_config` falls
-back to these, never to values of its own). `compute_dtype`, `param_dtype` and `remat` are nemojax
-choices; a Hugging Face `dtype` / `torch_dtype` key is the storage dtype and never sets them.
+back to these, never to values of its own). `compute_dtype`, `param_dtype`, `remat` and `scan_layers`
+are nemojax choices; a Hugging Face `dtype` / `torch_dtype` key is the storage dtype and never sets them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ REMAT_POLICIES = ("none", "full", "dots")
 # (nemojax.ops.dispatch).
 KERNEL_CHOICES = ("auto", "pallas", "reference")
 # Fields that are nemojax choices, not part of a published config.json.
-NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels")
+NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels", "scan_layers")
+# `scan_layers=None` resolves to True from this depth on (the published models: 52-108 layers).
+SCAN_LAYERS_FROM = 16
 
 
 def dtype_name(dtype: Any) -> str:
@@ -83,12 +85,17 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     remat: str = "none"
     kernels: str = "auto"
+    # Run the main stack as one `lax.scan` over layers (parameters and caches stacked per layer kind,
+    # see nemojax/model/scanned.py). None: on for models of SCAN_LAYERS_FROM layers or more.
+    scan_layers: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "compute_dtype"):
             value = getattr(self, name)
             if not isinstance(value, str):  # accept jnp.float32, np.dtype(...), ...: stored by name
                 object.__setattr__(self, name, dtype_name(value))
+        if self.scan_layers is None:
+            object.__setattr__(self, "scan_layers", len(self.layer_types) >= SCAN_LAYERS_FROM)
         _validate(self)
 
     # Derived sizes -------------------------------------------------------------------------
@@ -194,3 +201,4 @@ def _validate(c: ModelConfig) -> None:
         _require(value in FLOAT_DTYPES, name, f"expected one of {FLOAT_DTYPES}, got {value!r}")
     _require(c.remat in REMAT_POLICIES, "remat", f"expected one of {REMAT_POLICIES}, got {c.remat!r}")
     _require(c.kernels in KERNEL_CHOICES, "kernels", f"expected one of {KERNEL_CHOICES}, got {c.kernels!r}")
+    _require(isinstance(c.scan_layers, bool), "scan_layers", f"expected true, false or null, got {c.scan_layers!r}")

@@ -114,9 +114,8 @@ class MoE(nn.Module):
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
         ids, weights, scores = Router(c, name="gate")(x_td)
-        self.sow("intermediates", "expert_load", jnp.bincount(ids.reshape(-1), length=c.n_routed_experts))
-        self.sow("intermediates", "aux_loss", sequence_aux_loss(
-            scores.reshape(b, t, -1), ids.reshape(b, t, -1), c.n_routed_experts))
+        self.record(jnp.bincount(ids.reshape(-1), length=c.n_routed_experts),
+                    sequence_aux_loss(scores.reshape(b, t, -1), ids.reshape(b, t, -1), c.n_routed_experts))
         routed_in = x_td
         if c.moe_latent_size is not None:
             routed_in = Linear(c.moe_latent_size, ("embed", "latent"), dtype, pdtype, name="fc1_latent_proj")(x_td)
@@ -125,3 +124,9 @@ class MoE(nn.Module):
             routed = Linear(d, ("latent", "embed"), dtype, pdtype, name="fc2_latent_proj")(routed)
         shared = MLP(c, c.moe_shared_expert_intermediate_size, name="shared_experts")(x_td)
         return (routed + shared).reshape(b, t, d)
+
+    def record(self, expert_load_e: jax.Array, aux_loss: jax.Array) -> None:
+        """Sow the routing statistics (training reads them). Scanned layers call it once after the scan,
+        with every MoE layer's values stacked (`nemojax.model.scanned`)."""
+        self.sow("intermediates", "expert_load", expert_load_e)
+        self.sow("intermediates", "aux_loss", aux_loss)

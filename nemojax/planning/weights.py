@@ -23,7 +23,7 @@ import numpy as np
 
 from nemojax.config import ModelConfig
 from nemojax.model import abstract_variables
-from nemojax.planning.counts import is_mtp, is_routed_expert, leaf_paths
+from nemojax.planning.counts import is_mtp, is_routed_expert, leaf_paths, per_layer
 from nemojax.planning.layout import abstract_mesh
 from nemojax.sharding.placement import variable_shardings
 
@@ -47,6 +47,7 @@ def sharded_leaves(config: ModelConfig, mesh_items: tuple[tuple[str, int], ...])
     """(collection, path, abstract leaf, NamedSharding) for every variable, with the shardings
     `nemojax.sharding.placement.variable_shardings` gives the real model on this mesh (`mesh_items`:
     `tuple(mesh_shape.items())`)."""
+    config = per_layer(config)
     variables = abstract_variables(config)
     shardings = variable_shardings(config, abstract_mesh(dict(mesh_items)))
     out = []

@@ -62,16 +62,19 @@ def _init_source(path: str) -> str:
 def _load_init(path: str, source: str, cfg: ml_collections.ConfigDict, dtype: str,
                mesh: Mesh | None) -> tuple[ModelConfig, dict]:
     """Model config and variables of the --init-from checkpoint (`source` from `_init_source`), in the
-    run's dtypes and remat policy."""
+    run's dtypes and remat policy (and layer layout, when the run's model block sets scan_layers)."""
+    scan = cfg.model.get("scan_layers")
     if source == "nemojax":
-        model, variables = orbax_model.load_model(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh)
+        model, variables = orbax_model.load_model(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh,
+                                                  scan_layers=scan)
     else:
-        model, variables = load_pretrained(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh)
+        model, variables = load_pretrained(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh,
+                                           scan_layers=scan)
     return model.config.replace(remat=cfg.remat), variables
 
 
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
-    keep = dict(compute_dtype="float32", param_dtype="float32", remat="none")
+    keep = dict(compute_dtype="float32", param_dtype="float32", remat="none", scan_layers=False)
     return a.replace(**keep) == b.replace(**keep)
 
 
