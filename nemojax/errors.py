@@ -15,3 +15,7 @@ class CheckpointError(NemojaxError):
 
 class DataError(NemojaxError):
     """Training or serving data is missing or malformed; the message names the file."""
+
+
+class OutputError(NemojaxError):
+    """A result cannot be written (missing directory, full disk); the message names the file and what is kept."""

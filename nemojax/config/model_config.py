@@ -23,6 +23,7 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 # Fields that are nemojax choices, not part of a published config.json.
 NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat")
+INT32_MAX = 2**31 - 1  # token ids, positions and sizes reach the device as int32
 
 
 def dtype_name(dtype: Any) -> str:

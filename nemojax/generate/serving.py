@@ -1,14 +1,18 @@
-"""A file of prompt lines in, one output record per line out (in input order), through the engine.
+"""Prompt lines in, one output record per line out, in input order, each as soon as it can be.
 
-Lines are parsed first; a bad line gets `{"error": ...}` and the rest are served. Good requests
-are sorted by prompt length so a batch pads little, served in batches, and their completions are
-decoded to text with stop strings applied (the text ends before the first stop string; the ids end
-with the token that completed it).
+A bad line gets `{"error": "line N: ..."}` (N its physical line) and the rest are served. The lines are
+taken in windows of a few batches; within a window good requests are sorted by prompt length so a batch
+pads little, and after each batch every record whose predecessors are all done is emitted. So a
+finished completion waits at most for the rest of its window, and a consumer that writes each record
+out (serve.py) never holds more than a window in memory or loses more than a window when stopped.
+Completions are decoded to text with stop strings applied (the text ends before the first stop string;
+the ids end with the token that completed it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -16,37 +20,66 @@ from tqdm import tqdm
 
 from nemojax.errors import DataError
 from nemojax.generate.engine import Completion, Engine
+from nemojax.generate.jsonl import Line
 from nemojax.generate.requests import Defaults, Encoder, Request, parse_line
 
-
-def parse_lines(lines: Sequence[str], defaults: Defaults, encoder: Encoder, vocab_size: int, max_context: int
-                ) -> list[Request | dict[str, Any]]:
-    """Each line as a Request, or as its error record."""
-    parsed: list[Request | dict[str, Any]] = []
-    for index, line in enumerate(lines):
-        try:
-            parsed.append(parse_line(line, index, defaults, encoder, vocab_size, max_context))
-        except DataError as e:
-            parsed.append({"error": str(e)})
-    return parsed
+WINDOW_BATCHES = 4  # batches per sorting window
+Record = dict[str, Any]
 
 
-def serve(lines: Sequence[str], engine: Engine, encoder: Encoder, tokenizer: Tokenizer | None, defaults: Defaults,
-          batch_size: int, progress: bool = True, segment_steps: int = 32) -> list[dict[str, Any]]:
-    """Generate for every line; returns one record per line, in input order."""
-    parsed = parse_lines(lines, defaults, encoder, engine.config.vocab_size, engine.config.max_position_embeddings)
-    records: list[dict[str, Any] | None] = [p if isinstance(p, dict) else None for p in parsed]
-    requests = sorted((p for p in parsed if isinstance(p, Request)), key=lambda r: len(r.prompt_ids))
-    with tqdm(total=len(lines), disable=not progress, unit="prompt") as bar:
-        bar.update(len(lines) - len(requests))
+def parse(line: Line, defaults: Defaults, encoder: Encoder, vocab_size: int, max_context: int) -> Request | Record:
+    """A line as a Request, or as its error record naming the line."""
+    try:
+        if line.problem is not None:
+            raise DataError(line.problem)
+        return parse_line(line.text, line.number - 1, defaults, encoder, vocab_size, max_context)
+    except DataError as e:
+        return {"error": f"line {line.number}: {e}"}
+
+
+def serve_stream(lines: Iterable[Line], engine: Engine, encoder: Encoder, tokenizer: Tokenizer | None,
+                 defaults: Defaults, batch_size: int, emit: Callable[[Record], None],
+                 after_batch: Callable[[], None] = lambda: None, progress: tqdm | None = None,
+                 segment_steps: int = 32) -> None:
+    """Generate for every line: `emit(record)` once per line, in input order; `after_batch()` after each
+    batch's records (a writer flushes there)."""
+    config = engine.config
+    lines = iter(lines)
+    while window := list(itertools.islice(lines, batch_size * WINDOW_BATCHES)):
+        parsed = [parse(line, defaults, encoder, config.vocab_size, config.max_position_embeddings)
+                  for line in window]
+        done: dict[int, Record] = {i: p for i, p in enumerate(parsed) if isinstance(p, dict)}
+        position = {p.index: i for i, p in enumerate(parsed) if isinstance(p, Request)}
+        emitted = _emit_ready(done, 0, emit, progress)
+        requests = sorted((p for p in parsed if isinstance(p, Request)), key=lambda r: len(r.prompt_ids))
         for batch in _batches(requests, batch_size):
             stops = [StopStrings(r.stop, tokenizer) for r in batch]
             stop_check = _stop_check(stops) if any(s.active for s in stops) else None
             completions = engine.generate(batch, stop_check=stop_check, segment_steps=segment_steps)
             for request, completion, stop in zip(batch, completions, stops, strict=True):
-                records[request.index] = _record(completion, stop, tokenizer, engine.eos_ids)
-            bar.update(len(batch))
-    return records  # type: ignore[return-value]
+                done[position[request.index]] = _record(completion, stop, tokenizer, engine.eos_ids)
+            emitted = _emit_ready(done, emitted, emit, progress)
+            after_batch()
+        after_batch()
+
+
+def serve(lines: Sequence[str], engine: Engine, encoder: Encoder, tokenizer: Tokenizer | None, defaults: Defaults,
+          batch_size: int, segment_steps: int = 32) -> list[Record]:
+    """In memory: one record per line (numbered from 1), in order."""
+    records: list[Record] = []
+    serve_stream((Line(n, text) for n, text in enumerate(lines, start=1)), engine, encoder, tokenizer, defaults,
+                 batch_size, records.append, segment_steps=segment_steps)
+    return records
+
+
+def _emit_ready(done: dict[int, Record], start: int, emit: Callable[[Record], None], progress: tqdm | None) -> int:
+    """Emit the records from position `start` on while they are done; returns the next position to emit."""
+    while start in done:
+        emit(done.pop(start))
+        start += 1
+        if progress is not None:
+            progress.update(1)
+    return start
 
 
 def _stop_check(stops: Sequence[StopStrings]):
