@@ -19,3 +19,7 @@ class DataError(NemojaxError):
 
 class OutputError(NemojaxError):
     """A result cannot be written (missing directory, full disk); the message names the file and what is kept."""
+
+
+class NemojaxWarning(UserWarning):
+    """Input that is used, but not as given (an ignored config field, a checkpoint skipped as unreadable)."""

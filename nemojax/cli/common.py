@@ -6,21 +6,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
 
 from nemojax.config import INT32_MAX
-from nemojax.errors import NemojaxError
+from nemojax.errors import NemojaxError, NemojaxWarning
 
 BAD_INPUT = 2
 
 
 def report_errors(run: Callable[[], int]) -> int:
-    """`run()`'s status, or BAD_INPUT after printing a nemojax error's message."""
-    try:
-        return run()
-    except NemojaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return BAD_INPUT
+    """`run()`'s status, or BAD_INPUT after printing a nemojax error's message; nemojax warnings are
+    printed as `warning: MESSAGE`."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning(warnings.showwarning)
+        try:
+            return run()
+        except NemojaxError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return BAD_INPUT
+
+
+def _show_warning(default: Callable) -> Callable:
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, NemojaxWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
 
 
 def int_in(low: int, high: int = INT32_MAX) -> Callable[[str], int]:

@@ -1,17 +1,15 @@
-"""Prompt lines in, one output record per line out, in input order, each as soon as it can be.
+"""Prompt lines in, one output record per line out, in input order, each as soon as its batch finishes.
 
-A bad line gets `{"error": "line N: ..."}` (N its physical line) and the rest are served. The lines are
-taken in windows of a few batches; within a window good requests are sorted by prompt length so a batch
-pads little, and after each batch every record whose predecessors are all done is emitted. So a
-finished completion waits at most for the rest of its window, and a consumer that writes each record
-out (serve.py) never holds more than a window in memory or loses more than a window when stopped.
+A bad line gets `{"error": "line N: ..."}` (N its physical line) and the rest are served. Good lines are
+batched in input order (a batch holds the next `batch_size` good lines), so when a batch finishes, every
+line up to its last one is answered and their records are emitted at once: a consumer that writes each
+record out (serve.py) holds at most one batch in memory and loses at most one batch when stopped.
 Completions are decoded to text with stop strings applied (the text ends before the first stop string;
 the ids end with the token that completed it).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -23,7 +21,6 @@ from nemojax.generate.engine import Completion, Engine
 from nemojax.generate.jsonl import Line
 from nemojax.generate.requests import Defaults, Encoder, Request, parse_line
 
-WINDOW_BATCHES = 4  # batches per sorting window
 Record = dict[str, Any]
 
 
@@ -42,25 +39,44 @@ def serve_stream(lines: Iterable[Line], engine: Engine, encoder: Encoder, tokeni
                  after_batch: Callable[[], None] = lambda: None, progress: tqdm | None = None,
                  segment_steps: int = 32) -> None:
     """Generate for every line: `emit(record)` once per line, in input order; `after_batch()` after each
-    batch's records (a writer flushes there)."""
+    batch's records (a writer flushes there) and at the end."""
     config = engine.config
-    lines = iter(lines)
-    while window := list(itertools.islice(lines, batch_size * WINDOW_BATCHES)):
-        parsed = [parse(line, defaults, encoder, config.vocab_size, config.max_position_embeddings)
-                  for line in window]
-        done: dict[int, Record] = {i: p for i, p in enumerate(parsed) if isinstance(p, dict)}
-        position = {p.index: i for i, p in enumerate(parsed) if isinstance(p, Request)}
-        emitted = _emit_ready(done, 0, emit, progress)
-        requests = sorted((p for p in parsed if isinstance(p, Request)), key=lambda r: len(r.prompt_ids))
-        for batch in _batches(requests, batch_size):
-            stops = [StopStrings(r.stop, tokenizer) for r in batch]
-            stop_check = _stop_check(stops) if any(s.active for s in stops) else None
-            completions = engine.generate(batch, stop_check=stop_check, segment_steps=segment_steps)
-            for request, completion, stop in zip(batch, completions, stops, strict=True):
-                done[position[request.index]] = _record(completion, stop, tokenizer, engine.eos_ids)
-            emitted = _emit_ready(done, emitted, emit, progress)
-            after_batch()
+    queue: list[Request | Record] = []  # the lines since the last batch, in order
+
+    def run_batch() -> None:
+        batch = [item for item in queue if isinstance(item, Request)]
+        done = dict(zip((r.index for r in batch), _generate(batch, engine, tokenizer, segment_steps), strict=True))
+        for item in queue:
+            emit(done[item.index] if isinstance(item, Request) else item)
+        if progress is not None:
+            progress.update(len(queue))
+        queue.clear()
         after_batch()
+
+    for line in lines:
+        item = parse(line, defaults, encoder, config.vocab_size, config.max_position_embeddings)
+        if isinstance(item, dict) and not queue:  # nothing before it is pending: answer it now
+            emit(item)
+            if progress is not None:
+                progress.update(1)
+            continue
+        queue.append(item)
+        if sum(isinstance(i, Request) for i in queue) == batch_size:
+            run_batch()
+    if queue:
+        run_batch()
+    after_batch()
+
+
+def _generate(batch: Sequence[Request], engine: Engine, tokenizer: Tokenizer | None,
+              segment_steps: int) -> list[Record]:
+    """One batch through the engine: a record per request, in order."""
+    if not batch:
+        return []
+    stops = [StopStrings(r.stop, tokenizer) for r in batch]
+    stop_check = _stop_check(stops) if any(s.active for s in stops) else None
+    completions = engine.generate(batch, stop_check=stop_check, segment_steps=segment_steps)
+    return [_record(c, stop, tokenizer, engine.eos_ids) for c, stop in zip(completions, stops, strict=True)]
 
 
 def serve(lines: Sequence[str], engine: Engine, encoder: Encoder, tokenizer: Tokenizer | None, defaults: Defaults,
@@ -72,23 +88,8 @@ def serve(lines: Sequence[str], engine: Engine, encoder: Encoder, tokenizer: Tok
     return records
 
 
-def _emit_ready(done: dict[int, Record], start: int, emit: Callable[[Record], None], progress: tqdm | None) -> int:
-    """Emit the records from position `start` on while they are done; returns the next position to emit."""
-    while start in done:
-        emit(done.pop(start))
-        start += 1
-        if progress is not None:
-            progress.update(1)
-    return start
-
-
 def _stop_check(stops: Sequence[StopStrings]):
     return lambda row, ids: stops[row].find(ids) is not None
-
-
-def _batches(requests: Sequence[Request], batch_size: int) -> Iterable[list[Request]]:
-    for start in range(0, len(requests), batch_size):
-        yield list(requests[start:start + batch_size])
 
 
 def _record(completion: Completion, stop: StopStrings, tokenizer: Tokenizer | None,
