@@ -6,6 +6,8 @@ line while the good lines around it are served; finished records survive a full 
 import errno
 import json
 import os
+import shutil
+import threading
 
 import jax
 import pytest
@@ -87,6 +89,8 @@ def served(record):
     ("output under a file", ["--output", "{dir}/in.jsonl/out.jsonl"], "in.jsonl/out.jsonl"),
     ("output a directory", ["--output", "{dir}"], "is a directory"),
     ("output is the prompts", ["--output", "{dir}/in.jsonl"], "prompts file"),
+    ("output path empty", ["--output", ""], "--output"),
+    ("chat template does not parse", ["--checkpoint", "{bad_template}"], "tokenizer_config.json"),
     ("stats dir missing", ["--stats", "{dir}/missing/s.json"], "--stats"),
     ("checkpoint missing", ["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     ("temperature nan", ["--temperature", "nan"], "--temperature"),
@@ -107,7 +111,10 @@ def served(record):
 def test_bad_flags_are_refused_before_any_work(model_dirs, tmp_path, capsys, generate_calls, case, extra, named):
     model, bare = model_dirs
     (tmp_path / "in.jsonl").write_text("\n".join(GOOD) + "\n")
-    fill = dict(dir=str(tmp_path), bare=bare)
+    bad_template = tmp_path / "bad_template"
+    shutil.copytree(model, bad_template)
+    (bad_template / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for m in %}"}))
+    fill = dict(dir=str(tmp_path), bare=bare, bad_template=str(bad_template))
     argv = ["--checkpoint", model, "--prompts", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
             "--no-progress"] + [a.format(**fill) for a in extra]
     try:
@@ -241,3 +248,18 @@ def test_interrupt_keeps_finished_batches_and_resume_serves_only_the_rest(model_
     prompts.write_text("\n".join(GOOD[:2]) + "\n")  # a shorter prompt file: this output is not its own
     assert serve(model_dirs[0], prompts, out, "--resume") == 2
     assert "another prompt file" in capsys.readouterr().err and len(records(out)) == 10
+
+
+def test_prompts_from_a_pipe_are_served(model_dirs, tmp_path):
+    """A pipe is read once, line by line (no count ahead, no second pass)."""
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "w") as f:
+            f.write("\n".join(GOOD[:2]) + "\n\n")
+
+    threading.Thread(target=feed, daemon=True).start()
+    assert serve(model_dirs[0], fifo, tmp_path / "out.jsonl") == 0
+    got = records(tmp_path / "out.jsonl")
+    assert len(got) == 3 and served(got[0]) and served(got[1]) and got[2]["error"].startswith("line 3: blank")

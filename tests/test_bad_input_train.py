@@ -74,6 +74,7 @@ BAD = [  # (case, extra arguments (formatted with {d}: a scratch dir), what the 
     ("config file missing", ["--config", "/nonexistent/c.py"], "/nonexistent/c.py"),
     ("config file raises", ["--config", "{raises}"], "raises.py"),
     ("get_config returns None", ["--config", "{returns_none}"], "get_config()"),
+    ("model block a number", ["--config", "{model_number}"], "`model`"),
     ("run field typo", ["--config.num_stepz=3"], "num_stepz"),
     ("model field typo", ["--config.model.hiden_size=64"], "did you mean 'hidden_size'"),
     ("model block typo", ["--config.modle.hidden_size=64"], "modle"),
@@ -98,6 +99,7 @@ BAD = [  # (case, extra arguments (formatted with {d}: a scratch dir), what the 
     ("heldout fraction 1.5", ["--config.data.heldout_fraction=1.5"], "heldout_fraction"),
     ("tokenizer file corrupt", ["--config.data.tokenizer_path={bad_tokenizer}"], "bad_tokenizer.json"),
     ("workdir is a file", ["--workdir", "{a_file}"], "a_file"),
+    ("workdir empty", ["--workdir", ""], "--workdir"),
     ("workdir under a file", ["--workdir", "{a_file}/run"], "a_file/run"),
     ("init-from missing", ["--init-from", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     ("init-from truncated safetensors", ["--init-from", "{truncated_hf}"], "model.safetensors"),
@@ -112,6 +114,8 @@ def test_bad_input_is_refused_before_any_work(tokenizer, truncated_hf, tmp_path,
     files = dict(
         raises=write(d / "raises.py", b"1 / 0\n"),
         returns_none=write(d / "returns_none.py", b"def get_config():\n    return None\n"),
+        model_number=write(d / "model_number.py", b"import ml_collections\ndef get_config():\n"
+                           b"    return ml_collections.ConfigDict(dict(model=5))\n"),
         not_utf8=write(d / "not_utf8.txt", b"caf\xe9\n"),
         u2028=write(d / "u2028.jsonl", json.dumps({"text": "a\u2028b\u0085c"}, ensure_ascii=False).encode()
                     + b'\n\n{"text": "ok"}\n{oops\n'),

@@ -292,6 +292,39 @@ def _all_corrupt(fx):
     return judge_refusal(serve_main(serve_args(fx, prompts, out, checkpoint=path)), "workdir")
 
 
+@probe("serve", "prompts from a pipe")
+def _pipe(fx):
+    import threading
+
+    d = fx.scratch("pipe")
+    fifo = os.path.join(d, "in.fifo")
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "wb") as f:
+            f.write(b"\n".join(GOOD) + b"\n")
+
+    threading.Thread(target=feed, daemon=True).start()
+    out = os.path.join(d, "out.jsonl")
+    r = serve_main(serve_args(fx, fifo, out))
+    return judge_valid(r, lambda: None if len(read_records(out) or []) == 2 and all(
+        _served(x) for x in read_records(out)) else f"records {read_records(out)}")
+
+
+serve_flag_probe("empty output path", [], ["--output"], output=lambda fx, p, o: "")
+
+
+@probe("serve", "chat template that does not parse")
+def _bad_template(fx):
+    import shutil
+
+    path = os.path.join(fx.scratch("template"), "model")
+    shutil.copytree(fx.model, path)
+    write(os.path.join(path, "tokenizer_config.json"), json.dumps({"chat_template": "{% for m in %}"}).encode())
+    prompts, out = prompts_file(fx, "template", GOOD[0] + b"\n")
+    return judge_refusal(serve_main(serve_args(fx, prompts, out, checkpoint=path)), "tokenizer_config.json")
+
+
 def _hf_variant(name: str, edit: Callable[[str], None], named: Callable[[str], list[str]]) -> None:
     @probe("serve", f"HF checkpoint: {name}")
     def run(fx):
@@ -558,6 +591,22 @@ train_refuse("workdir holding another model", ["--config.model.hidden_size=48"],
 train_refuse("distributed flags incomplete", ["--num-processes", "2"], ["--coordinator-address"])
 
 
+train_refuse("empty workdir path", [], ["--workdir"], workdir=lambda fx, d: "")
+train_refuse("config whose model is a number",
+             lambda fx, d: ["--config", write(os.path.join(d, "c.py"), b"import ml_collections\ndef get_config():\n"
+                                              b"    return ml_collections.ConfigDict(dict(model=5))\n")],
+             ["model"])
+
+
+@probe("train", "init-from a workdir whose newest checkpoint is corrupt")
+def _init_from_corrupt(fx):
+    source = fx.workdir_copy("initcorrupt")
+    fixtures.corrupt_step(source, 3)
+    d = fx.scratch("initcorrupt-run")
+    r = train_main(train_args(fx, os.path.join(d, "w"), "--init-from", source, "--config.num_steps=1"))
+    return judge_valid(r, lambda: None if "checkpoints/3" in r.err else "the corrupt step is not named")
+
+
 @probe("train", "hidden size of a million (would exhaust memory)")
 def _train_huge(fx):
     d = fx.scratch("huge")
@@ -674,6 +723,9 @@ plan_refuse("unknown model", ["no-such-model", "--no-compile"], ["no-such-model"
 plan_refuse("config.json not JSON", ["/dev/null/config.json", "--no-compile"], ["config.json"])
 probe("plan", "config.json garbage")(lambda fx: judge_refusal(plan_run(
     write(os.path.join(fx.scratch("plangarbage"), "config.json"), b"{oops"), "--no-compile"), "config.json"))
+probe("plan", "config file without a model block")(lambda fx: judge_refusal(plan_run(
+    write(os.path.join(fx.scratch("nomodel"), "c.py"), b"import ml_collections\ndef get_config():\n"
+          b"    return ml_collections.ConfigDict(dict(num_steps=3))\n"), "--no-compile"), "model"))
 plan_valid("nemojax model directory", lambda fx: [fx.model, "--no-compile", "--json"],
            lambda r: None if json.loads(r.out)["params_total"] > 0 else "no parameters")
 plan_valid("training workdir", lambda fx: [fx.workdir, "--no-compile", "--json"],
@@ -786,6 +838,7 @@ load_probe("routed scaling NaN", lambda p: write(os.path.join(p, "config.json"),
            lambda p: ["routed_scaling_factor"])
 load_probe("unknown config field (published configs carry extras)", edit_config(my_extra_field=1),
            lambda p: ["my_extra_field"], expect="valid")
+load_probe("eos list empty", edit_config(eos_token_id=[]), lambda p: ["eos_token_id"])
 load_probe("safetensors truncated", _truncate, ST)
 load_probe("safetensors empty file", lambda p: write(os.path.join(p, "model.safetensors"), b"") and None, ST)
 load_probe("safetensors header longer than the file", lambda p: write(
@@ -840,11 +893,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--label", default="after")
     parser.add_argument("--only", default="", help="comma-separated groups: serve,line,train,plan,load")
-    parser.add_argument("--match", default="", help="run only probes whose name contains this")
+    parser.add_argument("--match", default="", help="run only probes whose name contains one of these ('|'-separated)")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     args = parser.parse_args()
     groups = set(filter(None, args.only.split(",")))
-    chosen = [p for p in PROBES if (not groups or p.group in groups) and args.match in p.name]
+    patterns = args.match.split("|")
+    chosen = [p for p in PROBES if (not groups or p.group in groups) and any(m in p.name for m in patterns)]
     _count_generate()
     started = time.time()
     with tempfile.TemporaryDirectory() as root:

@@ -58,7 +58,7 @@ def _check_entry(path: str, key: str, meta: object, data_bytes: int) -> None:
 
     if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
         raise bad("expected an object with dtype, shape and data_offsets")
-    if meta["dtype"] not in _DTYPES:
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in _DTYPES:
         raise bad(f"unsupported dtype {meta['dtype']!r}")
     shape, offsets = meta["shape"], meta["data_offsets"]
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0

@@ -74,14 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return report_errors(lambda: run(args))
     except KeyboardInterrupt:
-        print(f"interrupted: the finished records are kept in {args.output}.partial; rerun with --resume",
-              file=sys.stderr)
+        partial = args.output + ".partial"
+        kept = f": the finished records are kept in {partial}; rerun with --resume" if os.path.exists(partial) else ""
+        print(f"interrupted{kept}", file=sys.stderr)
         return 130
 
 
-def check_inputs(args: argparse.Namespace) -> int:
+def check_inputs(args: argparse.Namespace) -> int | None:
     """Everything about the flags and files that can be checked before loading anything; returns the
-    number of lines in the prompts file."""
+    number of lines in the prompts file (None for a pipe)."""
     from nemojax.config import FLOAT_DTYPES, dtype_name
     from nemojax.errors import CheckpointError, ConfigError
     from nemojax.generate.jsonl import check_writable, count_lines
@@ -119,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
     from nemojax.distributed import agree, initialize
     from nemojax.errors import ConfigError, NemojaxError, OutputError
     from nemojax.generate.jsonl import JsonlOutput
+    from nemojax.generate.loading import load_encoder
     from nemojax.sharding import make_mesh, parse_mesh
 
     total = check_inputs(args)
+    encoder, tokenizer = load_encoder(args.checkpoint)  # a bad tokenizer or chat template fails before any work
     mesh_shape = None if args.mesh is None else parse_mesh(args.mesh)
     initialize(args)
     if mesh_shape is None and jax.process_count() > 1:
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if answered < 0:
         raise OutputError("process 0 could not open the output file (see its message)")
     try:
-        if answered > total:
+        if total is not None and answered > total:
             raise ConfigError(f"--resume: {args.output} already holds {answered} records but {args.prompts} has "
                               f"only {total} lines; it is the output of another prompt file")
 
@@ -156,43 +159,47 @@ def run(args: argparse.Namespace) -> int:
             if not agree(int(problem is None)):
                 raise problem or OutputError("process 0 could not write the output file (see its message)")
 
-        if answered < total:
-            serve_lines(args, mesh, total, answered, writer.write if writer is not None else None, flush,
-                        jax.process_index() == 0)
+        stats = None
+        if total is None or answered < total:
+            emit = writer.write if writer is not None else None
+            stats = serve_lines(args, mesh, (encoder, tokenizer), total, answered, emit, flush,
+                                jax.process_index() == 0)
         if writer is not None:
             writer.commit()
     finally:
         if writer is not None:
             writer.close()
+    if args.stats and stats is not None and writer is not None:
+        try:
+            with open(args.stats, "w") as f:
+                json.dump(stats, f, indent=2)
+        except OSError as e:
+            raise OutputError(f"--stats {args.stats}: cannot write ({e.strerror or e})") from e
     return 0
 
 
-def serve_lines(args: argparse.Namespace, mesh, total: int, answered: int, emit, flush, main_process: bool) -> None:
-    """Load the checkpoint and serve the lines after the first `answered`: `emit(record)` per line
-    (None: not the writing process), `flush()` after each batch."""
+def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | None, answered: int, emit, flush,
+                main_process: bool) -> dict:
+    """Load the checkpoint and serve the lines after the first `answered` with `encoding` (encoder,
+    tokenizer): `emit(record)` per line (None: not the writing process), `flush()` after each batch.
+    Returns the throughput statistics."""
     from tqdm import tqdm
 
-    from nemojax.errors import OutputError
     from nemojax.generate import Engine
     from nemojax.generate.jsonl import read_lines
-    from nemojax.generate.loading import end_of_turn_ids, load_checkpoint, load_encoder
+    from nemojax.generate.loading import end_of_turn_ids, load_checkpoint
     from nemojax.generate.serving import serve_stream
     from nemojax.generate.stats import stats_record
 
+    encoder, tokenizer = encoding
     model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh)
-    encoder, tokenizer = load_encoder(args.checkpoint)
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
                     think_end_id=encoder.think_end_id, prefill_chunk=args.prefill_chunk,
                     num_draft_tokens=args.num_draft_tokens if args.speculative else 0, mesh=mesh)
     with tqdm(total=total, initial=answered, disable=args.no_progress or not main_process, unit="line") as bar:
         serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
                      args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar)
-    if args.stats and main_process:
-        try:
-            with open(args.stats, "w") as f:
-                json.dump(stats_record(engine.stats, engine.k), f, indent=2)
-        except OSError as e:
-            raise OutputError(f"--stats {args.stats}: cannot write ({e.strerror or e})") from e
+    return stats_record(engine.stats, engine.k)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def unknown_field_message(names: Sequence[str]) -> str:
     """`'hiden_size' (did you mean 'hidden_size'?)`, for each name."""
     hints = []
     for name in names:
-        close = difflib.get_close_matches(name, sorted(READ_FIELDS), n=1)
+        close = difflib.get_close_matches(name, sorted(READ_FIELDS), n=1, cutoff=0.8)
         hints.append(repr(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
     return ", ".join(hints)
 

@@ -33,8 +33,11 @@ class Line:
     problem: str | None = None
 
 
-def count_lines(path: str) -> int:
-    """Physical lines of a file: its newlines, plus one for a last line without a newline."""
+def count_lines(path: str) -> int | None:
+    """Physical lines of a file: its newlines, plus one for a last line without a newline; None for a pipe
+    or device (it can be read only once, so it is not counted ahead)."""
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        return None
     count, last = 0, b"\n"
     with _open_input(path) as f:
         while chunk := f.read(_READ_CHUNK):
@@ -80,6 +83,8 @@ def _skip_rest_of_line(f: IO[bytes]) -> None:
 
 def check_writable(path: str, flag: str) -> None:
     """ConfigError naming `flag` unless a file can be created at `path` (an existing directory is refused)."""
+    if not path:
+        raise ConfigError(f"{flag} is empty; give a file path")
     if os.path.isdir(path):
         raise ConfigError(f"{flag} {path} is a directory; give a file path")
     parent = os.path.dirname(os.path.abspath(path))
@@ -165,6 +170,8 @@ class JsonlOutput:
             raise OutputError(f"cannot move {self.partial} to {self.path}: {e.strerror or e}") from e
 
     def close(self) -> None:
-        """Close without committing (the partial file stays for --resume)."""
+        """Close without committing: the partial file stays for --resume, unless it holds nothing."""
         if not self._file.closed:
             self._file.close()
+            if os.path.exists(self.partial) and os.path.getsize(self.partial) == 0:
+                os.remove(self.partial)

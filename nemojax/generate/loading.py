@@ -61,7 +61,10 @@ def load_encoder(path: str) -> tuple[Encoder, Tokenizer | None]:
     except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
         raise CheckpointError(f"{directory}/{TOKENIZER_FILE}: cannot read the tokenizer ({e})") from e
     template = _chat_template(directory)
-    render = render_messages_for(template) if template else _render_chatml
+    try:
+        render = render_messages_for(template) if template else _render_chatml
+    except jinja2.TemplateError as e:
+        raise CheckpointError(f"{directory}/{TOKENIZER_CONFIG_FILE}: the chat template does not parse ({e})") from e
     return (Encoder(lambda text: tokenizer.encode(text).ids, render,
                     (tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END))), tokenizer)
 

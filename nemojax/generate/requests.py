@@ -113,7 +113,7 @@ def parse_line(line: str, index: int, defaults: Defaults, encoder: Encoder, voca
 def _unknown_fields(unknown: Sequence[str]) -> str:
     hints = []
     for name in unknown:
-        close = difflib.get_close_matches(name, LINE_FIELDS, n=1)
+        close = difflib.get_close_matches(name, LINE_FIELDS, n=1, cutoff=0.8)
         hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     return f"unknown field {', '.join(hints)}; a line may hold {', '.join(LINE_FIELDS)}"
 

@@ -88,6 +88,8 @@ class TrainingRun:
         configured = model_config(cfg)
         validate_data_config(cfg.data)
         init_source = _init_source(init_from) if init_from else None
+        if not workdir:
+            raise ConfigError("--workdir is empty; give a directory (it is created if missing)")
         self.cfg, self.workdir = cfg, os.path.abspath(workdir)
         self.mesh = build_mesh(cfg.mesh)
         if init_from is None:

@@ -54,15 +54,21 @@ def default_run_config() -> ml_collections.ConfigDict:
 
 
 def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict, where: str = "") -> None:
-    """Copy `update` into `base`; nested blocks merge field by field, except `model`, which is replaced."""
+    """Copy `update` into `base`; nested blocks merge field by field, except `model`, which is replaced.
+    A value of the wrong type for its field is a ConfigError naming the field."""
     for key, value in update.items():
         name = f"{where}{key}"
-        if name == "model" or key not in base:
-            base[key] = value
-        elif isinstance(base[key], ml_collections.ConfigDict) and isinstance(value, ml_collections.ConfigDict):
-            _merge(base[key], value, name + ".")
-        else:
-            base[key] = value
+        if name == "model" and not isinstance(value, (ml_collections.ConfigDict, dict)):
+            raise ConfigError(f"config field `model`: expected a block of config.json fields, got {value!r}")
+        try:
+            if name == "model" or key not in base:
+                base[key] = value
+            elif isinstance(base[key], ml_collections.ConfigDict) and isinstance(value, ml_collections.ConfigDict):
+                _merge(base[key], value, name + ".")
+            else:
+                base[key] = value
+        except TypeError as e:  # ml_collections keeps each field's type
+            raise ConfigError(f"config field `{name}`: {e}") from e
 
 
 def _parse_value(text: str, current: Any, name: str) -> Any:
