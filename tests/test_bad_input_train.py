@@ -78,6 +78,7 @@ BAD = [  # (case, extra arguments (formatted with {d}: a scratch dir), what the 
     ("run field typo", ["--config.num_stepz=3"], "num_stepz"),
     ("model field typo", ["--config.model.hiden_size=64"], "did you mean 'hidden_size'"),
     ("model block typo", ["--config.modle.hidden_size=64"], "modle"),
+    ("model field without effect", ["--config.model.rope_theta=5"], "does not change the model"),
     ("batch size zero", ["--config.batch_size=0"], "batch_size"),
     ("num_steps beyond int32", [f"--config.num_steps={10**13}"], "num_steps"),
     ("seed beyond int32", [f"--config.seed={10**30}"], "seed"),

@@ -124,6 +124,11 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     return from_dict(read_config(_config_dir(directory))["model"])
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a restore failed for lack of memory (the checkpoint itself may be fine)."""
+    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
+
+
 def abstract_target(config: ModelConfig, shardings: Any | None = None) -> dict:
     """ShapeDtypeStructs of the variables carrying the shardings to restore onto (one device by default)."""
     abstract = abstract_variables(config)
@@ -164,7 +169,9 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, param_dtype: s
         try:
             with ocp.StandardCheckpointer() as checkpointer:
                 restored = checkpointer.restore(source, target)
-        except Exception as e:  # whatever the reader raises, this tree cannot be used
+        except Exception as e:  # whatever the reader raises, this tree cannot be used ...
+            if out_of_memory(e):  # ... unless the machine, not the checkpoint, is at fault
+                raise
             failures.append(f"{source} ({type(e).__name__}: {str(e)[:300]})")
             continue
         if failures:

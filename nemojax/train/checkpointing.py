@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from nemojax.checkpoint.orbax import CHECKPOINTS_DIR, VARIABLES_ITEM
+from nemojax.checkpoint.orbax import CHECKPOINTS_DIR, VARIABLES_ITEM, out_of_memory
 from nemojax.errors import CheckpointError, NemojaxWarning
 from nemojax.train.step import TrainState
 
@@ -74,7 +74,9 @@ class TrainCheckpoints:
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, data_state = self.restore(step, abstract_state)
-            except Exception as e:  # whatever the reader raises, this step cannot be used
+            except Exception as e:  # whatever the reader raises, this step cannot be used ...
+                if out_of_memory(e):  # ... unless the machine, not the checkpoint, is at fault
+                    raise
                 reason = f"{type(e).__name__}: {str(e)[:300]}"
                 failures.append(f"step {step} ({reason})")
                 self._set_aside(step)
@@ -93,7 +95,11 @@ class TrainCheckpoints:
             aside, n = f"{path}.unreadable", 1
             while os.path.exists(aside):
                 aside, n = f"{path}.unreadable.{n}", n + 1
-            os.replace(path, aside)
+            try:
+                os.replace(path, aside)
+            except OSError as e:
+                raise CheckpointError(f"checkpoint step {step} cannot be restored and cannot be moved aside to "
+                                      f"{aside} ({e.strerror or e}); move or delete {path} and rerun") from e
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 
 from nemojax.config import INT32_MAX, ModelConfig, from_hf_config, load_config_file
-from nemojax.config.hf import KNOWN_FIELDS, unknown_field_message
+from nemojax.config.hf import READ_FIELDS, UNUSED_FIELDS, unknown_field_message
 from nemojax.errors import ConfigError
 from nemojax.train.data import default_data_config
 from nemojax.train.optimizer import SCHEDULES, default_optimizer_config
@@ -121,7 +121,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
                 raise ConfigError(f"--config.{name}: no config block {'.'.join(parents[:i + 1])!r}")
             node = node[part]
         in_model = parents == ["model"]
-        if key not in node and not (in_model and key in KNOWN_FIELDS):
+        if in_model and key in UNUSED_FIELDS:
+            raise ConfigError(f"--config.{name}: a published config field that does not change the model here")
+        if key not in node and not (in_model and key in READ_FIELDS):
             known = "any config.json field of the model" if in_model else f"known here: {sorted(node.keys())}"
             hint = unknown_field_message([key]) if in_model else repr(key)
             raise ConfigError(f"--config.{name}: unknown field {hint} ({known})")
