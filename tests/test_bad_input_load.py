@@ -32,7 +32,7 @@ ST = "model.safetensors"
 def hf_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf")
     config = from_hf_config(TINY)
-    save_pretrained(directory, config, init_variables(config, jax.random.key(0)))
+    save_pretrained(directory, config, jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0)))
     return directory
 
 
@@ -142,7 +142,8 @@ def test_published_extra_fields_load_with_a_warning_naming_them(copy):
 
 def test_workdir_with_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     config = from_hf_config(TINY)
-    steps = {step: init_variables(config, jax.random.key(step)) for step in (1, 2)}
+    init = jax.jit(init_variables, static_argnums=0)
+    steps = {step: init(config, jax.random.key(step)) for step in (1, 2)}
     write_config(str(tmp_path), config)
     for step, variables in steps.items():
         with ocp.StandardCheckpointer() as checkpointer:
