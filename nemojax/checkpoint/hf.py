@@ -231,7 +231,8 @@ def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, par
     hf = read_hf_config(directory)
     param_dtype = dtype_name(param_dtype) if param_dtype is not None else storage_dtype(hf)
     compute_dtype = dtype_name(dtype) if dtype is not None else param_dtype
-    config = from_hf_config(hf, compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    config = from_hf_config(directory, compute_dtype=compute_dtype, param_dtype=param_dtype,  # warnings name the file
+                            scan_layers=scan_layers)
     return NemotronH(config), load_variables(directory, config, mesh)
 
 

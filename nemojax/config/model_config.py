@@ -28,6 +28,7 @@ KERNEL_CHOICES = ("auto", "pallas", "reference")
 NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels", "scan_layers")
 # `scan_layers=None` resolves to True from this depth on (the published models: 52-108 layers).
 SCAN_LAYERS_FROM = 16
+INT32_MAX = 2**31 - 1  # token ids, positions and sizes reach the device as int32
 
 
 def dtype_name(dtype: Any) -> str:
@@ -170,8 +171,19 @@ def _validate(c: ModelConfig) -> None:
                  "moe_intermediate_size", "moe_shared_expert_intermediate_size", "n_group", "topk_group",
                  "max_position_embeddings"):
         value = getattr(c, name)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                 f"must be a positive integer, got {value!r}")
+        _require(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= INT32_MAX, name,
+                 f"must be a positive integer up to {INT32_MAX}, got {value!r}")
+    for name in ("bos_token_id", "pad_token_id"):
+        value = getattr(c, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                 f"must be a token id (an integer >= 0), got {value!r}")
+    _require(len(c.eos_token_id) > 0 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                             for i in c.eos_token_id), "eos_token_id",
+             f"must be token ids (integers >= 0), got {c.eos_token_id!r}")
+    for name in ("routed_scaling_factor", "layer_norm_epsilon"):
+        value = getattr(c, name)
+        _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name,
+                 f"must be a finite number > 0, got {value!r}")
     _require(len(c.layer_types) > 0, "layer_types", "the model needs at least one layer")
     for field, kinds in (("layer_types", c.layer_types), ("mtp_layer_types", c.mtp_layer_types)):
         bad = [k for k in kinds if k not in LAYER_KINDS]
@@ -188,7 +200,7 @@ def _validate(c: ModelConfig) -> None:
              "group-limited routing scores each group by its top-2 experts; groups need >= 2 experts")
     _require(c.num_experts_per_tok <= per_group * c.topk_group, "num_experts_per_tok",
              f"{c.num_experts_per_tok} exceeds the experts reachable in topk_group={c.topk_group} groups")
-    _require(c.moe_latent_size is None or (isinstance(c.moe_latent_size, int) and c.moe_latent_size > 0),
+    _require(c.moe_latent_size is None or (isinstance(c.moe_latent_size, int) and 0 < c.moe_latent_size <= INT32_MAX),
              "moe_latent_size", f"must be a positive integer or null, got {c.moe_latent_size!r}")
     lo, hi = c.time_step_limit
     _require(0.0 <= lo <= hi, "time_step_limit", f"expected 0 <= low <= high, got {c.time_step_limit}")
