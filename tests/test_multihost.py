@@ -33,6 +33,8 @@ RUN = [
     "--config.seq_len=32", f"--config.num_steps={STEPS}", "--config.log_every=1", "--config.eval_every=100",
     "--config.eval_batches=1", "--config.checkpoint_every=100",
     "--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.expert=2",
+    # no warm-up and a large rate, so that 3 steps lower the loss on any Python's standard library
+    "--config.optimizer.warmup_steps=1", "--config.optimizer.learning_rate=1e-2",
 ]
 
 
