@@ -27,14 +27,19 @@ define venv
 	touch $(1)/.installed
 endef
 
+# What each venv installs (the extras are in pyproject.toml).
+PY311_INSTALL := -e '.[test,torch,plot]'
+PY312_INSTALL := '.[test,plot]'
+DEMO_INSTALL := -e '.[plot]'
+
 .venv/.installed: pyproject.toml requirements/py311.lock
-	$(call venv,.venv,$(PYTHON311),requirements/py311.lock,-e '.[test,torch,plot]')
+	$(call venv,.venv,$(PYTHON311),requirements/py311.lock,$(PY311_INSTALL))
 
 .venv-py312/.installed: pyproject.toml requirements/py312.lock
-	$(call venv,.venv-py312,$(PYTHON312),requirements/py312.lock,'.[test,plot]')
+	$(call venv,.venv-py312,$(PYTHON312),requirements/py312.lock,$(PY312_INSTALL))
 
 .venv-demo/.installed: pyproject.toml requirements/py311.lock
-	$(call venv,.venv-demo,$(PYTHON311),requirements/py311.lock,-e '.[plot]')
+	$(call venv,.venv-demo,$(PYTHON311),requirements/py311.lock,$(DEMO_INSTALL))
 
 install: .venv/.installed .venv-py312/.installed
 
