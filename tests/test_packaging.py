@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import re
+import subprocess
 import sys
 import tomllib
 
@@ -105,3 +106,16 @@ def test_locks_pin_every_requirement(lock):
         assert name in pinned, f"{lock} lacks {name}: regenerate it with `make lock`"
         assert requirement.specifier.contains(pinned[name], prereleases=True), (lock, text, pinned[name])
     assert ("torch" in pinned) == (lock == "py311.lock")
+
+
+@pytest.mark.parametrize("caller, want", [
+    ("", "--xla_force_host_platform_device_count=8"),
+    ("--xla_cpu_use_thunk_runtime=true", "--xla_cpu_use_thunk_runtime=true --xla_force_host_platform_device_count=8"),
+    ("--xla_force_host_platform_device_count=2", "--xla_force_host_platform_device_count=2"),
+])
+def test_conftest_keeps_the_callers_xla_flags(caller, want):
+    """tests/conftest.py adds the 8-device count to a caller's XLA_FLAGS unless the caller set a count."""
+    code = "import os, conftest; print(os.environ['XLA_FLAGS'])"
+    env = dict(os.environ, XLA_FLAGS=caller, PYTHONPATH=os.path.join(REPO, "tests"))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == want
