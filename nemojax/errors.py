@@ -15,3 +15,7 @@ class CheckpointError(NemojaxError):
 
 class DataError(NemojaxError):
     """Training or serving data is missing or malformed; the message names the file."""
+
+
+class QuantizationError(NemojaxError, ValueError):
+    """A tensor cannot be quantized or dequantized as asked (shape, non-finite values, bad scales)."""
