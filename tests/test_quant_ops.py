@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nemojax.errors import QuantizationError
-from nemojax.ops.fp8_matmul import fp8_matmul
 from nemojax.ops.grouped_matmul_nvfp4 import grouped_matmul_nvfp4
+from nemojax.ops.quantized_matmul import fp8_matmul, nvfp4_matmul
 from nemojax.quant import fp8, nvfp4
 
 
@@ -84,3 +84,12 @@ def test_fp8_matmul_equals_dequantize_then_matmul(channel):
     np.testing.assert_allclose(fp8_matmul(x, q, scale), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(QuantizationError, match="disagree"):
         fp8_matmul(x, q, jnp.ones(5))
+
+
+def test_nvfp4_matmul_equals_dequantize_then_matmul():
+    packed, scale, gs = nvfp4.quantize(jax.random.normal(jax.random.key(0), (12, 32)))
+    x = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    want = np.asarray(x, np.float64) @ np.asarray(nvfp4.dequantize(packed, scale, gs), np.float64).T
+    np.testing.assert_allclose(jax.jit(nvfp4_matmul)(x, packed, scale, gs), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(QuantizationError, match="disagree"):
+        nvfp4_matmul(x[..., :16], packed, scale, gs)

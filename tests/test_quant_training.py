@@ -36,11 +36,11 @@ def _inputs(t=40, k=48, n=32):
 
 def test_forward_is_quantized_activations_times_2d_quantized_weight():
     x, w = _inputs()
-    y = jax.jit(training.nvfp4_matmul)(x, w, jax.random.key(0))
+    y = jax.jit(training.nvfp4_train_matmul)(x, w, jax.random.key(0))
     want = nvfp4.fake_quantize(x.reshape(-1, 48)) @ nvfp4.fake_quantize(w, (16, 16))
     np.testing.assert_allclose(y.reshape(-1, 32), want, rtol=1e-5, atol=1e-5)
     # Round-to-nearest in the forward pass: the key does not change it.
-    np.testing.assert_array_equal(y, training.nvfp4_matmul(x, w, jax.random.key(1)))
+    np.testing.assert_array_equal(y, training.nvfp4_train_matmul(x, w, jax.random.key(1)))
     exact = x.reshape(-1, 48) @ w
     rel = float(jnp.linalg.norm(y.reshape(-1, 32) - exact) / jnp.linalg.norm(exact))
     assert 0.01 < rel < 0.2  # quantised (not exact), but close
@@ -51,7 +51,7 @@ def test_gradients_are_close_to_exact_and_stochastic():
     dy = jax.random.normal(jax.random.key(3), (2, 20, 32))
 
     def grads(key):
-        _, vjp = jax.vjp(lambda a, b: training.nvfp4_matmul(a, b, key), x, w)
+        _, vjp = jax.vjp(lambda a, b: training.nvfp4_train_matmul(a, b, key), x, w)
         return vjp(dy)
 
     dx, dw = jax.jit(grads)(jax.random.key(0))
@@ -90,7 +90,7 @@ def test_the_recipe_trains_through_jit_and_grad():
     target = jax.random.normal(jax.random.key(6), (2, 20, 32))
 
     def loss(w, key):
-        return jnp.mean((training.nvfp4_matmul(x, w, key) - target) ** 2)
+        return jnp.mean((training.nvfp4_train_matmul(x, w, key) - target) ** 2)
 
     step = jax.jit(lambda w, key: w - 0.5 * jax.grad(loss)(w, key))
     start = float(loss(w, jax.random.key(0)))

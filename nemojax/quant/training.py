@@ -1,6 +1,6 @@
 """The NVFP4 training recipe (arXiv 2509.25149, as used for Nemotron 3 Super/Ultra) for one linear map.
 
-All three GEMMs of `nvfp4_matmul(x, w, key)` take NVFP4-quantised inputs:
+All three GEMMs of `nvfp4_train_matmul(x, w, key)` take NVFP4-quantised inputs:
 - fprop  y  = Q(x) @ Q2d(w)                       x: 1x16 blocks along K, round to nearest
 - dgrad  dx = Qsr(dy) @ Q2d(w).T                  dy: 1x16 blocks along N, stochastic rounding
 - wgrad  dw = Q(H x).T @ Qsr(H dy)                1x16 blocks along the tokens, after a 16x16 random
@@ -89,14 +89,14 @@ def wgrad(x_tk: jax.Array, dy_tn: jax.Array, key: jax.Array) -> jax.Array:
 
 
 @jax.custom_vjp
-def nvfp4_matmul(x: jax.Array, w_kn: jax.Array, key: jax.Array) -> jax.Array:
+def nvfp4_train_matmul(x: jax.Array, w_kn: jax.Array, key: jax.Array) -> jax.Array:
     """x [..., K] @ w [K, N] with NVFP4-quantised inputs in all three GEMMs; `key` (a typed PRNG key)
     drives the stochastic rounding and the Hadamard signs of the backward pass. Returns x's dtype."""
     return fprop(x.reshape(-1, x.shape[-1]), w_kn).reshape(x.shape[:-1] + (w_kn.shape[1],)).astype(x.dtype)
 
 
 def _fwd(x, w_kn, key):
-    return nvfp4_matmul(x, w_kn, key), (x, w_kn, key)
+    return nvfp4_train_matmul(x, w_kn, key), (x, w_kn, key)
 
 
 def _bwd(residuals, dy):
@@ -108,4 +108,4 @@ def _bwd(residuals, dy):
     return dx, dw, None
 
 
-nvfp4_matmul.defvjp(_fwd, _bwd)
+nvfp4_train_matmul.defvjp(_fwd, _bwd)
