@@ -7,7 +7,7 @@ import pytest
 
 from nemojax.errors import QuantizationError
 from nemojax.ops.grouped_matmul_nvfp4 import grouped_matmul_nvfp4
-from nemojax.ops.quantized_matmul import fp8_matmul, nvfp4_matmul
+from nemojax.ops.quantized_matmul import fp8_matmul, grouped_fp8_matmul, nvfp4_matmul
 from nemojax.quant import fp8, nvfp4
 
 
@@ -93,3 +93,18 @@ def test_nvfp4_matmul_equals_dequantize_then_matmul():
     np.testing.assert_allclose(jax.jit(nvfp4_matmul)(x, packed, scale, gs), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(QuantizationError, match="disagree"):
         nvfp4_matmul(x[..., :16], packed, scale, gs)
+
+
+def test_grouped_fp8_equals_dequantize_then_matmul():
+    sizes = [4, 0, 7]
+    w = jax.random.normal(jax.random.key(2), (3, 32, 16)) * jnp.array([0.1, 1.0, 30.0])[:, None, None]
+    q, scale = jax.vmap(lambda a: fp8.quantize(a))(w)
+    x = jax.random.normal(jax.random.key(3), (sum(sizes) + 2, 32))
+    deq = np.asarray(q.astype(jnp.float32), np.float64) * np.asarray(scale, np.float64)[:, None, None]
+    want = np.zeros((x.shape[0], 16))
+    start = 0
+    for e, size in enumerate(sizes):
+        want[start:start + size] = np.asarray(x[start:start + size], np.float64) @ deq[e]
+        start += size
+    out = jax.jit(grouped_fp8_matmul)(x, q, scale, jnp.array(sizes))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
