@@ -26,7 +26,7 @@ SMALL = dict(vocab_size=40, hidden_size=32, hybrid_override_pattern="M*EM", num_
              n_groups=2, chunk_size=4, intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2,
              moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, moe_latent_size=12, n_group=2,
              topk_group=1, routed_scaling_factor=2.5, mtp_hybrid_override_pattern="*E",
-             num_nextn_predict_layers=1, dtype="float32", param_dtype="float32", eos_token_id=2)
+             num_nextn_predict_layers=1, compute_dtype="float32", param_dtype="float32", eos_token_id=2)
 
 
 def request(index, ids, max_new=8, **overrides):

@@ -98,7 +98,7 @@ def test_serve_py_two_processes_match_one_process(tmp_path):
                                  num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8,
                                  ssm_state_size=8, n_groups=2, chunk_size=8, intermediate_size=32,
                                  n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-                                 moe_shared_expert_intermediate_size=16, eos_token_id=2, dtype="float32"))
+                                 moe_shared_expert_intermediate_size=16, eos_token_id=2, compute_dtype="float32"))
     checkpoint = str(tmp_path / "model")
     save_model(checkpoint, config, init_variables(config, jax.random.key(0)))
     prompts = tmp_path / "in.jsonl"

@@ -24,7 +24,7 @@ TINY = dict(vocab_size=300, hidden_size=32, hybrid_override_pattern="M*E", num_a
             num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8, n_groups=2,
             chunk_size=8, intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
             moe_shared_expert_intermediate_size=16, mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1,
-            max_position_embeddings=CONTEXT, eos_token_id=2, dtype="float32", param_dtype="float32")
+            max_position_embeddings=CONTEXT, eos_token_id=2, compute_dtype="float32", param_dtype="float32")
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a model of words and numbers 0123456789",
          "hello world, hello there; general kenobi"] * 20
 

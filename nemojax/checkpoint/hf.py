@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.checkpoint.safetensors_io import SafetensorsDir, save_file
-from nemojax.config import ModelConfig, from_hf_config
+from nemojax.config import ModelConfig, dtype_name, from_hf_config, read_hf_config, storage_dtype, to_hf_dict
 from nemojax.errors import CheckpointError
 from nemojax.model import NemotronH, abstract_variables
 from nemojax.model.mamba import conv_order, in_proj_order
+from nemojax.sharding.placement import variable_shardings
 
 Path = tuple[str, ...]
+DTypeLike = str | np.dtype | type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +130,6 @@ def _set_leaf(tree: dict, path: Path, value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _checkpoint_dtype(directory: str) -> str:
-    with open(os.path.join(directory, "config.json")) as f:
-        hf = json.load(f)
-    name = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
-    return name if name in ("float32", "bfloat16", "float16") else "float32"
-
-
 def _check_tensors(st: SafetensorsDir, table: dict[str, Placement], abstract: dict) -> None:
     quantized = sorted(k for k in st.keys() if k.endswith(("weight_scale", "weight_scale_2", "input_scale")))
     if quantized:
@@ -186,7 +181,6 @@ def load_variables(directory: str, config: ModelConfig, mesh: jax.sharding.Mesh 
     _check_tensors(st, table, abstract)
     shardings = None
     if mesh is not None:
-        from nemojax.sharding import variable_shardings
         shardings = variable_shardings(config, mesh)
     grouped: dict[tuple[str, Path], list[tuple[str, Placement]]] = {}
     for name, placement in table.items():
@@ -205,24 +199,25 @@ def load_variables(directory: str, config: ModelConfig, mesh: jax.sharding.Mesh 
     return variables
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str | None = None, param_dtype: str | None = None,
+def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, param_dtype: DTypeLike | None = None,
                     mesh: jax.sharding.Mesh | None = None) -> tuple[NemotronH, dict]:
     """Load a checkpoint directory in the published layout: (model, variables).
 
-    `param_dtype` defaults to the checkpoint's dtype, `dtype` (compute) to bfloat16 for bf16 weights and
-    to the parameter dtype otherwise. Missing, unexpected or mis-shaped tensors raise one
+    `param_dtype` defaults to the checkpoint's storage dtype, `dtype` (compute) to the parameter dtype;
+    both accept names or numpy/JAX dtypes. Missing, unexpected or mis-shaped tensors raise one
     CheckpointError that lists them all.
     """
     directory = os.fspath(path)
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")
-    param_dtype = param_dtype or _checkpoint_dtype(directory)
-    dtype = dtype or ("bfloat16" if param_dtype == "bfloat16" else param_dtype)
-    config = from_hf_config(directory, dtype=dtype, param_dtype=param_dtype)
+    hf = read_hf_config(directory)
+    param_dtype = dtype_name(param_dtype) if param_dtype is not None else storage_dtype(hf)
+    compute_dtype = dtype_name(dtype) if dtype is not None else param_dtype
+    config = from_hf_config(hf, compute_dtype=compute_dtype, param_dtype=param_dtype)
     return NemotronH(config), load_variables(directory, config, mesh)
 
 
-def to_published(config: ModelConfig, variables: dict, dtype: str | None = None) -> dict[str, np.ndarray]:
+def to_published(config: ModelConfig, variables: dict, dtype: DTypeLike | None = None) -> dict[str, np.ndarray]:
     """The published tensors (numpy) of nemojax variables; `dtype` casts floating tensors except fp32-kept ones."""
     out = {}
     for name, p in published_tensors(config).items():
@@ -244,11 +239,13 @@ def to_published(config: ModelConfig, variables: dict, dtype: str | None = None)
     return out
 
 
-def save_pretrained(path: str | os.PathLike, config: ModelConfig, variables: dict, dtype: str | None = None) -> None:
+def save_pretrained(path: str | os.PathLike, config: ModelConfig, variables: dict,
+                    dtype: DTypeLike | None = None) -> None:
     """Write config.json and model.safetensors in the published layout (readable by transformers)."""
     directory = os.fspath(path)
     os.makedirs(directory, exist_ok=True)
-    hf = config.to_hf_dict()
+    dtype = None if dtype is None else dtype_name(dtype)
+    hf = to_hf_dict(config)
     hf["torch_dtype"] = dtype or config.param_dtype
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)

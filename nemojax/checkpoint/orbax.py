@@ -19,9 +19,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from nemojax.config import ModelConfig, from_dict
+from nemojax.config import ModelConfig, dtype_name, from_dict
 from nemojax.errors import CheckpointError
 from nemojax.model import NemotronH, abstract_variables
+from nemojax.sharding.placement import variable_shardings
 
 CONFIG_FILE = "config.json"
 VARIABLES_ITEM = "variables"
@@ -134,11 +135,10 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, param_dtype: s
     directory = os.path.abspath(os.fspath(path))
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: no such checkpoint directory")
-    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
+    overrides = {k: dtype_name(v) for k, v in (("compute_dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     config = from_dict(read_config(_config_dir(directory))["model"]).replace(**overrides)
     shardings = None
     if mesh is not None:
-        from nemojax.sharding import variable_shardings
         shardings = variable_shardings(config, mesh)
     target = abstract_target(config, shardings)
     source = variables_path(directory)

@@ -34,7 +34,7 @@ class Attention(nn.Module):
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None = None, cache: KVCache | None = None,
                  index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         c = self.config
-        dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        dtype, pdtype = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
         b, t, _ = x_btd.shape
         hd = c.head_dim
         q = Linear(c.num_attention_heads * hd, ("embed", "heads"), dtype, pdtype, name="q_proj")(x_btd)

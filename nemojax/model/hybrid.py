@@ -72,7 +72,7 @@ class Embedding(nn.Module):
     def __call__(self, ids_bt: jax.Array) -> jax.Array:
         # Gather from the table with its fsdp shards collected (as FSDP does for every weight).
         table = sharding.constrain(self.weight, ("vocab", "act_embed"))
-        return jnp.take(table, ids_bt, axis=0).astype(dtype_of(self.config.dtype))
+        return jnp.take(table, ids_bt, axis=0).astype(dtype_of(self.config.compute_dtype))
 
 
 class Backbone(nn.Module):
@@ -108,7 +108,7 @@ class MTPLayer(nn.Module):
     def __call__(self, x_btd: jax.Array, e_btd: jax.Array | None, valid_bt: jax.Array | None, cache: Any,
                  index: jax.Array | int) -> tuple[jax.Array, Any]:
         c = self.config
-        dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        dtype, pdtype = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
         if self.first:
             e = RMSNorm(c.layer_norm_epsilon, pdtype, name="enorm")(e_btd)
             h = RMSNorm(c.layer_norm_epsilon, pdtype, name="hnorm")(x_btd)
@@ -142,15 +142,15 @@ class NemotronH(nn.Module):
     def setup(self) -> None:
         c = self.config
         self.backbone = Backbone(c)
-        self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype_of(c.dtype), dtype_of(c.param_dtype))
+        self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype_of(c.compute_dtype), dtype_of(c.param_dtype))
         if c.has_mtp:
             self.mtp = MTPBlock(c)
 
     def __call__(self, input_ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         logits, _, _ = self.forward(input_ids, valid)
         if self.config.has_mtp and self.is_initializing():
-            self.mtp_forward(jnp.zeros(input_ids.shape + (self.config.hidden_size,), dtype_of(self.config.dtype)),
-                             input_ids, valid)
+            dtype = dtype_of(self.config.compute_dtype)
+            self.mtp_forward(jnp.zeros(input_ids.shape + (self.config.hidden_size,), dtype), input_ids, valid)
         return logits
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
@@ -198,7 +198,7 @@ def _layer_cache(config: ModelConfig, kind: str, batch: int, max_len: int, dtype
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> Cache:
     """Empty decoding caches for the main stack and (if present) the MTP block."""
-    dtype = dtype or dtype_of(config.dtype)
+    dtype = dtype or dtype_of(config.compute_dtype)
     cache: Cache = {
         "index": jnp.zeros((), jnp.int32),
         "layers": tuple(_layer_cache(config, k, batch, max_len, dtype) for k in config.layer_types),

@@ -104,7 +104,7 @@ class MambaMixer(nn.Module):
                  cache: MambaCache | None = None,
                  per_position_states: bool = False) -> tuple[jax.Array, MambaCache | None]:
         c = self.config
-        dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        dtype, pdtype = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
         b, t, _ = x_btd.shape
         h, p, g, n = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
 

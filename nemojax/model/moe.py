@@ -110,7 +110,7 @@ class MoE(nn.Module):
     @nn.compact
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         c = self.config
-        dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        dtype, pdtype = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
         ids, weights, scores = Router(c, name="gate")(x_td)

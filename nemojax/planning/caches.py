@@ -15,14 +15,7 @@ import jax
 from nemojax.config import ModelConfig
 from nemojax.model import init_cache
 from nemojax.planning.layout import abstract_mesh, array_sharding, local_bytes
-
-CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": ("batch", "length", "kv_heads", None),
-    "v": ("batch", "length", "kv_heads", None),
-    "valid": ("batch", "length"),
-    "conv": ("batch", None, "conv_dim"),
-    "ssm": ("batch", "mamba_heads", None, None),
-}
+from nemojax.sharding import CACHE_AXES
 
 
 def abstract_cache(config: ModelConfig, batch: int, max_len: int):

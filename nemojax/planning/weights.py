@@ -25,7 +25,7 @@ from nemojax.config import ModelConfig
 from nemojax.model import abstract_variables
 from nemojax.planning.counts import is_mtp, is_routed_expert, leaf_paths
 from nemojax.planning.layout import abstract_mesh
-from nemojax.sharding import variable_shardings
+from nemojax.sharding.placement import variable_shardings
 
 WEIGHT_FORMATS = ("bf16", "fp8", "nvfp4-experts")
 FP32_SCALE_BYTES = 4
@@ -34,18 +34,18 @@ NVFP4_BLOCK = 16
 
 def serving_config(config: ModelConfig) -> ModelConfig:
     """The config weights are stored and computed in for serving and for the compiled plans."""
-    return config.replace(param_dtype="bfloat16", dtype="bfloat16")
+    return config.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
 
 
 def training_config(config: ModelConfig) -> ModelConfig:
     """Mixed-precision training: float32 parameters, bf16 compute."""
-    return config.replace(param_dtype="float32", dtype="bfloat16")
+    return config.replace(param_dtype="float32", compute_dtype="bfloat16")
 
 
 @functools.lru_cache(maxsize=4)
 def sharded_leaves(config: ModelConfig, mesh_items: tuple[tuple[str, int], ...]) -> list[tuple[str, str, Any, Any]]:
     """(collection, path, abstract leaf, NamedSharding) for every variable, with the shardings
-    `nemojax.sharding.variable_shardings` gives the real model on this mesh (`mesh_items`:
+    `nemojax.sharding.placement.variable_shardings` gives the real model on this mesh (`mesh_items`:
     `tuple(mesh_shape.items())`)."""
     variables = abstract_variables(config)
     shardings = variable_shardings(config, abstract_mesh(dict(mesh_items)))

@@ -71,7 +71,7 @@ def _load_init(path: str, source: str, cfg: ml_collections.ConfigDict, dtype: st
 
 
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
-    keep = dict(dtype="float32", param_dtype="float32", remat="none")
+    keep = dict(compute_dtype="float32", param_dtype="float32", remat="none")
     return a.replace(**keep) == b.replace(**keep)
 
 
@@ -102,9 +102,10 @@ class TrainingRun:
             if not _same_architecture(saved, config) and init_from is None:
                 raise ConfigError(f"{self.workdir} holds checkpoints of a different model than the config; "
                                   "use a new --workdir")
-            config = saved.replace(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat)
+            config = saved.replace(compute_dtype=config.compute_dtype, param_dtype=config.param_dtype,
+                                   remat=config.remat)
         elif init_from:
-            config, variables = _load_init(init_from, init_source, cfg, config.dtype, self.mesh)
+            config, variables = _load_init(init_from, init_source, cfg, config.compute_dtype, self.mesh)
             tokenizer_file = os.path.join(init_from, "tokenizer.json")
             if not cfg.data.tokenizer_path and os.path.isfile(tokenizer_file):
                 cfg.data.tokenizer_path = tokenizer_file

@@ -127,4 +127,4 @@ def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     """The ModelConfig of a run: the file's model fields with the run's dtypes and remat policy."""
     model = cfg.model.to_dict()
     return from_hf_config(model, remat=cfg.remat, param_dtype=cfg.param_dtype,
-                          dtype=cfg.compute_dtype or model.get("dtype", "bfloat16"))
+                          compute_dtype=cfg.compute_dtype or model.get("compute_dtype", "bfloat16"))
