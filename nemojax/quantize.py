@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nemojax.checkpoint.hf import load_pretrained
+from nemojax.checkpoint.hf import load_pretrained, quantizable_modules
 from nemojax.checkpoint.safetensors_io import SafetensorsDir, save_file
 from nemojax.errors import CheckpointError, DataError, NemojaxError
 from nemojax.quant import modelopt, ptq, recipes
@@ -75,7 +75,7 @@ def quantize_checkpoint(src: str, dst: str, recipe: str, calib_data: Sequence[st
         raise CheckpointError(f"{src} is already quantized; quantize a float checkpoint")
     model, variables = load_pretrained(src, dtype="float32", param_dtype="float32")
     config = model.config
-    modules = ptq.quantizable_modules(config)
+    modules = quantizable_modules(config)
     scheme = recipes.recipe_scheme(recipe, modules)
     batches, source = calibration_batches(src, calib_data, calib_tokens, calib_seq_len, config.vocab_size, seed)
     amax = calibrate(model, variables, batches)

@@ -21,8 +21,12 @@ LAYER_KINDS = ("mamba", "attention", "moe", "mlp")
 PATTERN_LETTERS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+WEIGHT_FORMATS = ("nvfp4", "fp8")
+KV_CACHE_QUANT = ("none", "fp8")
+TRAIN_QUANT = ("none", "nvfp4")
 # Fields that are nemojax choices, not part of a published config.json.
-NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat")
+NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "weight_formats", "kv_cache_quant", "train_quant",
+                  "train_quant_keep")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -79,12 +83,25 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     remat: str = "none"
+    # Quantized weights (a ModelOpt checkpoint): (weight key, "nvfp4" | "fp8") for every quantized linear;
+    # the key is the module path joined by "/", with the projection name for stacked experts
+    # ("backbone/layers_1/mixer/experts/up_proj"). Absent modules keep param_dtype.
+    weight_formats: tuple[tuple[str, str], ...] = ()
+    # "fp8": attention layers hold the checkpoint's k_scale / v_scale (FP8 KV-cache scales).
+    kv_cache_quant: str = "none"
+    # "nvfp4": linears train with the NVFP4 recipe (`nemojax.quant.training`), except the weight keys
+    # matching a `train_quant_keep` pattern (fnmatch), which stay in the compute dtype.
+    train_quant: str = "none"
+    train_quant_keep: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "compute_dtype"):
             value = getattr(self, name)
             if not isinstance(value, str):  # accept jnp.float32, np.dtype(...), ...: stored by name
                 object.__setattr__(self, name, dtype_name(value))
+        # JSON (nemojax checkpoints) gives lists: store hashable tuples.
+        object.__setattr__(self, "weight_formats", tuple(sorted((str(k), str(v)) for k, v in self.weight_formats)))
+        object.__setattr__(self, "train_quant_keep", tuple(self.train_quant_keep))
         _validate(self)
 
     # Derived sizes -------------------------------------------------------------------------
@@ -114,14 +131,19 @@ class ModelConfig:
     def pattern(self) -> str:
         return kinds_to_pattern(self.layer_types)
 
+    def weight_format(self, key: str) -> str | None:
+        """"nvfp4" | "fp8" for a quantized weight key (see `weight_formats`), None for param_dtype weights."""
+        return dict(self.weight_formats).get(key)
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as JSON-ready values (the inverse of `from_dict`)."""
         out = dataclasses.asdict(self)
-        for name in ("layer_types", "mtp_layer_types", "eos_token_id", "time_step_limit"):
+        for name in ("layer_types", "mtp_layer_types", "eos_token_id", "time_step_limit", "train_quant_keep"):
             out[name] = list(out[name])
+        out["weight_formats"] = [list(item) for item in out["weight_formats"]]
         return out
 
 
@@ -189,3 +211,8 @@ def _validate(c: ModelConfig) -> None:
         value = getattr(c, name)
         _require(value in FLOAT_DTYPES, name, f"expected one of {FLOAT_DTYPES}, got {value!r}")
     _require(c.remat in REMAT_POLICIES, "remat", f"expected one of {REMAT_POLICIES}, got {c.remat!r}")
+    bad_formats = sorted({f for _, f in c.weight_formats} - set(WEIGHT_FORMATS))
+    _require(not bad_formats, "weight_formats", f"unknown formats {bad_formats}; expected {WEIGHT_FORMATS}")
+    _require(c.kv_cache_quant in KV_CACHE_QUANT, "kv_cache_quant",
+             f"expected one of {KV_CACHE_QUANT}, got {c.kv_cache_quant!r}")
+    _require(c.train_quant in TRAIN_QUANT, "train_quant", f"expected one of {TRAIN_QUANT}, got {c.train_quant!r}")

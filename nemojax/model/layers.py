@@ -3,17 +3,33 @@
 Parameters are created with logical axis names (`nn.with_logical_partitioning`), so the one rule
 table in `nemojax.sharding` decides where each lands on a mesh. Linear kernels are stored
 [in, out] (the published checkpoints store [out, in]; the converter transposes).
+
+A linear whose weight key (its module path joined by "/") the model config lists in `weight_formats`
+holds the ModelOpt tensors instead: FP8 `kernel` [in, out] float8_e4m3fn with a float32
+`weight_scale` (computed W8A16), or NVFP4 `weight` uint8 [out, in/2] with `weight_scale`
+float8_e4m3fn [out, in/16] and `weight_scale_2` float32 (computed W4A16); both keep the checkpoint's
+`input_scale` (the activation scale W4A4/W8A8 kernels use; unused here). With `train_quant="nvfp4"`
+a float linear computes with the NVFP4 training recipe (`nemojax.quant.training`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nemojax.config import ModelConfig
+from nemojax.ops.quantized_matmul import fp8_matmul, nvfp4_matmul
+from nemojax.quant.nvfp4 import BLOCK
+from nemojax.quant.training import nvfp4_train_matmul
+
 Initializer = Callable[..., jax.Array]
+# Random stream of the NVFP4 training recipe (stochastic rounding, Hadamard signs): pass
+# rngs={QUANT_RNG: key} to `apply` when training; without it a fixed key is used.
+QUANT_RNG = "quant"
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -24,20 +40,60 @@ def default_init(std: float = 0.02) -> Initializer:
     return nn.initializers.normal(stddev=std)
 
 
+def weight_key(module: nn.Module, *names: str) -> str:
+    """The key of a weight in `ModelConfig.weight_formats` / `train_quant_keep`: its module path joined by "/"."""
+    return "/".join(module.path + names)
+
+
+def trains_quantized(config: ModelConfig | None, key: str) -> bool:
+    """Whether the weight `key` computes with the NVFP4 training recipe under `config`."""
+    return (config is not None and config.train_quant == "nvfp4"
+            and not any(fnmatch.fnmatchcase(key, p) for p in config.train_quant_keep))
+
+
+def quant_rng(module: nn.Module) -> jax.Array:
+    """The module's key of the training recipe's random stream (a fixed key when none was given)."""
+    return module.make_rng(QUANT_RNG) if module.has_rng(QUANT_RNG) else jax.random.key(0)
+
+
+def scale_param(module: nn.Module, name: str, shape: tuple[int, ...] = (), axes: tuple[str, ...] = ()) -> jax.Array:
+    """A float32 quantization scale (ones at init), replicated unless `axes` say otherwise."""
+    return module.param(name, nn.with_logical_partitioning(nn.initializers.ones, axes), shape, jnp.float32)
+
+
 class Linear(nn.Module):
-    """y = x @ kernel, no bias (no published Nemotron-H linear has one)."""
+    """y = x @ kernel, no bias (no published Nemotron-H linear has one). `config` (optional) supplies the
+    quantized format of this weight and the training recipe, looked up by the module's path."""
 
     features: int
     axes: tuple[str, str]
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     kernel_init: Initializer = default_init()
+    config: ModelConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                            (x.shape[-1], self.features), self.param_dtype)
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        key = weight_key(self)
+        fmt = None if self.config is None else self.config.weight_format(key)
+        k, n = x.shape[-1], self.features
+        x = x.astype(self.dtype)
+        if fmt is None:
+            kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), (k, n),
+                                self.param_dtype)
+            if trains_quantized(self.config, key):
+                return nvfp4_train_matmul(x, kernel.astype(self.dtype), quant_rng(self))
+            return jnp.dot(x, kernel.astype(self.dtype))
+        zeros = nn.initializers.zeros
+        scale_param(self, "input_scale")
+        if fmt == "fp8":
+            kernel = self.param("kernel", nn.with_logical_partitioning(zeros, self.axes), (k, n), jnp.float8_e4m3fn)
+            return fp8_matmul(x, kernel, scale_param(self, "weight_scale"))
+        out_in = self.axes[::-1]
+        packed = self.param("weight", nn.with_logical_partitioning(zeros, out_in), (n, k // 2), jnp.uint8)
+        block_scale = self.param("weight_scale", nn.with_logical_partitioning(nn.initializers.ones, out_in),
+                                 (n, k // BLOCK), jnp.float8_e4m3fn)
+        return nvfp4_matmul(x, packed, block_scale, scale_param(self, "weight_scale_2"))
 
 
 class RMSNorm(nn.Module):

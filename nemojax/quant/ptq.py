@@ -14,8 +14,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from nemojax.checkpoint.hf import published_tensors
-from nemojax.config import ModelConfig
 from nemojax.errors import CheckpointError
 from nemojax.quant import fp8, nvfp4
 from nemojax.quant.modelopt import QuantScheme
@@ -97,9 +95,3 @@ def storage_report(float_tensors: Mapping[str, np.ndarray], quantized: Mapping[s
     report["total"] = {"params": params, "bytes": stored, "bits_per_param": 8 * stored / params}
     return report
 
-
-def quantizable_modules(config: ModelConfig) -> list[str]:
-    """Published names of the modules a ModelOpt checkpoint may quantize: every linear weight (experts one
-    module each), the MoE routers excepted (ModelOpt does not quantize them)."""
-    return [name.removesuffix(".weight") for name, p in published_tensors(config).items()
-            if p.layout in ("transpose", "expert") and not name.endswith(".mixer.gate.weight")]
