@@ -19,8 +19,10 @@ import serve
 from nemojax.checkpoint.hf import quant_scheme, quantizable_modules, to_published
 from nemojax.checkpoint.safetensors_io import SafetensorsDir, save_file
 from nemojax.errors import CheckpointError
+from nemojax.planning.weights import weight_bytes_per_device
 from nemojax.quant import modelopt, ptq
 from nemojax.quantize import quantize_checkpoint
+from nemojax.sharding import make_mesh
 
 pytestmark = pytest.mark.xdist_group("quant_checkpoint")  # module fixtures share the checkpoints
 PATTERN = "ME*-"
@@ -35,9 +37,14 @@ def _write_float(directory, tensors, config: dict, dtype: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    """(quantized checkpoint dir, transformers reference on its dequantised weights, report)."""
-    root = tmp_path_factory.mktemp("mixed")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("mixed")
+
+
+@pytest.fixture(scope="module")
+def mixed(root):
+    """(quantized checkpoint dir, transformers reference on its dequantised weights, report); the BF16
+    checkpoint it was quantized from is root / "bf16"."""
     # transformers' cached Mamba decoding does not clamp dt at time_step_min: keep it negligible.
     make_checkpoint(root / "float32", PATTERN, seed=11, moe_latent_size=32, time_step_min=1e-6)
     st = SafetensorsDir(root / "float32")
@@ -179,3 +186,37 @@ def test_bad_quantization_is_one_error_naming_everything(mixed, tmp_path):
                    "shared_experts.up_proj.weight_scale", "unexpected",
                    "shared_experts.up_proj.weight: float8_e4m3fn, expected a float tensor"):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nvfp4-experts", "release"])
+def test_plan_counts_the_bytes_the_loader_holds(mixed, root, fmt, tmp_path):
+    """`python -m nemojax.plan --weights FMT` per device == what load_pretrained holds per device, for a
+    checkpoint PTQ wrote in that format, on one device and sharded over data=2, tensor=2, expert=2."""
+    source = root / "bf16"
+    directory = source if fmt == "bf16" else tmp_path / fmt
+    if fmt != "bf16":
+        quantize_checkpoint(str(source), str(directory), fmt, calib_tokens=64, calib_seq_len=32)
+    config = nemojax.from_hf_config(source)
+    for mesh_shape in ({}, {"data": 2, "tensor": 2, "expert": 2}):
+        mesh = make_mesh(**mesh_shape) if mesh_shape else None
+        _, variables = nemojax.load_pretrained(directory, mesh=mesh)
+        held = {c: sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(variables[c]))
+                for c in ("params", "buffers")}
+        plan = weight_bytes_per_device(config, dict.fromkeys(("data", "fsdp", "tensor", "expert"), 1) | mesh_shape,
+                                       fmt)
+        assert held == {"params": plan["routed_experts"] + plan["other"], "buffers": plan["buffers"]}
+
+
+def test_mixed_checkpoint_on_a_mesh_equals_one_device(mixed):
+    """Packed experts run expert-parallel (expert=2) with their intermediate dim over tensor=2."""
+    directory, _, _ = mixed
+    model, variables = nemojax.load_pretrained(directory, dtype="float32")
+    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, (4, 11))
+    expected = jax.jit(model.apply)(variables, ids)
+    mesh = make_mesh(data=2, tensor=2, expert=2)
+    _, sharded = nemojax.load_pretrained(directory, dtype="float32", mesh=mesh)
+    experts = sharded["params"]["backbone"]["layers_1"]["mixer"]["experts"]
+    assert experts["down_proj_weight"].sharding.spec[0] == "expert"
+    with nemojax.use_mesh(mesh):
+        got = jax.jit(model.apply)(sharded, ids)
+    assert rel_err(got, expected) < 1e-5

@@ -298,12 +298,12 @@ def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, par
     config = from_hf_config(hf, compute_dtype=compute_dtype, param_dtype=param_dtype)
     block, source = modelopt.read_quant_config(directory)
     if block is not None:
-        config = config.replace(**_quant_fields(config, modelopt.parse_scheme(block, quantizable_modules(config),
+        config = config.replace(**quant_fields(config, modelopt.parse_scheme(block, quantizable_modules(config),
                                                                               source), source))
     return NemotronH(config), load_variables(directory, config, mesh)
 
 
-def _quant_fields(config: ModelConfig, scheme: modelopt.QuantScheme, source: str) -> dict[str, Any]:
+def quant_fields(config: ModelConfig, scheme: modelopt.QuantScheme, source: str) -> dict[str, Any]:
     """ModelConfig fields (weight_formats, kv_cache_quant) of a scheme over published module names; the
     experts of one layer's projection must share a format (they are one stacked leaf)."""
     table = published_tensors(config.replace(weight_formats=()))

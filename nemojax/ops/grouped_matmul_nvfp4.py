@@ -88,13 +88,16 @@ def grouped_matmul_nvfp4(
         index, x_tk, group = inputs
         used = index < used_tiles
         w_nk = jax.lax.cond(used & (group != current), weight, lambda _: w_nk, group)
+        # An unused tile's rows are zero: x[:, :1] * w[:, 0] is a [tile, n] zero typed like the product
+        # (inside shard_map both branches must vary over the same mesh axes).
         y_tn = jax.lax.cond(
             used,
             lambda: jnp.einsum("tk,nk->tn", x_tk, w_nk, preferred_element_type=out_dtype),
-            lambda: jnp.zeros((tile, n), out_dtype))
+            lambda: (x_tk[:, :1] * w_nk[:, 0]).astype(out_dtype))
         return (w_nk, jnp.where(used, group, current)), y_tn
 
-    init = (jnp.zeros((n, k), x_mk.dtype), jnp.int32(-1))
+    # Start from the first tile's expert (also in the carry's sharding type inside shard_map).
+    init = (weight(tile_group[0]), tile_group[0])
     indices = jnp.arange(num_tiles, dtype=jnp.int32)
     _, y_tiles = jax.lax.scan(step, init, (indices, x_tiles, tile_group))
     y = y_tiles.reshape(num_tiles * tile, n)[row_slot]
