@@ -97,3 +97,32 @@ def test_the_recipe_trains_through_jit_and_grad():
     for i in range(20):
         w = step(w, jax.random.key(i))
     assert float(loss(w, jax.random.key(0))) < 0.9 * start
+
+
+def test_grouped_recipe_forward_and_gradients():
+    sizes = jnp.array([7, 0, 21, 4], jnp.int32)
+    m, k, n = 35, 32, 48  # three trailing rows past the groups
+    x = jax.random.normal(jax.random.key(20), (m, k))
+    w = jax.random.normal(jax.random.key(21), (4, k, n)) * jnp.array([0.1, 1.0, 0.5, 2.0])[:, None, None]
+    dy = jax.random.normal(jax.random.key(22), (m, n))
+    y, vjp = jax.jit(lambda a, b: jax.vjp(lambda p, q: training.nvfp4_train_grouped_matmul(
+        p, q, sizes, jax.random.key(0)), a, b))(x, w)
+    dx, dw = vjp(dy)
+    # Forward: Q(x) (one global scale over the rows) times each expert's 16x16-quantised weight.
+    xq = nvfp4.fake_quantize(x)
+    starts = np.cumsum([0, 7, 0, 21])
+    for e, (start, size) in enumerate(zip(starts, [7, 0, 21, 4], strict=True)):
+        rows = slice(start, start + size)
+        np.testing.assert_allclose(y[rows], xq[rows] @ nvfp4.fake_quantize(w[e], (16, 16)), rtol=1e-5, atol=1e-5)
+        exact_dw = x[rows].T @ dy[rows]
+        if size == 0:
+            np.testing.assert_array_equal(dw[e], 0)
+        else:
+            rel = float(jnp.linalg.norm(dw[e] - exact_dw) / jnp.linalg.norm(exact_dw))
+            assert rel < 0.3, (e, rel)
+    np.testing.assert_array_equal(y[32:], 0)
+    pieces = zip(starts, [7, 0, 21, 4], strict=True)
+    exact_dx = jnp.concatenate([dy[s:s + z] @ w[e].T for e, (s, z) in enumerate(pieces)])
+    rel = float(jnp.linalg.norm(dx[:32] - exact_dx) / jnp.linalg.norm(exact_dx))
+    assert 0.01 < rel < 0.3
+    np.testing.assert_array_equal(dx[32:], 0)

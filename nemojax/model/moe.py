@@ -17,7 +17,16 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
-from nemojax.model.layers import Linear, default_init, dtype_of, relu2, scale_param, weight_key
+from nemojax.model.layers import (
+    Linear,
+    default_init,
+    dtype_of,
+    quant_rng,
+    relu2,
+    scale_param,
+    trains_quantized,
+    weight_key,
+)
 from nemojax.model.mlp import MLP
 from nemojax.ops.expert_banks import Bank, as_bank, bank_matmul, num_experts
 from nemojax.ops.expert_parallel import expert_parallel_experts, uses_expert_parallelism
@@ -90,7 +99,8 @@ class Experts(nn.Module):
     or, for a projection the config lists in `weight_formats`, the ModelOpt tensors stacked per expert
     (FP8: `<proj>` float8_e4m3fn in the same layout plus `<proj>_weight_scale` [E]; NVFP4:
     `<proj>_weight` uint8 [E, out, in/2], `<proj>_weight_scale` [E, out, in/16], `<proj>_weight_scale_2`
-    [E]; both with `<proj>_input_scale` [E]). Every format runs through one grouped matmul per projection.
+    [E]; both with `<proj>_input_scale` [E]). Every format runs through one grouped matmul per projection;
+    float experts train with the NVFP4 recipe when the config says so.
 
     With an expert axis > 1 on the context mesh the experts run expert-parallel (`nemojax.ops.expert_parallel`).
     """
@@ -103,8 +113,11 @@ class Experts(nn.Module):
         e, fmt = c.n_routed_experts, c.weight_format(weight_key(self, proj))
         zeros = nn.initializers.zeros
         if fmt is None:
-            return {"kernel": self.param(proj, nn.with_logical_partitioning(init, ("experts",) + axes), (e, k, n),
-                                         dtype_of(c.param_dtype))}
+            kernel = self.param(proj, nn.with_logical_partitioning(init, ("experts",) + axes), (e, k, n),
+                                dtype_of(c.param_dtype))
+            if trains_quantized(c, weight_key(self, proj)):
+                return {"kernel": kernel, "train_rng": quant_rng(self)}
+            return {"kernel": kernel}
         scale_param(self, f"{proj}_input_scale", (e,), ("experts",))
         if fmt == "fp8":
             kernel = self.param(proj, nn.with_logical_partitioning(zeros, ("experts",) + axes), (e, k, n),

@@ -1,7 +1,8 @@
 """Routed-expert weight banks in each storage format, and the one grouped matmul that reads them.
 
 A bank is a dict of per-expert arrays stacked on a leading expert axis (a bare array is a float bank):
-- float: {"kernel": [E, K, N]}
+- float: {"kernel": [E, K, N]}; with "train_rng" (a PRNG key) it computes with the NVFP4 training
+  recipe (`nemojax.quant.training.nvfp4_train_grouped_matmul`)
 - fp8:   {"kernel": float8_e4m3fn [E, K, N], "weight_scale": float32 [E]}
 - nvfp4: {"weight": uint8 [E, N, K/2], "weight_scale": float8_e4m3fn [E, N, K/16],
           "weight_scale_2": float32 [E]}   (the ModelOpt layout: [out, in], packed along in)
@@ -22,6 +23,7 @@ from nemojax.ops.grouped_matmul import grouped_matmul
 from nemojax.ops.grouped_matmul_nvfp4 import grouped_matmul_nvfp4
 from nemojax.ops.quantized_matmul import grouped_fp8_matmul
 from nemojax.quant.nvfp4 import BLOCK
+from nemojax.quant.training import nvfp4_train_grouped_matmul
 
 Bank = dict[str, jax.Array]
 
@@ -32,8 +34,11 @@ def as_bank(weights: Any) -> Bank:
 
 
 def bank_format(bank: Bank) -> str:
+    """"nvfp4" | "fp8" | "float" (stored formats) or "nvfp4-train" (float weights, the training recipe)."""
     if "weight" in bank:
         return "nvfp4"
+    if "train_rng" in bank:
+        return "nvfp4-train"
     return "fp8" if "weight_scale" in bank else "float"
 
 
@@ -44,6 +49,8 @@ def bank_matmul(x_mk: jax.Array, bank: Bank, group_sizes_e: jax.Array) -> jax.Ar
         return grouped_matmul_nvfp4(x_mk, bank["weight"], bank["weight_scale"], bank["weight_scale_2"], group_sizes_e)
     if fmt == "fp8":
         return grouped_fp8_matmul(x_mk, bank["kernel"], bank["weight_scale"], group_sizes_e)
+    if fmt == "nvfp4-train":
+        return nvfp4_train_grouped_matmul(x_mk, bank["kernel"], group_sizes_e, bank["train_rng"])
     return grouped_matmul(x_mk, bank["kernel"].astype(x_mk.dtype), group_sizes_e)
 
 
@@ -72,7 +79,9 @@ def bank_specs(bank: Bank, expert_axis: str, dim: str | None = None, axis: str |
     in_axis, out_axis = (axis if dim == "in" else None), (axis if dim == "out" else None)
     specs = {}
     for name, value in bank.items():
-        if value.ndim == 1:
+        if value.ndim == 0:  # the training recipe's key
+            specs[name] = PartitionSpec()
+        elif value.ndim == 1:
             specs[name] = PartitionSpec(expert_axis)
         elif name == "kernel":  # [E, K, N]
             specs[name] = PartitionSpec(expert_axis, in_axis, out_axis)

@@ -24,7 +24,7 @@ from nemojax.ops.grouped_matmul import _tile_rows
 from nemojax.quant.nvfp4 import BLOCK, dequantize
 
 
-def _tile_layout(sizes: jax.Array, m: int, tile: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def tile_layout(sizes: jax.Array, m: int, tile: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One-group tiles for rows sorted by group.
 
     Returns (src [slots]: the row each slot reads, real [slots]: whether it holds one, tile_group
@@ -75,7 +75,7 @@ def grouped_matmul_nvfp4(
     out_dtype = preferred_element_type or x_mk.dtype
     tile = tile or _tile_rows(m, num_experts)
     sizes = group_sizes_e.astype(jnp.int32)
-    src, real, tile_group, row_slot = _tile_layout(sizes, m, tile)
+    src, real, tile_group, row_slot = tile_layout(sizes, m, tile)
     num_tiles = tile_group.shape[0]
     x_tiles = jnp.where(real[:, None], x_mk[src], 0).reshape(num_tiles, tile, k)
     used_tiles = jnp.sum(-(-sizes // tile))

@@ -1,4 +1,5 @@
-"""The NVFP4 training recipe (arXiv 2509.25149, as used for Nemotron 3 Super/Ultra) for one linear map.
+"""The NVFP4 training recipe (arXiv 2509.25149, as used for Nemotron 3 Super/Ultra) for linear maps:
+`nvfp4_train_matmul` (one weight) and `nvfp4_train_grouped_matmul` (routed experts, rows sorted by expert).
 
 All three GEMMs of `nvfp4_train_matmul(x, w, key)` take NVFP4-quantised inputs:
 - fprop  y  = Q(x) @ Q2d(w)                       x: 1x16 blocks along K, round to nearest
@@ -11,6 +12,11 @@ over blocks, not the product. Each quantised tensor has its own float32 global s
 rounding is used on gradients only. There is no FP4 GEMM here: the quantised values are exact in
 float32 and every product is computed in float32 (Precision.HIGHEST), as an FP4 tensor core with
 float32 accumulation would; dims are zero-padded to multiples of 16 where needed.
+
+For experts each expert's weight has its own global scale, and the wgrad blocks and Hadamard
+blocks run over 16 consecutive tokens of one expert (each expert's rows padded to a multiple of 16);
+the weight gradient is the transpose of the grouped matmul (`jax.vjp` of
+`nemojax.ops.grouped_matmul`, so it is the same op on every backend).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemojax.ops.grouped_matmul import grouped_matmul
+from nemojax.ops.grouped_matmul_nvfp4 import tile_layout
 from nemojax.quant.nvfp4 import BLOCK, fake_quantize
 
 HADAMARD_SIZE = 16
@@ -109,3 +117,46 @@ def _bwd(residuals, dy):
 
 
 nvfp4_train_matmul.defvjp(_fwd, _bwd)
+
+
+def _quantized_experts(w_ekn: jax.Array) -> jax.Array:
+    """Q2d of each expert's [K, N] weight (its own global scale), float32."""
+    return jax.vmap(_quantized_weight)(w_ekn)
+
+
+@jax.custom_vjp
+def nvfp4_train_grouped_matmul(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array,
+                               key: jax.Array) -> jax.Array:
+    """`grouped_matmul(x, w, group_sizes)` (rows sorted by expert) with the NVFP4 recipe on all three
+    GEMMs; returns x's dtype, zeros past sum(group_sizes)."""
+    y = grouped_matmul(_quantized_rows(x_mk), _quantized_experts(w_ekn), group_sizes_e,
+                       preferred_element_type=jnp.float32)
+    return y.astype(x_mk.dtype)
+
+
+def _grouped_fwd(x_mk, w_ekn, group_sizes_e, key):
+    return nvfp4_train_grouped_matmul(x_mk, w_ekn, group_sizes_e, key), (x_mk, w_ekn, group_sizes_e, key)
+
+
+def _grouped_bwd(residuals, dy_mn):
+    x_mk, w_ekn, sizes, key = residuals
+    sizes = sizes.astype(jnp.int32)
+    dgrad_key, rotation_key, rounding_key = jax.random.split(key, 3)
+    w_q = _quantized_experts(w_ekn)
+    dx = grouped_matmul(_quantized_rows(dy_mn, dgrad_key), jnp.swapaxes(w_q, 1, 2), sizes,
+                        preferred_element_type=jnp.float32).astype(x_mk.dtype)
+    # wgrad: every expert's rows padded to 16 so that Hadamard and quantisation blocks stay in one expert.
+    src, real, _, _ = tile_layout(sizes, x_mk.shape[0], HADAMARD_SIZE)
+    h = random_hadamard(rotation_key)
+    x_sk = jnp.where(real[:, None], x_mk[src], 0)
+    dy_sn = jnp.where(real[:, None], dy_mn[src], 0)
+    xq_sk = _quantized_rows(_token_hadamard(x_sk, h).T).T
+    dyq_sn = _quantized_rows(_token_hadamard(dy_sn, h).T, rounding_key).T
+    padded = -(-sizes // HADAMARD_SIZE) * HADAMARD_SIZE
+    _, transpose = jax.vjp(lambda w: grouped_matmul(xq_sk, w, padded, preferred_element_type=jnp.float32),
+                           jnp.zeros(w_ekn.shape, jnp.float32))
+    (dw,) = transpose(dyq_sn)
+    return dx, dw.astype(w_ekn.dtype), None, None
+
+
+nvfp4_train_grouped_matmul.defvjp(_grouped_fwd, _grouped_bwd)
