@@ -10,6 +10,7 @@ Formats (what a checkpoint in that format holds, see `nemojax.quant`):
 - `nvfp4-experts`: the main model's routed experts in NVFP4 (4-bit codes, one E4M3 scale per 16
   values along the input dim, float32 `weight_scale_2` and `input_scale` per expert); the rest as in
   bf16 (the MTP block stays bf16, as in the published NVFP4 release).
+- `nvfp4`: every linear in NVFP4 (routers and lm_head excepted), the rest as in bf16.
 - `release`: the published Super/Ultra mix (`nemojax.quant.recipes`): NVFP4 routed experts, FP8
   shared experts and Mamba in/out projections, FP8 KV-cache scales, the rest bf16.
 The routers' `e_score_correction_bias` buffers (float32) are reported apart, under `buffers`.
@@ -33,7 +34,7 @@ from nemojax.planning.layout import abstract_mesh
 from nemojax.quant.recipes import recipe_scheme
 from nemojax.sharding.placement import variable_shardings
 
-WEIGHT_FORMATS = ("bf16", "fp8", "nvfp4-experts", "release")
+WEIGHT_FORMATS = ("bf16", "fp8", "nvfp4-experts", "nvfp4", "release")
 
 
 def serving_config(config: ModelConfig) -> ModelConfig:
