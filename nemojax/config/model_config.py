@@ -24,9 +24,12 @@ REMAT_POLICIES = ("none", "full", "dots")
 WEIGHT_FORMATS = ("nvfp4", "fp8")
 KV_CACHE_QUANT = ("none", "fp8")
 TRAIN_QUANT = ("none", "nvfp4")
+# "pallas": the Pallas GPU kernels, "reference": the pure-JAX ops, "auto": kernels on a GPU only
+# (nemojax.ops.dispatch).
+KERNEL_CHOICES = ("auto", "pallas", "reference")
 # Fields that are nemojax choices, not part of a published config.json.
-NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "weight_formats", "kv_cache_quant", "train_quant",
-                  "train_quant_keep")
+NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels", "weight_formats", "kv_cache_quant",
+                  "train_quant", "train_quant_keep")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -83,6 +86,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     remat: str = "none"
+    kernels: str = "auto"
     # Quantized weights (a ModelOpt checkpoint): (weight key, "nvfp4" | "fp8") for every quantized linear;
     # the key is the module path joined by "/", with the projection name for stacked experts
     # ("backbone/layers_1/mixer/experts/up_proj"). Absent modules keep param_dtype.
@@ -211,6 +215,7 @@ def _validate(c: ModelConfig) -> None:
         value = getattr(c, name)
         _require(value in FLOAT_DTYPES, name, f"expected one of {FLOAT_DTYPES}, got {value!r}")
     _require(c.remat in REMAT_POLICIES, "remat", f"expected one of {REMAT_POLICIES}, got {c.remat!r}")
+    _require(c.kernels in KERNEL_CHOICES, "kernels", f"expected one of {KERNEL_CHOICES}, got {c.kernels!r}")
     bad_formats = sorted({f for _, f in c.weight_formats} - set(WEIGHT_FORMATS))
     _require(not bad_formats, "weight_formats", f"unknown formats {bad_formats}; expected {WEIGHT_FORMATS}")
     _require(c.kv_cache_quant in KV_CACHE_QUANT, "kv_cache_quant",

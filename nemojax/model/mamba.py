@@ -27,7 +27,7 @@ import numpy as np
 from nemojax import sharding
 from nemojax.config import ModelConfig
 from nemojax.model.layers import GatedGroupRMSNorm, Linear, default_init, dtype_of
-from nemojax.ops import ssd
+from nemojax.ops import dispatch, ssd
 
 MambaCache = dict[str, jax.Array]
 
@@ -145,10 +145,10 @@ class MambaMixer(nn.Module):
             full = jnp.concatenate([prefix.astype(conv_in.dtype), conv_in], axis=1)
             new_conv = jnp.stack([full[:, i + 1:i + c.conv_kernel] for i in range(t)], axis=1)
         elif cache is not None and t == 1:
-            y, state = ssd.ssd_step(initial, x_bthp[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0])
+            y, state = dispatch.ssd_step(initial, x_bthp[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0], kernels=c.kernels)
             y = y[:, None]
         else:
-            y, state = ssd.ssd_chunked(x_bthp, dt, a, bm, cm, c.chunk_size, initial)
+            y, state = dispatch.ssd_chunked(x_bthp, dt, a, bm, cm, c.chunk_size, initial, kernels=c.kernels)
         y = y + d_skip.astype(jnp.float32)[:, None] * x_bthp.astype(jnp.float32)
         y = y.reshape(b, t, c.mamba_inner)
         y = sharding.constrain(y, ("batch", "length", "act_mlp"))
