@@ -220,3 +220,12 @@ def test_mixed_checkpoint_on_a_mesh_equals_one_device(mixed):
     with nemojax.use_mesh(mesh):
         got = jax.jit(model.apply)(sharded, ids)
     assert rel_err(got, expected) < 1e-5
+
+
+def test_quantize_cli_exits_2_on_bad_input(mixed, tmp_path, capsys):
+    from nemojax.quantize import main
+    directory, _, _ = mixed
+    assert main([str(directory), str(tmp_path / "out"), "--recipe", "release"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main([str(directory.parent / "bf16"), str(directory), "--recipe", "fp8"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
