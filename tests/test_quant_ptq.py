@@ -51,3 +51,45 @@ def test_storage_report_counts_bytes_by_format():
 def test_missing_calibration_is_named():
     with pytest.raises(CheckpointError, match="a.in_proj"):
         ptq.quantize_tensors(_tensors(), QuantScheme({"a.in_proj": "fp8"}), {})
+
+
+def test_calibration_ranges_against_brute_force():
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from nemojax.config import from_hf_config
+    from nemojax.model import NemotronH, init_variables
+    from nemojax.model.layers import relu2
+    from nemojax.model.moe import Experts
+    from nemojax.quant.calibrate import calibrate
+
+    config = from_hf_config(dict(vocab_size=40, hidden_size=32, hybrid_override_pattern="E*", num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=16, n_routed_experts=6, num_experts_per_tok=2,
+                                 moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+                                 compute_dtype="float32"))
+    model, variables = NemotronH(config), init_variables(config, jax.random.key(0))
+    ids = np.random.default_rng(0).integers(0, 40, (2, 9))
+    amax = calibrate(model, variables, [ids])
+    seen = {}
+
+    def grab(next_fun, args, kwargs, context):
+        if isinstance(context.module, Experts) and context.method_name == "__call__":
+            seen["x"], seen["ids"] = np.asarray(args[0]), np.asarray(args[1])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(grab):
+        _, hidden, _ = model.apply(variables, ids, method=model.forward)
+    assert amax["lm_head"] == pytest.approx(float(jnp.max(jnp.abs(hidden))), rel=1e-6)
+    up = np.asarray(variables["params"]["backbone"]["layers_0"]["mixer"]["experts"]["up_proj"])
+    want = {}
+    for e in range(6):  # brute force: every token that chose expert e
+        rows = seen["x"][(seen["ids"] == e).any(axis=1)]
+        if len(rows):
+            want[e] = (np.abs(rows).max(), float(np.asarray(relu2(jnp.asarray(rows) @ up[e])).max()))
+    largest = tuple(max(v[i] for v in want.values()) for i in range(2))  # for experts no token reached
+    for e in range(6):
+        prefix = f"backbone.layers.0.mixer.experts.{e}"
+        got = (amax[f"{prefix}.up_proj"], amax[f"{prefix}.down_proj"])
+        np.testing.assert_allclose(got, want.get(e, largest), rtol=1e-5)
+    assert "backbone.layers.1.mixer.k_cache" in amax and "backbone.layers.1.mixer.q_proj" in amax

@@ -20,6 +20,7 @@ from nemojax.checkpoint.hf import published_tensors
 from nemojax.config import ModelConfig
 from nemojax.model.layers import Linear, relu2
 from nemojax.model.moe import Experts
+from nemojax.ops.grouped_matmul import grouped_matmul
 
 Stats = dict[tuple[str, ...], jax.Array]
 
@@ -31,16 +32,20 @@ def _module_names(config: ModelConfig) -> dict[tuple[tuple[str, ...], int], str]
 
 
 def _expert_amax(module: nn.Module, x_td: jax.Array, ids_tk: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-expert amax of the up input and of the down input, over the tokens routed to each expert."""
-    up = module.variables["params"]["up_proj"]
-    x32 = x_td.astype(jnp.float32)
+    """Per-expert amax of the up input and of the down input, over the tokens routed to each expert
+    (token copies sorted by expert, as the MoE computes them: T*k rows, not T*E)."""
+    up = module.variables["params"]["up_proj"].astype(jnp.float32)
+    num_experts, k = up.shape[0], ids_tk.shape[1]
+    flat = ids_tk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = x_td.astype(jnp.float32)[order // k]
+    h = relu2(grouped_matmul(rows, up, jnp.bincount(flat, length=num_experts)))
 
-    def one(e):
-        routed = jnp.any(ids_tk == e, axis=1)[:, None]
-        h = relu2(jnp.dot(x32, up[e].astype(jnp.float32)))
-        return jnp.max(jnp.where(routed, jnp.abs(x32), 0)), jnp.max(jnp.where(routed, h, 0))
+    def per_expert(values):
+        return jnp.maximum(jax.ops.segment_max(jnp.max(jnp.abs(values), axis=1), flat[order],
+                                               num_segments=num_experts), 0.0)
 
-    return jax.lax.map(one, jnp.arange(up.shape[0]))
+    return per_expert(rows), per_expert(h)
 
 
 def _recorder(stats: Stats):
