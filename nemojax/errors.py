@@ -19,3 +19,11 @@ class DataError(NemojaxError):
 
 class QuantizationError(NemojaxError, ValueError):
     """A tensor cannot be quantized or dequantized as asked (shape, non-finite values, bad scales)."""
+
+
+class OutputError(NemojaxError):
+    """A result cannot be written (missing directory, full disk); the message names the file and what is kept."""
+
+
+class NemojaxWarning(UserWarning):
+    """Input that is used, but not as given (an ignored config field, a checkpoint skipped as unreadable)."""

@@ -12,7 +12,7 @@ from test_train import SMALL, TINY
 from nemojax.checkpoint.hf import save_pretrained
 from nemojax.errors import ConfigError
 from nemojax.model import init_variables
-from nemojax.model.layers import trains_quantized
+from nemojax.model.layers import recipe_applies
 from nemojax.quantize import quantize_checkpoint
 from nemojax.train.loop import train
 from nemojax.train.metrics import read_metrics
@@ -27,10 +27,10 @@ def test_recipe_keeps_the_configured_layers_in_bf16():
     kept = ["backbone/layers_0/mixer/out_proj", "backbone/layers_2/mixer/q_proj", "lm_head",
             "backbone/layers_1/mixer/fc1_latent_proj", "mtp/layers_1/block/mixer/experts/up_proj",
             "backbone/layers_5/mixer/experts/up_proj"]  # layer 5: the last 15% of 6 layers
-    assert all(trains_quantized(config, k) for k in quantized)
-    assert not any(trains_quantized(config, k) for k in kept)
+    assert all(recipe_applies(config, k) for k in quantized)
+    assert not any(recipe_applies(config, k) for k in kept)
     plain = model_config(load_run_config(TINY, []))
-    assert not trains_quantized(plain, quantized[0])
+    assert not recipe_applies(plain, quantized[0])
     with pytest.raises(ConfigError, match="quant.training"):
         model_config(load_run_config(TINY, ["--config.quant.training=fp4"]))
 

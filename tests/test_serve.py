@@ -86,11 +86,10 @@ def test_stop_strings_cut_text_and_ids(checkpoint):
     encoder, tokenizer = load_encoder(str(checkpoint))
     engine = Engine(model, variables, eos_ids=(2, 11), prefill_chunk=16)
     lines = [json.dumps({"prompt": "hello world", "ignore_eos": True})]
-    (free,) = serve_lines(lines, engine, encoder, tokenizer, Defaults(max_new_tokens=10), 1, progress=False)
+    (free,) = serve_lines(lines, engine, encoder, tokenizer, Defaults(max_new_tokens=10), 1)
     text = free["text"]
     stop = text[len(text) // 2:len(text) // 2 + 2]
-    (cut,) = serve_lines(lines, engine, encoder, tokenizer, Defaults(max_new_tokens=10, stop=(stop,)), 1,
-                         progress=False)
+    (cut,) = serve_lines(lines, engine, encoder, tokenizer, Defaults(max_new_tokens=10, stop=(stop,)), 1)
     assert cut["finish_reason"] == "stop" and stop not in cut["text"]
     assert text.startswith(cut["text"]) and free["output_ids"][:len(cut["output_ids"])] == cut["output_ids"]
     assert stop in tokenizer.decode(cut["output_ids"], skip_special_tokens=False)

@@ -3,8 +3,9 @@
 `published_tensors(config)` maps every published tensor name to where it lives in the nemojax
 variables and how it is laid out there (linear weights transposed to [in, out], conv weights to
 [kernel, channels], per-expert tensors stacked on a leading expert axis, the fused Mamba in_proj
-outputs and conv channels reordered group-major). Loading and saving are both driven by that
-table, so the two can never disagree.
+outputs and conv channels reordered group-major; with scanned layers, each layer a row of its
+kind's stacked leaf). Loading and saving are both driven by that table, so the two can never
+disagree, and the files are the same whichever layout the model uses in memory.
 
 ModelOpt checkpoints (NVFP4 / FP8, `nemojax.quant.modelopt`) use the same table: a linear the config
 lists in `weight_formats` contributes its `weight`, `weight_scale`, `weight_scale_2` and `input_scale`
@@ -27,9 +28,11 @@ import numpy as np
 
 from nemojax.checkpoint.safetensors_io import SafetensorsDir, save_file
 from nemojax.config import ModelConfig, dtype_name, from_hf_config, read_hf_config, storage_dtype, to_hf_dict
+from nemojax.config.model_config import SCAN_LAYERS_FROM, nonuniform_formats
 from nemojax.errors import CheckpointError
 from nemojax.model import NemotronH, abstract_variables
 from nemojax.model.mamba import conv_order, in_proj_order
+from nemojax.model.stacking import LAYERS_NAME, stack_plan
 from nemojax.quant import modelopt
 from nemojax.sharding.placement import variable_shardings
 
@@ -45,6 +48,7 @@ class Placement:
     path: Path
     layout: str  # "same" | "transpose" | "conv" | "expert" (stacked, transposed) | "expert_same" (stacked)
     expert: int = -1
+    layer: int = -1  # row of a leaf stacked over layers (scanned layers); -1: not stacked
     # order[j] = the published index (output row / channel) stored at nemojax index j; None = as published.
     order: np.ndarray | None = dataclasses.field(default=None, compare=False)
     # The ModelOpt format ("nvfp4" | "fp8") of the module a quantized weight or scale belongs to; such
@@ -63,10 +67,11 @@ _FLOAT_STORAGE = ("float16", "bfloat16", "float32", "float64")  # tensors loaded
 _FP8_SCALES = ("weight_scale", "input_scale")
 
 
-def _linear_tensors(config: ModelConfig, module: str, path: Path,
+def _linear_tensors(config: ModelConfig, module: str, path: Path, key: str,
                     order: np.ndarray | None = None) -> Iterator[tuple[str, Placement]]:
-    """The tensors of one linear (published module name `module`, nemojax module path `path`) in its format."""
-    fmt = config.weight_format("/".join(path))
+    """The tensors of one linear (published module name `module`, nemojax module path `path`, weight key
+    `key` in `config.weight_formats`) in its format."""
+    fmt = config.weight_format(key)
     if fmt is None:
         yield f"{module}.weight", Placement("params", path + ("kernel",), "transpose", order=order)
         return
@@ -79,10 +84,10 @@ def _linear_tensors(config: ModelConfig, module: str, path: Path,
         yield f"{module}.{scale}", Placement("params", path + (scale,), "same", order=rows, fmt=fmt)
 
 
-def _expert_tensors(config: ModelConfig, prefix: str, path: Path) -> Iterator[tuple[str, Placement]]:
-    """Per-expert published tensors stacked into the experts' leaves (path: the Experts module)."""
+def _expert_tensors(config: ModelConfig, prefix: str, path: Path, key: str) -> Iterator[tuple[str, Placement]]:
+    """Per-expert published tensors stacked into the experts' leaves (path / key: the Experts module)."""
     for proj in ("up_proj", "down_proj"):
-        fmt = config.weight_format("/".join(path + (proj,)))
+        fmt = config.weight_format(f"{key}/{proj}")
         for e in range(config.n_routed_experts):
             module = f"{prefix}.experts.{e}.{proj}"
             if fmt is None:
@@ -96,9 +101,12 @@ def _expert_tensors(config: ModelConfig, prefix: str, path: Path) -> Iterator[tu
                 yield f"{module}.{scale}", Placement("params", path + (f"{proj}_{scale}",), "expert_same", e, fmt=fmt)
 
 
-def _mixer_tensors(config: ModelConfig, kind: str, prefix: str, path: Path) -> Iterator[tuple[str, Placement]]:
+def _mixer_tensors(config: ModelConfig, kind: str, prefix: str, path: Path,
+                   key: str) -> Iterator[tuple[str, Placement]]:
+    """A mixer's tensors: `path` where its variables are, `key` its weights' prefix in weight_formats (the
+    per-layer path "backbone/layers_3/mixer", whichever layout the variables use)."""
     def linear(name: str, *sub: str, order: np.ndarray | None = None):
-        return _linear_tensors(config, f"{prefix}.{name}", path + sub, order)
+        return _linear_tensors(config, f"{prefix}.{name}", path + sub, "/".join((key,) + sub), order)
 
     def plain(name: str, *sub: str, collection: str = "params"):
         return f"{prefix}.{name}", Placement(collection, path + sub, "same")
@@ -126,7 +134,7 @@ def _mixer_tensors(config: ModelConfig, kind: str, prefix: str, path: Path) -> I
     elif kind == "moe":
         yield f"{prefix}.gate.weight", Placement("params", path + ("gate", "kernel"), "transpose")
         yield plain("gate.e_score_correction_bias", "gate", "e_score_correction_bias", collection="buffers")
-        yield from _expert_tensors(config, prefix, path + ("experts",))
+        yield from _expert_tensors(config, prefix, path + ("experts",), f"{key}/experts")
         yield from linear("shared_experts.up_proj", "shared_experts", "up_proj")
         yield from linear("shared_experts.down_proj", "shared_experts", "down_proj")
         if config.moe_latent_size is not None:
@@ -140,11 +148,15 @@ def published_tensors(config: ModelConfig) -> dict[str, Placement]:
         "backbone.embeddings.weight": Placement("params", ("backbone", "embeddings", "weight"), "same"),
         "backbone.norm_f.weight": Placement("params", ("backbone", "norm_f", "weight"), "same"),
     }
-    table.update(_linear_tensors(config, "lm_head", ("lm_head",)))
+    table.update(_linear_tensors(config, "lm_head", ("lm_head",), "lm_head"))
+    slots = stack_plan(config).slots
     for i, kind in enumerate(config.layer_types):
-        path = ("backbone", f"layers_{i}")
-        table[f"backbone.layers.{i}.norm.weight"] = Placement("params", path + ("norm", "weight"), "same")
-        table.update(_mixer_tensors(config, kind, f"backbone.layers.{i}.mixer", path + ("mixer",)))
+        path, layer = (("backbone", LAYERS_NAME, kind), int(slots[i])) if config.scan_layers else (
+            ("backbone", f"{LAYERS_NAME}_{i}"), -1)
+        tensors = {f"backbone.layers.{i}.norm.weight": Placement("params", path + ("norm", "weight"), "same")}
+        tensors.update(_mixer_tensors(config, kind, f"backbone.layers.{i}.mixer", path + ("mixer",),
+                                      f"backbone/{LAYERS_NAME}_{i}/mixer"))
+        table.update({name: dataclasses.replace(p, layer=layer) for name, p in tensors.items()})
     if config.has_mtp:
         last = len(config.mtp_layer_types) - 1
         for i, kind in enumerate(config.mtp_layer_types):
@@ -152,9 +164,11 @@ def published_tensors(config: ModelConfig) -> dict[str, Placement]:
             if i == 0:
                 for name in ("enorm", "hnorm"):
                     table[f"mtp.layers.{i}.{name}.weight"] = Placement("params", path + (name, "weight"), "same")
-                table.update(_linear_tensors(config, f"mtp.layers.{i}.eh_proj", path + ("eh_proj",)))
+                table.update(_linear_tensors(config, f"mtp.layers.{i}.eh_proj", path + ("eh_proj",),
+                                             "/".join(path + ("eh_proj",))))
             table[f"mtp.layers.{i}.norm.weight"] = Placement("params", path + ("block", "norm", "weight"), "same")
-            table.update(_mixer_tensors(config, kind, f"mtp.layers.{i}.mixer", path + ("block", "mixer")))
+            table.update(_mixer_tensors(config, kind, f"mtp.layers.{i}.mixer", path + ("block", "mixer"),
+                                        "/".join(path + ("block", "mixer"))))
             if i == last:
                 table[f"mtp.layers.{i}.final_layernorm.weight"] = Placement(
                     "params", path + ("final_layernorm", "weight"), "same")
@@ -164,12 +178,14 @@ def published_tensors(config: ModelConfig) -> dict[str, Placement]:
 def quantizable_modules(config: ModelConfig) -> list[str]:
     """Published names of the modules a ModelOpt checkpoint may quantize: every linear (each expert's
     projections apart), the MoE routers excepted (ModelOpt leaves them in float)."""
-    table = published_tensors(config.replace(weight_formats=()))
+    table = published_tensors(config.replace(weight_formats=(), scan_layers=False))
     return [name.removesuffix(".weight") for name, p in table.items()
             if p.layout in ("transpose", "expert") and not name.endswith(".mixer.gate.weight")]
 
 
 def _published_shape(placement: Placement, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if placement.layer >= 0:
+        leaf_shape = leaf_shape[1:]
     if placement.layout == "transpose":
         return leaf_shape[::-1]
     if placement.layout == "conv":
@@ -232,8 +248,19 @@ def _check_tensors(st: SafetensorsDir, table: dict[str, Placement], abstract: di
 
 def _slice_reader(st: SafetensorsDir, sources: list[tuple[str, Placement]],
                   leaf_shape: tuple[int, ...]) -> Callable[[tuple], np.ndarray]:
-    """A function index -> numpy block of the leaf, reading only the needed part of the files
-    (`sources`: (stored name, placement) of every published tensor of the leaf)."""
+    """A function index -> numpy block of the leaf (shape `leaf_shape`), reading only the needed part of the
+    files (`sources`: (stored name, placement) of every published tensor of the leaf)."""
+    if sources[0][1].layer >= 0:  # stacked over layers: the first index picks the layers
+        by_layer: dict[int, list[tuple[str, Placement]]] = {}
+        for name, p in sources:
+            by_layer.setdefault(p.layer, []).append((name, p))
+        readers = [_layer_reader(st, by_layer[layer], leaf_shape[1:]) for layer in range(len(by_layer))]
+        return lambda index: np.stack([readers[layer](index[1:]) for layer in range(len(readers))[index[0]]])
+    return _layer_reader(st, sources, leaf_shape)
+
+
+def _layer_reader(st: SafetensorsDir, sources: list[tuple[str, Placement]],
+                  leaf_shape: tuple[int, ...]) -> Callable[[tuple], np.ndarray]:
     layout = sources[0][1].layout
     if layout in ("expert", "expert_same"):
         by_expert = {p.expert: name for name, p in sources}
@@ -282,12 +309,14 @@ def load_variables(directory: str, config: ModelConfig, mesh: jax.sharding.Mesh 
 
 
 def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, param_dtype: DTypeLike | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> tuple[NemotronH, dict]:
-    """Load a checkpoint directory in the published layout: (model, variables).
+                    mesh: jax.sharding.Mesh | None = None, scan_layers: bool | None = None) -> tuple[NemotronH, dict]:
+    """Load a checkpoint directory in the published layout, float or ModelOpt-quantized: (model, variables).
 
     `param_dtype` defaults to the checkpoint's storage dtype, `dtype` (compute) to the parameter dtype;
-    both accept names or numpy/JAX dtypes. Missing, unexpected or mis-shaped tensors raise one
-    CheckpointError that lists them all.
+    both accept names or numpy/JAX dtypes. `scan_layers` None: scanned from 16 layers on (ModelConfig),
+    unless the quantization formats differ between layers of one kind. Missing, unexpected, mis-shaped or
+    mis-typed tensors raise one CheckpointError that lists them all (unsupported quantization configs
+    one that names every problem).
     """
     directory = os.fspath(path)
     if not os.path.isfile(os.path.join(directory, "config.json")):
@@ -295,18 +324,26 @@ def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, par
     hf = read_hf_config(directory)
     param_dtype = dtype_name(param_dtype) if param_dtype is not None else storage_dtype(hf)
     compute_dtype = dtype_name(dtype) if dtype is not None else param_dtype
-    config = from_hf_config(hf, compute_dtype=compute_dtype, param_dtype=param_dtype)
+    config = from_hf_config(directory, compute_dtype=compute_dtype, param_dtype=param_dtype,  # warnings name the file
+                            scan_layers=False if scan_layers is None else scan_layers)
     block, source = modelopt.read_quant_config(directory)
     if block is not None:
-        config = config.replace(**quant_fields(config, modelopt.parse_scheme(block, quantizable_modules(config),
-                                                                              source), source))
+        fields = quant_fields(config, modelopt.parse_scheme(block, quantizable_modules(config), source), source)
+        mixed = nonuniform_formats(config.layer_types, fields["weight_formats"])
+        if mixed and scan_layers:
+            raise CheckpointError(f"{source}: scanned layers need one format per weight across the layers of a "
+                                  f"kind (load with scan_layers=False): {mixed}")
+        config = config.replace(**fields)
+    if scan_layers is None:  # the default depth rule, unless the formats differ between layers of a kind
+        config = config.replace(scan_layers=len(config.layer_types) >= SCAN_LAYERS_FROM
+                                and not nonuniform_formats(config.layer_types, config.weight_formats))
     return NemotronH(config), load_variables(directory, config, mesh)
 
 
 def quant_fields(config: ModelConfig, scheme: modelopt.QuantScheme, source: str) -> dict[str, Any]:
     """ModelConfig fields (weight_formats, kv_cache_quant) of a scheme over published module names; the
     experts of one layer's projection must share a format (they are one stacked leaf)."""
-    table = published_tensors(config.replace(weight_formats=()))
+    table = published_tensors(config.replace(weight_formats=(), scan_layers=False))  # keys: per-layer paths
     by_leaf: dict[str, dict[str, str]] = {}
     for module, fmt in scheme.formats.items():
         p = table[f"{module}.weight"]
@@ -334,9 +371,13 @@ def quant_scheme(config: ModelConfig) -> modelopt.QuantScheme:
 def to_published(config: ModelConfig, variables: dict, dtype: DTypeLike | None = None) -> dict[str, np.ndarray]:
     """The published tensors (numpy) of nemojax variables; `dtype` casts floating tensors except fp32-kept ones
     and quantized ones (which keep their own dtypes)."""
-    out = {}
+    out, fetched = {}, {}
     for name, p in published_tensors(config).items():
-        leaf = np.asarray(jax.device_get(_leaf(variables[p.collection], p.path)))
+        if (p.collection, p.path) not in fetched:  # each leaf copied to the host once
+            fetched[p.collection, p.path] = np.asarray(jax.device_get(_leaf(variables[p.collection], p.path)))
+        leaf = fetched[p.collection, p.path]
+        if p.layer >= 0:
+            leaf = leaf[p.layer]
         if p.layout == "transpose":
             value = leaf.T
         elif p.layout == "conv":

@@ -63,7 +63,7 @@ PUBLISHED = {
 
 
 def get_model_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(PUBLISHED, param_dtype="bfloat16", compute_dtype="bfloat16"))
+    return ml_collections.ConfigDict(dict(PUBLISHED, param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True))
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -2,7 +2,9 @@
 
 Cache (decoding): {"k", "v": [b, max_len, kv_heads, head_dim], "valid": [b, max_len] bool}; new
 keys are written at `index` (shared by the batch: prompts are left-padded, and with no positional
-encoding left padding is exact once padded keys are masked).
+encoding left padding is exact once padded keys are masked). With scanned layers the caches of all
+attention layers are stacked ([layers, b, ...]) and a layer is given the stack and its `slot`: it
+writes only its new entries into the stack (no copy of the stack per layer).
 """
 
 from __future__ import annotations
@@ -27,12 +29,37 @@ def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtyp
             "valid": jnp.zeros((batch, max_len), bool)}
 
 
+def write_kv_cache(cache: KVCache, k_btkd: jax.Array, v_btkd: jax.Array, valid_bt: jax.Array, index: jax.Array | int,
+                   slot: jax.Array | int | None = None) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
+    """Write this step's keys, values and validity at position `index`.
+
+    `slot` None: `cache` is this layer's own. Otherwise `cache` is stacked over layers and `slot` is this
+    layer's row. Returns (new cache, this layer's keys [b, s, kv, d], values, validity [b, s]).
+    """
+    if slot is None:
+        start = (0, index, 0, 0)
+        new = {
+            "k": jax.lax.dynamic_update_slice(cache["k"], k_btkd.astype(cache["k"].dtype), start),
+            "v": jax.lax.dynamic_update_slice(cache["v"], v_btkd.astype(cache["v"].dtype), start),
+            "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (0, index)),
+        }
+        return new, new["k"], new["v"], new["valid"]
+    start = (slot, 0, index, 0, 0)
+    new = {
+        "k": jax.lax.dynamic_update_slice(cache["k"], k_btkd[None].astype(cache["k"].dtype), start),
+        "v": jax.lax.dynamic_update_slice(cache["v"], v_btkd[None].astype(cache["v"].dtype), start),
+        "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_bt[None], (slot, 0, index)),
+    }
+    row = {name: jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False) for name, a in new.items()}
+    return new, row["k"], row["v"], row["valid"]
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None = None, cache: KVCache | None = None,
-                 index: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+                 index: jax.Array | int = 0, slot: jax.Array | int | None = None) -> tuple[jax.Array, KVCache | None]:
         c = self.config
         dtype, pdtype = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
         b, t, _ = x_btd.shape
@@ -54,14 +81,9 @@ class Attention(nn.Module):
             new_cache = None
             mask = causal_mask(valid, 0, t)
         else:
-            start = (0, index, 0, 0)
-            new_cache = {
-                "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
-                "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),
-                "valid": jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index)),
-            }
-            k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-            mask = causal_mask(new_cache["valid"], index, t)
+            new_cache, k, v, cache_valid = write_kv_cache(cache, k, v, valid, index, slot)
+            k, v = k.astype(dtype), v.astype(dtype)
+            mask = causal_mask(cache_valid, index, t)
         out = gqa_attention(q, k, v, mask)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))

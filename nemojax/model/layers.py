@@ -4,7 +4,7 @@ Parameters are created with logical axis names (`nn.with_logical_partitioning`),
 table in `nemojax.sharding` decides where each lands on a mesh. Linear kernels are stored
 [in, out] (the published checkpoints store [out, in]; the converter transposes).
 
-A linear whose weight key (its module path joined by "/") the model config lists in `weight_formats`
+A linear whose weight key (its per-layer module path joined by "/") the model config lists in `weight_formats`
 holds the ModelOpt tensors instead: FP8 `kernel` [in, out] float8_e4m3fn with a float32
 `weight_scale` (computed W8A16), or NVFP4 `weight` uint8 [out, in/2] with `weight_scale`
 float8_e4m3fn [out, in/16] and `weight_scale_2` float32 (computed W4A16); both keep the checkpoint's
@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
+from nemojax.errors import ConfigError
+from nemojax.model.stacking import LAYERS_NAME
 from nemojax.ops.quantized_matmul import fp8_matmul, nvfp4_matmul
 from nemojax.quant.nvfp4 import BLOCK
 from nemojax.quant.training import nvfp4_train_matmul
@@ -40,15 +42,46 @@ def default_init(std: float = 0.02) -> Initializer:
     return nn.initializers.normal(stddev=std)
 
 
-def weight_key(module: nn.Module, *names: str) -> str:
-    """The key of a weight in `ModelConfig.weight_formats` / `train_quant_keep`: its module path joined by "/"."""
-    return "/".join(module.path + names)
+def _weight_place(module: nn.Module, names: tuple[str, ...]) -> tuple[str | None, str]:
+    """(None, weight key) for a weight of the unrolled model, or (layer kind, key below the layer) for one
+    in a scanned stack: at creation under backbone/layers/{kind}, or in a block applied alone in the scan."""
+    path = module.path + names
+    if path[:2] == ("backbone", LAYERS_NAME):
+        return path[2], "/".join(path[3:])
+    if path[:1] in (("backbone",), ("mtp",), ("lm_head",)):
+        return None, "/".join(path)
+    block = module
+    while getattr(block, "kind", None) is None:  # the enclosing Block (the root of a block applied alone)
+        block = block.parent
+    return block.kind, "/".join(path)
 
 
-def trains_quantized(config: ModelConfig | None, key: str) -> bool:
-    """Whether the weight `key` computes with the NVFP4 training recipe under `config`."""
-    return (config is not None and config.train_quant == "nvfp4"
-            and not any(fnmatch.fnmatchcase(key, p) for p in config.train_quant_keep))
+def weight_format(config: ModelConfig | None, module: nn.Module, *names: str) -> str | None:
+    """The `ModelConfig.weight_formats` entry of `module`'s weight (`names` below it), None for float."""
+    if config is None or not config.weight_formats:
+        return None
+    kind, key = _weight_place(module, names)
+    return config.weight_format(key) if kind is None else config.kind_weight_format(kind, key)
+
+
+def recipe_applies(config: ModelConfig, key: str) -> bool:
+    """Whether the weight `key` (per-layer path) computes with the NVFP4 training recipe under `config`."""
+    return config.train_quant == "nvfp4" and not any(fnmatch.fnmatchcase(key, p) for p in config.train_quant_keep)
+
+
+def trains_quantized(config: ModelConfig | None, module: nn.Module, *names: str) -> bool:
+    """`recipe_applies` to `module`'s weight; in a scanned stack every layer of the kind must agree."""
+    if config is None or config.train_quant == "none":
+        return False
+    kind, key = _weight_place(module, names)
+    if kind is None:
+        return recipe_applies(config, key)
+    decisions = {recipe_applies(config, f"backbone/{LAYERS_NAME}_{i}/{key}")
+                 for i, k in enumerate(config.layer_types) if k == kind}
+    if len(decisions) > 1:
+        raise ConfigError(f"the NVFP4 recipe keeps {key} of some {kind} layers in the compute dtype and not "
+                          "others; scanned layers share one module per kind: set scan_layers=false")
+    return decisions.pop()
 
 
 def quant_rng(module: nn.Module) -> jax.Array:
@@ -74,14 +107,13 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        key = weight_key(self)
-        fmt = None if self.config is None else self.config.weight_format(key)
+        fmt = weight_format(self.config, self)
         k, n = x.shape[-1], self.features
         x = x.astype(self.dtype)
         if fmt is None:
             kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes), (k, n),
                                 self.param_dtype)
-            if trains_quantized(self.config, key):
+            if trains_quantized(self.config, self):
                 return nvfp4_train_matmul(x, kernel.astype(self.dtype), quant_rng(self))
             return jnp.dot(x, kernel.astype(self.dtype))
         zeros = nn.initializers.zeros

@@ -25,7 +25,7 @@ from nemojax.model.layers import (
     relu2,
     scale_param,
     trains_quantized,
-    weight_key,
+    weight_format,
 )
 from nemojax.model.mlp import MLP
 from nemojax.ops.expert_banks import Bank, as_bank, bank_matmul, num_experts
@@ -110,12 +110,12 @@ class Experts(nn.Module):
     def _bank(self, proj: str, k: int, n: int, axes: tuple[str, str], init) -> Bank:
         """The expert bank of projection `proj` (in width k, out width n) in its configured format."""
         c = self.config
-        e, fmt = c.n_routed_experts, c.weight_format(weight_key(self, proj))
+        e, fmt = c.n_routed_experts, weight_format(c, self, proj)
         zeros = nn.initializers.zeros
         if fmt is None:
             kernel = self.param(proj, nn.with_logical_partitioning(init, ("experts",) + axes), (e, k, n),
                                 dtype_of(c.param_dtype))
-            if trains_quantized(c, weight_key(self, proj)):
+            if trains_quantized(c, self, proj):
                 return {"kernel": kernel, "train_rng": quant_rng(self)}
             return {"kernel": kernel}
         scale_param(self, f"{proj}_input_scale", (e,), ("experts",))
@@ -155,9 +155,8 @@ class MoE(nn.Module):
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
         ids, weights, scores = Router(c, name="gate")(x_td)
-        self.sow("intermediates", "expert_load", jnp.bincount(ids.reshape(-1), length=c.n_routed_experts))
-        self.sow("intermediates", "aux_loss", sequence_aux_loss(
-            scores.reshape(b, t, -1), ids.reshape(b, t, -1), c.n_routed_experts))
+        self.record(jnp.bincount(ids.reshape(-1), length=c.n_routed_experts),
+                    sequence_aux_loss(scores.reshape(b, t, -1), ids.reshape(b, t, -1), c.n_routed_experts))
         routed_in = x_td
         if c.moe_latent_size is not None:
             routed_in = Linear(c.moe_latent_size, ("embed", "latent"), dtype, pdtype, config=c,
@@ -167,3 +166,9 @@ class MoE(nn.Module):
             routed = Linear(d, ("latent", "embed"), dtype, pdtype, config=c, name="fc2_latent_proj")(routed)
         shared = MLP(c, c.moe_shared_expert_intermediate_size, name="shared_experts")(x_td)
         return (routed + shared).reshape(b, t, d)
+
+    def record(self, expert_load_e: jax.Array, aux_loss: jax.Array) -> None:
+        """Sow the routing statistics (training reads them). Scanned layers call it once after the scan,
+        with every MoE layer's values stacked (`nemojax.model.scanned`)."""
+        self.sow("intermediates", "expert_load", expert_load_e)
+        self.sow("intermediates", "aux_loss", aux_loss)

@@ -34,10 +34,12 @@ from jax.sharding import Mesh, NamedSharding
 from nemojax.config import ModelConfig
 from nemojax.model import abstract_variables
 from nemojax.model.attention import init_kv_cache
-from nemojax.model.hybrid import MTPLayer, _block_class
+from nemojax.model.block import block_class
+from nemojax.model.hybrid import MTPLayer
 from nemojax.model.layers import Linear, RMSNorm, dtype_of
 from nemojax.model.mamba import init_mamba_cache
 from nemojax.planning.caches import layer_cache_axes
+from nemojax.planning.counts import per_layer
 from nemojax.planning.layout import array_sharding
 from nemojax.sharding import use_mesh
 from nemojax.sharding.placement import variable_shardings
@@ -111,7 +113,7 @@ def _cache_kind(kind: str) -> str | None:
 
 def model_parts(config: ModelConfig) -> list[_Part]:
     """One part per distinct main layer kind (its first layer), each MTP sublayer, and the ends."""
-    block = _block_class(config)
+    block = block_class(config)
     parts = []
     for kind in dict.fromkeys(config.layer_types):
         first = config.layer_types.index(kind)
@@ -129,6 +131,7 @@ def model_parts(config: ModelConfig) -> list[_Part]:
 
 @functools.lru_cache(maxsize=2)
 def _model_trees(config: ModelConfig, mesh: Mesh) -> tuple[dict, dict]:
+    config = per_layer(config)
     return abstract_variables(config), variable_shardings(config, mesh)
 
 

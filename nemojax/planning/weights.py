@@ -29,7 +29,7 @@ import numpy as np
 from nemojax.checkpoint.hf import quant_fields, quantizable_modules
 from nemojax.config import ModelConfig
 from nemojax.model import abstract_variables
-from nemojax.planning.counts import is_routed_expert, leaf_paths
+from nemojax.planning.counts import is_routed_expert, leaf_paths, per_layer
 from nemojax.planning.layout import abstract_mesh
 from nemojax.quant.recipes import recipe_scheme
 from nemojax.sharding.placement import variable_shardings
@@ -52,6 +52,7 @@ def sharded_leaves(config: ModelConfig, mesh_items: tuple[tuple[str, int], ...])
     """(collection, path, abstract leaf, NamedSharding) for every variable, with the shardings
     `nemojax.sharding.placement.variable_shardings` gives the real model on this mesh (`mesh_items`:
     `tuple(mesh_shape.items())`)."""
+    config = per_layer(config)
     variables = abstract_variables(config)
     shardings = variable_shardings(config, abstract_mesh(dict(mesh_items)))
     out = []

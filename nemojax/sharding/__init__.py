@@ -8,6 +8,7 @@ from nemojax.sharding.rules import (
     LOGICAL_RULES,
     MESH_AXES,
     batch_sharding,
+    cache_axes,
     cache_shardings,
     constrain,
     context_mesh,
@@ -19,5 +20,5 @@ from nemojax.sharding.rules import (
     use_mesh,
 )
 
-__all__ = ["BATCH_AXES", "CACHE_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_sharding", "cache_shardings", "constrain",
-           "context_mesh", "logical_to_spec", "make_mesh", "parse_mesh", "place", "sized_spec", "use_mesh"]
+__all__ = ["BATCH_AXES", "CACHE_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_sharding", "cache_axes", "cache_shardings",
+           "constrain", "context_mesh", "logical_to_spec", "make_mesh", "parse_mesh", "place", "sized_spec", "use_mesh"]

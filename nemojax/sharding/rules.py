@@ -57,6 +57,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("router_experts", None),
     ("mtp_concat", None),
     ("norm", None),
+    ("layers", None),  # the stacking axis of scanned layers (nemojax.model.stacking)
 )
 
 
@@ -194,13 +195,19 @@ CACHE_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 
+def cache_axes(name: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a cache leaf by its key; a leaf with one more dimension is stacked over layers."""
+    names = CACHE_AXES[name]
+    return ("layers",) + names if ndim == len(names) + 1 else names
+
+
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:
     """NamedShardings for a decoding cache (arrays or ShapeDtypeStructs): rows over the batch axes,
-    KV heads / conv channels / SSM heads over tensor where they divide."""
+    KV heads / conv channels / SSM heads over tensor where they divide, stacked layers replicated."""
     mesh_shape = dict(mesh.shape)
 
     def one(path: tuple, leaf: Any) -> NamedSharding:
-        names = CACHE_AXES[path[-1].key]
+        names = cache_axes(path[-1].key, len(leaf.shape))
         return NamedSharding(mesh, sized_spec(names, leaf.shape, mesh_shape))
 
     return jax.tree_util.tree_map_with_path(one, cache)
