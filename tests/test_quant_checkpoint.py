@@ -229,3 +229,14 @@ def test_quantize_cli_exits_2_on_bad_input(mixed, tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err
     assert main([str(directory.parent / "bf16"), str(directory), "--recipe", "fp8"]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
+
+
+def test_scanned_layers_hold_the_quantized_weights_per_kind(mixed):
+    directory, _, _ = mixed
+    model, variables = nemojax.load_pretrained(directory, dtype="float32")
+    scanned, stacked = nemojax.load_pretrained(directory, dtype="float32", scan_layers=True)
+    assert not model.config.scan_layers and scanned.config.scan_layers
+    experts = stacked["params"]["backbone"]["layers"]["moe"]["mixer"]["experts"]
+    assert experts["up_proj_weight"].dtype == jnp.uint8 and experts["up_proj_weight"].shape[0] == 1  # one MoE layer
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (2, 7))
+    assert rel_err(jax.jit(scanned.apply)(stacked, ids), jax.jit(model.apply)(variables, ids)) < 1e-6

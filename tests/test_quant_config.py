@@ -96,3 +96,17 @@ def test_recipes():
     assert "backbone.layers.1.mixer.fc1_latent_proj" not in release.formats  # latent projections stay BF16
     assert "mtp.layers.1.mixer.experts.0.up_proj" not in release.formats  # so does the MTP block
     assert release.kv_cache == "fp8"
+
+
+def test_scanned_layers_need_one_format_per_kind():
+    from nemojax.config import ModelConfig
+    from nemojax.config.model_config import nonuniform_formats
+    from nemojax.errors import ConfigError
+
+    kinds = ("mamba", "moe", "mamba")
+    half = (("backbone/layers_0/mixer/in_proj", "fp8"),)
+    assert nonuniform_formats(kinds, half) == ["mixer/in_proj of the mamba layers: 1 of 2 quantized, formats ['fp8']"]
+    assert nonuniform_formats(kinds, half + (("backbone/layers_2/mixer/in_proj", "fp8"),)) == []
+    ModelConfig(vocab_size=32, hidden_size=32, layer_types=kinds, weight_formats=half, scan_layers=False)
+    with pytest.raises(ConfigError, match="scan_layers=false"):
+        ModelConfig(vocab_size=32, hidden_size=32, layer_types=kinds, weight_formats=half, scan_layers=True)
