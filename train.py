@@ -1,62 +1,8 @@
-"""Train or fine-tune a Nemotron-H model.
+"""`python train.py ...` from a checkout: the same command as `nemojax-train` (see `nemojax/cli/train.py`)."""
 
-    python train.py --config configs/tiny.py --workdir runs/tiny [--config.num_steps=50 ...]
-    python train.py --config configs/tiny.py --workdir runs/ft --init-from CHECKPOINT
-
-Any config field is overridable as --config.field=value (nested: --config.optimizer.learning_rate=1e-3).
-Rerunning with the same --workdir resumes from its newest checkpoint. Bad input exits with status 2,
-a run stopped by repeated non-finite steps with status 1.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-import jax
-
-from nemojax.distributed import add_distributed_flags, initialize
-from nemojax.errors import NemojaxError
-from nemojax.train.loop import TrainingDiverged, train
-from nemojax.train.run_config import load_run_config
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="ml-collections config file (configs/*.py)")
-    parser.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, tokenizer")
-    parser.add_argument("--init-from", default=None,
-                        help="fine-tune from a Hugging Face checkpoint, a nemojax model directory or a workdir")
-    add_distributed_flags(parser)
-    parser.add_argument("--compilation-cache", default=os.path.expanduser("~/.cache/nemojax/jax"),
-                        help="persistent XLA compilation cache, so restarts skip compiling ('' disables)")
-    parser.add_argument("--stop-at", type=int, default=None,
-                        help="end this session after STEP with a checkpoint (rerun to continue)")
-    return parser.parse_known_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        initialize(args)
-        if args.compilation_cache:
-            jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        cfg = load_run_config(args.config, overrides)
-        last = train(cfg, args.workdir, init_from=args.init_from, stop_at=args.stop_at)
-    except TrainingDiverged as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        return 1
-    except NemojaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not last:
-        print(f"{args.workdir} has already reached step {cfg.num_steps}; nothing to train")
-        return 0
-    summary = ", ".join(f"{k}={last[k]:.4f}" for k in ("loss", "eval_loss") if last.get(k) is not None)
-    print(f"step {last['step']}: {summary}; workdir {args.workdir}")
-    return 0
-
+from nemojax.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -116,7 +116,7 @@ def grouped(seconds: dict[str, float]) -> dict[str, float]:
 
 
 def model_and_variables():
-    config = from_hf_config(dict(SHAPE, hybrid_override_pattern=PATTERN), dtype="float32")
+    config = from_hf_config(dict(SHAPE, hybrid_override_pattern=PATTERN), compute_dtype="float32")
     model = NemotronH(config)
     return model, jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0))
 

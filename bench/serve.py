@@ -190,7 +190,7 @@ def measure_machine() -> dict:
 def context_scaling(contexts: list[int], new: int) -> list[dict]:
     rows = []
     for name, pattern in (("hybrid", PATTERN), ("attention-only", PATTERN.replace("M", "*"))):
-        config = from_hf_config(dict(SHAPE, hybrid_override_pattern=pattern), dtype="float32")
+        config = from_hf_config(dict(SHAPE, hybrid_override_pattern=pattern), compute_dtype="float32")
         model = NemotronH(config)
         variables = jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0))
         engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=512)
@@ -205,7 +205,7 @@ def context_scaling(contexts: list[int], new: int) -> list[dict]:
 def trained_mtp_model(steps: int) -> tuple[NemotronH, dict]:
     """The hybrid model with an MTP block trained (LM + MTP loss) on sequences counting up by 1 or 2."""
     config = from_hf_config(dict(SHAPE, hybrid_override_pattern=PATTERN, mtp_hybrid_override_pattern="*E",
-                                 num_nextn_predict_layers=1), dtype="float32")
+                                 num_nextn_predict_layers=1), compute_dtype="float32")
     model = NemotronH(config)
     variables = jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0))
     rng = np.random.default_rng(0)

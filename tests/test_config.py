@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from nemojax.config import ModelConfig, from_hf_config, resolve_model_config
+from nemojax.config import ModelConfig, from_hf_config, resolve_model_config, to_hf_dict
 from nemojax.errors import ConfigError
 
 PUBLISHED = {
@@ -29,7 +29,7 @@ def test_published_configs_parse_to_published_layer_counts(name):
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_configs_package_equals_published(name):
     path = PUBLISHED[name][0]
-    assert resolve_model_config(name) == from_hf_config(path, dtype="bfloat16", param_dtype="bfloat16")
+    assert resolve_model_config(name) == from_hf_config(path, compute_dtype="bfloat16", param_dtype="bfloat16")
 
 
 def test_published_sizes():
@@ -90,7 +90,7 @@ def test_validation_names_the_bad_field(changes, field):
 
 def test_round_trip_through_dicts():
     cfg = resolve_model_config("tiny")
-    assert from_hf_config(cfg.to_hf_dict(), dtype=cfg.dtype, param_dtype=cfg.param_dtype) == cfg
+    assert from_hf_config(to_hf_dict(cfg), compute_dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype) == cfg
     from nemojax.config import from_dict
     assert from_dict(cfg.to_dict()) == cfg
     assert isinstance(cfg, ModelConfig)
@@ -99,3 +99,42 @@ def test_round_trip_through_dicts():
 def test_unknown_config_name():
     with pytest.raises(ConfigError, match="tiny"):
         resolve_model_config("bogus")
+
+
+def test_missing_fields_take_the_transformers_defaults():
+    """One set of defaults: a config.json that leaves fields out means what transformers reads from it."""
+    from transformers import NemotronHConfig
+
+    minimal = {"vocab_size": 1000, "hidden_size": 64, "hybrid_override_pattern": "ME*-"}
+    ours, theirs = from_hf_config(minimal), NemotronHConfig(**minimal)
+    for name in ("num_attention_heads", "num_key_value_heads", "head_dim", "mamba_num_heads", "mamba_head_dim",
+                 "ssm_state_size", "n_groups", "conv_kernel", "chunk_size", "intermediate_size", "n_routed_experts",
+                 "num_experts_per_tok", "moe_intermediate_size", "moe_shared_expert_intermediate_size",
+                 "moe_latent_size", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
+                 "layer_norm_epsilon", "max_position_embeddings", "bos_token_id", "pad_token_id", "use_conv_bias"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.eos_token_id == (theirs.eos_token_id,)
+    assert ours.time_step_limit == tuple(theirs.time_step_limit)
+
+
+def test_storage_dtype_key_does_not_set_the_compute_dtype():
+    stored_bf16 = _base(dtype="bfloat16", torch_dtype="bfloat16")
+    assert from_hf_config(stored_bf16).compute_dtype == ModelConfig.compute_dtype  # the dataclass default
+    assert from_hf_config(stored_bf16, compute_dtype="float32").compute_dtype == "float32"
+
+
+def test_dtype_fields_accept_numpy_and_jax_dtypes():
+    import jax.numpy as jnp
+    import numpy as np
+
+    cfg = from_hf_config(_base(), compute_dtype=jnp.float32, param_dtype=np.dtype("bfloat16"))
+    assert (cfg.compute_dtype, cfg.param_dtype) == ("float32", "bfloat16")
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        from_hf_config(_base(), compute_dtype="int8")
+
+
+def test_packaged_configs_resolve_by_name_and_by_thin_file():
+    from nemojax.config import packaged_config_names
+
+    assert {"tiny", "nano", "super", "ultra"} <= set(packaged_config_names())
+    assert resolve_model_config("tiny") == resolve_model_config("configs/tiny.py")

@@ -17,7 +17,7 @@ SMALL = dict(vocab_size=50, hidden_size=32, hybrid_override_pattern="M*E", num_a
              n_groups=2, chunk_size=4, intermediate_size=48, n_routed_experts=8, num_experts_per_tok=3,
              moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, moe_latent_size=12, n_group=2,
              topk_group=1, routed_scaling_factor=2.5, mtp_hybrid_override_pattern="*E",
-             num_nextn_predict_layers=1, dtype="float32", param_dtype="float32")
+             num_nextn_predict_layers=1, compute_dtype="float32", param_dtype="float32")
 
 
 def _np(tree):

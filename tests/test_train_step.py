@@ -26,7 +26,7 @@ MICRO = dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="E", num_att
              num_key_value_heads=1, head_dim=16, mamba_num_heads=2, mamba_head_dim=16, ssm_state_size=8,
              n_groups=1, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
              moe_shared_expert_intermediate_size=16, mtp_hybrid_override_pattern="*E", num_nextn_predict_layers=1,
-             dtype="float32", param_dtype="float32")
+             compute_dtype="float32", param_dtype="float32")
 
 
 def _optimizer(**changes):

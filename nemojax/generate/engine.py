@@ -33,6 +33,7 @@ from nemojax.errors import ConfigError
 from nemojax.generate import caches, sampling, speculative
 from nemojax.generate.requests import Request
 from nemojax.model import NemotronH, init_cache
+from nemojax.sharding.placement import shard_variables
 
 State = dict[str, Any]
 MIN_PROMPT_BUCKET = 16
@@ -90,7 +91,7 @@ class Engine:
         if num_draft_tokens and "mamba" in config.mtp_layer_types:
             raise ConfigError("MTP speculation supports attention/MoE/MLP MTP layers only (no Mamba in the MTP block)")
         if mesh is not None:
-            variables = sharding.shard_variables(variables, config, mesh)
+            variables = shard_variables(variables, config, mesh)
         self.model, self.config, self.variables, self.mesh = model, config, variables, mesh
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.think_end_id = -1 if think_end_id is None else int(think_end_id)

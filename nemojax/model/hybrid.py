@@ -6,7 +6,10 @@ the optional MTP block.
 block), `init_cache` (empty decoding caches).
 
 Caches are plain pytrees passed in and returned: {"index": int32 scalar (next write position),
-"layers": per-layer caches (None for MoE/MLP layers), "mtp": the MTP block's attention caches}.
+"layers": the main stack's caches, "mtp": the MTP block's caches ({"index", "layers"})}. "layers" is a
+tuple with one entry per layer (None for MoE/MLP layers), or, with `config.scan_layers`, a dict of
+caches stacked per layer kind ({"mamba": ..., "attention": ...}, see `nemojax.model.scanned`). The
+MTP block is never scanned: its "layers" is always the per-layer tuple.
 """
 
 from __future__ import annotations
@@ -19,46 +22,14 @@ import jax.numpy as jnp
 
 from nemojax import sharding
 from nemojax.config import ModelConfig
-from nemojax.model.attention import Attention, init_kv_cache
+from nemojax.model.attention import init_kv_cache
+from nemojax.model.block import block_class
 from nemojax.model.layers import Linear, RMSNorm, default_init, dtype_of
-from nemojax.model.mamba import MambaMixer, init_mamba_cache
-from nemojax.model.mlp import MLP
-from nemojax.model.moe import MoE
+from nemojax.model.mamba import init_mamba_cache
+from nemojax.model.scanned import ScannedLayers
+from nemojax.model.stacking import stacked_caches
 
 Cache = dict[str, Any]
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class Block(nn.Module):
-    """Pre-norm residual block around one mixer (mamba, attention, moe or mlp)."""
-
-    config: ModelConfig
-    kind: str
-
-    @nn.compact
-    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None, cache: Any,
-                 index: jax.Array | int, per_position_states: bool = False) -> tuple[jax.Array, Any]:
-        c = self.config
-        h = RMSNorm(c.layer_norm_epsilon, dtype_of(c.param_dtype), name="norm")(x_btd)
-        if self.kind == "mamba":
-            out, cache = MambaMixer(c, name="mixer")(h, valid_bt, cache, per_position_states)
-        elif self.kind == "attention":
-            out, cache = Attention(c, name="mixer")(h, valid_bt, cache, index)
-        elif self.kind == "moe":
-            out = MoE(c, name="mixer")(h)
-        else:
-            out = MLP(c, c.intermediate_size, name="mixer")(h)
-        x_btd = x_btd + out.astype(x_btd.dtype)
-        return sharding.constrain(x_btd, ("batch", "length", "act_embed")), cache
-
-
-def _block_class(config: ModelConfig) -> type[Block]:
-    if config.remat == "none":
-        return Block
-    return nn.remat(Block, policy=_REMAT_POLICIES[config.remat], prevent_cse=True, static_argnums=(5,))
 
 
 class Embedding(nn.Module):
@@ -72,22 +43,30 @@ class Embedding(nn.Module):
     def __call__(self, ids_bt: jax.Array) -> jax.Array:
         # Gather from the table with its fsdp shards collected (as FSDP does for every weight).
         table = sharding.constrain(self.weight, ("vocab", "act_embed"))
-        return jnp.take(table, ids_bt, axis=0).astype(dtype_of(self.config.dtype))
+        return jnp.take(table, ids_bt, axis=0).astype(dtype_of(self.config.compute_dtype))
 
 
 class Backbone(nn.Module):
+    """Embeddings, the layers (unrolled, or one scan when `config.scan_layers`), final norm."""
+
     config: ModelConfig
 
     def setup(self) -> None:
         c = self.config
-        block = _block_class(c)
         self.embeddings = Embedding(c)
-        self.layers = [block(c, kind) for kind in c.layer_types]
+        if c.scan_layers:
+            self.layers = ScannedLayers(c)
+        else:
+            block = block_class(c)
+            self.layers = [block(c, kind) for kind in c.layer_types]
         self.norm_f = RMSNorm(c.layer_norm_epsilon, dtype_of(c.param_dtype))
 
     def __call__(self, ids_bt: jax.Array, valid_bt: jax.Array | None, layer_caches: Any,
                  index: jax.Array | int, per_position_states: bool = False) -> tuple[jax.Array, Any]:
         x = sharding.constrain(self.embeddings(ids_bt), ("batch", "length", "act_embed"))
+        if self.config.scan_layers:
+            x, new_caches = self.layers(x, valid_bt, layer_caches, index, per_position_states)
+            return self.norm_f(x), new_caches
         new_caches = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, valid_bt, None if layer_caches is None else layer_caches[i], index,
@@ -108,13 +87,13 @@ class MTPLayer(nn.Module):
     def __call__(self, x_btd: jax.Array, e_btd: jax.Array | None, valid_bt: jax.Array | None, cache: Any,
                  index: jax.Array | int) -> tuple[jax.Array, Any]:
         c = self.config
-        dtype, pdtype = dtype_of(c.dtype), dtype_of(c.param_dtype)
+        dtype, pdtype = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
         if self.first:
             e = RMSNorm(c.layer_norm_epsilon, pdtype, name="enorm")(e_btd)
             h = RMSNorm(c.layer_norm_epsilon, pdtype, name="hnorm")(x_btd)
-            x_btd = Linear(c.hidden_size, ("mtp_concat", "embed"), dtype, pdtype, name="eh_proj")(
+            x_btd = Linear(c.hidden_size, ("mtp_concat", "embed"), dtype, pdtype, config=c, name="eh_proj")(
                 jnp.concatenate([e, h], axis=-1))
-        x_btd, cache = _block_class(c)(c, self.kind, name="block")(x_btd, valid_bt, cache, index, False)
+        x_btd, cache = block_class(c)(c, self.kind, name="block")(x_btd, valid_bt, cache, index, False)
         if self.last:
             x_btd = RMSNorm(c.layer_norm_epsilon, pdtype, name="final_layernorm")(x_btd)
         return x_btd, cache
@@ -142,15 +121,16 @@ class NemotronH(nn.Module):
     def setup(self) -> None:
         c = self.config
         self.backbone = Backbone(c)
-        self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype_of(c.dtype), dtype_of(c.param_dtype))
+        self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype_of(c.compute_dtype), dtype_of(c.param_dtype),
+                              config=c)
         if c.has_mtp:
             self.mtp = MTPBlock(c)
 
     def __call__(self, input_ids: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         logits, _, _ = self.forward(input_ids, valid)
         if self.config.has_mtp and self.is_initializing():
-            self.mtp_forward(jnp.zeros(input_ids.shape + (self.config.hidden_size,), dtype_of(self.config.dtype)),
-                             input_ids, valid)
+            dtype = dtype_of(self.config.compute_dtype)
+            self.mtp_forward(jnp.zeros(input_ids.shape + (self.config.hidden_size,), dtype), input_ids, valid)
         return logits
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
@@ -198,10 +178,14 @@ def _layer_cache(config: ModelConfig, kind: str, batch: int, max_len: int, dtype
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype | None = None) -> Cache:
     """Empty decoding caches for the main stack and (if present) the MTP block."""
-    dtype = dtype or dtype_of(config.dtype)
+    dtype = dtype or dtype_of(config.compute_dtype)
+
+    def one(kind: str) -> Any:
+        return _layer_cache(config, kind, batch, max_len, dtype)
+
     cache: Cache = {
         "index": jnp.zeros((), jnp.int32),
-        "layers": tuple(_layer_cache(config, k, batch, max_len, dtype) for k in config.layer_types),
+        "layers": stacked_caches(config, one) if config.scan_layers else tuple(map(one, config.layer_types)),
     }
     if config.has_mtp:
         cache["mtp"] = {

@@ -34,12 +34,15 @@ from jax.sharding import Mesh, NamedSharding
 from nemojax.config import ModelConfig
 from nemojax.model import abstract_variables
 from nemojax.model.attention import init_kv_cache
-from nemojax.model.hybrid import MTPLayer, _block_class
+from nemojax.model.block import block_class
+from nemojax.model.hybrid import MTPLayer
 from nemojax.model.layers import Linear, RMSNorm, dtype_of
 from nemojax.model.mamba import init_mamba_cache
 from nemojax.planning.caches import layer_cache_axes
+from nemojax.planning.counts import per_layer
 from nemojax.planning.layout import array_sharding
-from nemojax.sharding import use_mesh, variable_shardings
+from nemojax.sharding import use_mesh
+from nemojax.sharding.placement import variable_shardings
 
 ACT_AXES = ("batch", "length", "act_embed")
 
@@ -64,7 +67,7 @@ class ModelEnds(nn.Module):
     def __call__(self, hidden_btd: jax.Array) -> jax.Array:
         c = self.config
         h = RMSNorm(c.layer_norm_epsilon, dtype_of(c.param_dtype), name="norm_f")(hidden_btd)
-        return Linear(c.vocab_size, ("embed", "vocab"), dtype_of(c.dtype), dtype_of(c.param_dtype),
+        return Linear(c.vocab_size, ("embed", "vocab"), dtype_of(c.compute_dtype), dtype_of(c.param_dtype),
                       name="lm_head")(h).astype(jnp.float32)
 
 
@@ -110,7 +113,7 @@ def _cache_kind(kind: str) -> str | None:
 
 def model_parts(config: ModelConfig) -> list[_Part]:
     """One part per distinct main layer kind (its first layer), each MTP sublayer, and the ends."""
-    block = _block_class(config)
+    block = block_class(config)
     parts = []
     for kind in dict.fromkeys(config.layer_types):
         first = config.layer_types.index(kind)
@@ -128,6 +131,7 @@ def model_parts(config: ModelConfig) -> list[_Part]:
 
 @functools.lru_cache(maxsize=2)
 def _model_trees(config: ModelConfig, mesh: Mesh) -> tuple[dict, dict]:
+    config = per_layer(config)
     return abstract_variables(config), variable_shardings(config, mesh)
 
 
@@ -138,7 +142,7 @@ def part_variables(part: _Part, config: ModelConfig, mesh: Mesh) -> tuple[dict, 
 
 
 def _abstract_cache(part: _Part, config: ModelConfig, batch: int, max_len: int):
-    dtype = dtype_of(config.dtype)
+    dtype = dtype_of(config.compute_dtype)
     if part.cache_kind == "attention":
         return jax.eval_shape(lambda: init_kv_cache(config, batch, max_len, dtype))
     if part.cache_kind == "mamba":
@@ -162,7 +166,7 @@ def serving_part(part: _Part, config: ModelConfig, mesh: Mesh, batch: int, chunk
     """Prefill of `batch x chunk` tokens through one part, with its cache of `max_len` donated."""
     start = time.perf_counter()
     variables, var_shardings = part_variables(part, config, mesh)
-    act = jax.ShapeDtypeStruct((batch, chunk, config.hidden_size), dtype_of(config.dtype))
+    act = jax.ShapeDtypeStruct((batch, chunk, config.hidden_size), dtype_of(config.compute_dtype))
     act_sharding = array_sharding(mesh, act.shape, ACT_AXES)
     inputs, input_shardings = (act,) * part.num_inputs, (act_sharding,) * part.num_inputs
     cache = _abstract_cache(part, config, batch, max_len)
@@ -207,7 +211,7 @@ def training_part(part: _Part, config: ModelConfig, mesh: Mesh, batch: int, seq_
     variables, var_shardings = part_variables(part, config, mesh)
     params, buffers = variables["params"], variables.get("buffers", {})
     param_sh, buffer_sh = var_shardings["params"], var_shardings.get("buffers", {})
-    act = jax.ShapeDtypeStruct((batch, seq_len, config.hidden_size), dtype_of(config.dtype))
+    act = jax.ShapeDtypeStruct((batch, seq_len, config.hidden_size), dtype_of(config.compute_dtype))
     act_sharding = array_sharding(mesh, act.shape, ACT_AXES)
     inputs, input_shardings = (act,) * part.num_inputs, (act_sharding,) * part.num_inputs
     if part.run is _run_ends:

@@ -3,7 +3,8 @@ the Mamba layers' conv and SSM states, laid out as `nemojax.model.init_cache` bu
 
 Cache sharding (the rule table through `nemojax.sharding.sized_spec`): batch over (data, fsdp,
 expert) as far as they divide it, KV heads over `tensor` (replicated when `tensor` does not divide
-them: Nemotron 3 has 2), Mamba heads and conv channels over `tensor`.
+them: Nemotron 3 has 2), Mamba heads and conv channels over `tensor`; caches stacked over layers
+(scanned layers) keep that axis whole.
 """
 
 from __future__ import annotations
@@ -15,14 +16,7 @@ import jax
 from nemojax.config import ModelConfig
 from nemojax.model import init_cache
 from nemojax.planning.layout import abstract_mesh, array_sharding, local_bytes
-
-CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": ("batch", "kv_heads", "length", None),
-    "v": ("batch", "kv_heads", "length", None),
-    "valid": ("batch", "length"),
-    "conv": ("batch", None, "conv_dim"),
-    "ssm": ("batch", "mamba_heads", None, None),
-}
+from nemojax.sharding import CACHE_AXES, cache_axes
 
 
 def abstract_cache(config: ModelConfig, batch: int, max_len: int):
@@ -40,10 +34,11 @@ def cache_bytes_per_device(config: ModelConfig, batch: int, max_len: int,
     """{"kv_cache", "ssm_state"}: bytes one device holds for `batch` sequences of `max_len` tokens."""
     cache = abstract_cache(config, batch, max_len)
     mesh = abstract_mesh(mesh_shape)
-    layers = list(cache["layers"]) + list(cache.get("mtp", {}).get("layers", ()))
     out = {"kv_cache": 0, "ssm_state": 0}
-    for layer in layers:
-        for name, leaf in (layer or {}).items():
-            key = "kv_cache" if name in ("k", "v", "valid") else "ssm_state"
-            out[key] += local_bytes(leaf, array_sharding(mesh, leaf.shape, CACHE_AXES[name]))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        name = path[-1].key
+        if name == "index":
+            continue
+        key = "kv_cache" if name in ("k", "v", "valid") else "ssm_state"
+        out[key] += local_bytes(leaf, array_sharding(mesh, leaf.shape, cache_axes(name, len(leaf.shape))))
     return out

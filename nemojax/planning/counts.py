@@ -26,6 +26,13 @@ def leaf_paths(tree) -> Leaves:
     return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in flat]
 
 
+def per_layer(config: ModelConfig) -> ModelConfig:
+    """The config with its layers unrolled: planning reads variables per layer (one expert axis first
+    in every routed-expert leaf); the stacked layout of scanned layers holds the same arrays, sharded
+    the same way (its stacking axis is never split), so counts and bytes are equal."""
+    return config.replace(scan_layers=False)
+
+
 def is_mtp(path: str) -> bool:
     return path.startswith("mtp/")
 
@@ -68,7 +75,7 @@ class ParamCounts:
 @functools.lru_cache(maxsize=8)
 def count_parameters(config: ModelConfig) -> ParamCounts:
     """Count every parameter of `config`'s model; see the module docstring for what counts."""
-    variables = abstract_variables(config)
+    variables = abstract_variables(per_layer(config))
     params = leaf_paths(variables["params"])
     buffers = leaf_paths(variables.get("buffers", {}))
     main = sum(size_of(x) for p, x in params if not is_mtp(p))

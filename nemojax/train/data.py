@@ -56,6 +56,8 @@ def validate_data_config(cfg: Mapping[str, Any]) -> None:
         raise DataError(f"data.heldout_fraction must be in [0, 1), got {cfg['heldout_fraction']}")
     if cfg["tokenizer_path"] and not os.path.exists(cfg["tokenizer_path"]):
         raise DataError(f"data.tokenizer_path not found: {cfg['tokenizer_path']}")
+    if cfg["tokenizer_path"]:
+        load_tokenizer(cfg["tokenizer_path"])  # an unreadable file fails now, not after the workdir is set up
     if not cfg["tokenizer_path"] and cfg["vocab_size"] < NUM_RESERVED_IDS + 256:
         raise DataError(f"data.vocab_size must be at least {NUM_RESERVED_IDS + 256} (reserved ids and 256 bytes)")
     _split(cfg)

@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nemojax.config import ModelConfig
 from nemojax.distributed import global_batch, local_batch_rows
 from nemojax.errors import ConfigError
-from nemojax.sharding import MESH_AXES, make_mesh, variable_shardings
+from nemojax.sharding import MESH_AXES, make_mesh
+from nemojax.sharding.placement import variable_shardings
 
 
 def build_mesh(mesh_cfg: ml_collections.ConfigDict) -> Mesh | None:

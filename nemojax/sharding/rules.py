@@ -1,5 +1,8 @@
 """Device meshes and the ONE table that maps logical axis names to mesh axes (data, fsdp, tensor, expert).
 
+This module imports no model code (the model imports it); placing model variables on a mesh, which
+needs the model's parameter tree, lives in `nemojax.sharding.placement`.
+
 Every parameter is created with logical axis names (see `nemojax.model.layers`); activations are
 constrained at layer boundaries with `constrain`. Without a mesh in context (`use_mesh`), `constrain`
 is a no-op, so the model runs unchanged on one device.
@@ -20,7 +23,6 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from nemojax.config import ModelConfig
 from nemojax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -55,6 +57,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("router_experts", None),
     ("mtp_concat", None),
     ("norm", None),
+    ("layers", None),  # the stacking axis of scanned layers (nemojax.model.stacking)
 )
 
 
@@ -169,29 +172,6 @@ def use_mesh(mesh: Mesh) -> Iterator[Mesh]:
         yield mesh
 
 
-def _head_units(config: ModelConfig) -> dict[str, int]:
-    """Logical axes whose dimension fuses heads (or Mamba groups, stored group-major): shard whole ones only."""
-    return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-            "mamba_inner": config.mamba_num_heads, "mamba_heads": config.mamba_num_heads,
-            "mamba_proj": config.n_groups, "conv_dim": config.n_groups}
-
-
-def variable_shardings(config: ModelConfig, mesh: Mesh) -> dict:
-    """NamedShardings for every leaf of the model variables {"params", "buffers"}."""
-    from nemojax.model import abstract_variables, logical_axes
-
-    units = _head_units(config)
-    mesh_shape = dict(mesh.shape)
-
-    def one(names: PartitionSpec, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
-        names = tuple(names) + (None,) * (len(leaf.shape) - len(names))
-        dims = [units.get(n, d) if n is not None else d for n, d in zip(names, leaf.shape, strict=True)]
-        return NamedSharding(mesh, sized_spec(names, dims, mesh_shape))
-
-    return jax.tree.map(one, logical_axes(config), abstract_variables(config),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
 def place(value: Any, sharding: NamedSharding) -> jax.Array:
     """Put one host or device array into `sharding`; each device receives only its own block.
 
@@ -204,14 +184,8 @@ def place(value: Any, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def shard_variables(variables: dict, config: ModelConfig, mesh: Mesh) -> dict:
-    """Model variables {"params", "buffers"} placed on `mesh` by `variable_shardings`."""
-    shardings = variable_shardings(config, mesh)
-    return {k: jax.tree.map(place, v, shardings[k]) for k, v in variables.items()}
-
-
 # Decoding-cache leaves (see `nemojax.model.init_cache`) by their key: logical axes per dimension.
-_CACHE_AXES = {
+CACHE_AXES: dict[str, tuple[str | None, ...]] = {
     "k": ("batch", "kv_heads", "length", None),
     "v": ("batch", "kv_heads", "length", None),
     "valid": ("batch", "length"),
@@ -221,13 +195,19 @@ _CACHE_AXES = {
 }
 
 
+def cache_axes(name: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a cache leaf by its key; a leaf with one more dimension is stacked over layers."""
+    names = CACHE_AXES[name]
+    return ("layers",) + names if ndim == len(names) + 1 else names
+
+
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:
     """NamedShardings for a decoding cache (arrays or ShapeDtypeStructs): rows over the batch axes,
-    KV heads / conv channels / SSM heads over tensor where they divide."""
+    KV heads / conv channels / SSM heads over tensor where they divide, stacked layers replicated."""
     mesh_shape = dict(mesh.shape)
 
     def one(path: tuple, leaf: Any) -> NamedSharding:
-        names = _CACHE_AXES[path[-1].key]
+        names = cache_axes(path[-1].key, len(leaf.shape))
         return NamedSharding(mesh, sized_spec(names, leaf.shape, mesh_shape))
 
     return jax.tree_util.tree_map_with_path(one, cache)

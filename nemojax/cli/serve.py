@@ -1,0 +1,206 @@
+"""Generate completions for a file of prompts.
+
+    python serve.py --checkpoint PATH --prompts IN.jsonl --output OUT.jsonl [--resume] [--max-new-tokens N]
+        [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S] [--stop STR ...] [--ignore-eos]
+        [--batch-size B] [--speculative mtp --num-draft-tokens K] [--reasoning on|off|medium|low]
+        [--thinking-budget N] [--stats STATS.json] [--mesh data=..,fsdp=..,tensor=..,expert=..]
+
+PATH is a Hugging Face directory (published layout), a nemojax model directory, or a train.py
+workdir (latest checkpoint that restores, and its tokenizer). Input lines (split on "\n" only): {"prompt": ...},
+{"messages": [...]} or {"input_ids": [...]}, each optionally overriding max_new_tokens, temperature,
+top_k, top_p, min_p, seed, stop, ignore_eos, reasoning, thinking_budget (any other field is an error).
+Output: exactly one line per input line, in order: {"output_ids", "text", "finish_reason"}, or
+{"error": "line N: ..."} for a line that cannot be served (blank lines included).
+
+Records are written as their batch finishes, to OUT.jsonl.partial, which is moved to OUT.jsonl at the
+end; after an interruption (Ctrl-C, a kill, a full disk) rerun the same command with --resume to serve
+only the lines not yet answered. Bad flags, an unreadable checkpoint or prompt file, or an output path
+that cannot be written exit with status 2 before any work.
+
+`--mesh` shards the model and the caches over the devices (sizes multiply to the device count; the
+default is one device). Several hosts: start one process per host with the same arguments plus
+`--coordinator-address/--num-processes/--process-id` (or let a cluster such as SLURM be detected)
+and a `--mesh` over all their devices; process 0 writes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from nemojax.cli.common import int_in, report_errors
+
+MAX_DRAFT_TOKENS = 16
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from nemojax.chat import REASONING_MODES
+    from nemojax.distributed import add_distributed_flags
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompts", required=True, help="JSONL file of prompts")
+    p.add_argument("--output", required=True, help="JSONL file of completions (one line per prompt line)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: keep the records in OUTPUT.partial (or OUTPUT) and serve "
+                        "the lines after them")
+    p.add_argument("--max-new-tokens", type=int_in(1), default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int_in(0), default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (need a tokenizer)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence ids")
+    p.add_argument("--batch-size", type=int_in(1), default=8)
+    p.add_argument("--prefill-chunk", type=int_in(1), default=256, help="prompt tokens per prefill step")
+    p.add_argument("--speculative", choices=["mtp"], default=None)
+    p.add_argument("--num-draft-tokens", type=int_in(1, MAX_DRAFT_TOKENS), default=3)
+    p.add_argument("--reasoning", choices=REASONING_MODES, default="on")
+    p.add_argument("--thinking-budget", type=int_in(0), default=None, help="force </think> after N thinking tokens")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--stats", default=None, help="write throughput statistics (JSON) here")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. tensor=4,expert=2 (default: one device)")
+    p.add_argument("--no-progress", action="store_true")
+    add_distributed_flags(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return report_errors(lambda: run(args))
+    except KeyboardInterrupt:
+        partial = args.output + ".partial"
+        kept = f": the finished records are kept in {partial}; rerun with --resume" if os.path.exists(partial) else ""
+        print(f"interrupted{kept}", file=sys.stderr)
+        return 130
+
+
+def check_inputs(args: argparse.Namespace) -> int | None:
+    """Everything about the flags and files that can be checked before loading anything; returns the
+    number of lines in the prompts file (None for a pipe)."""
+    from nemojax.config import FLOAT_DTYPES, dtype_name
+    from nemojax.errors import CheckpointError, ConfigError
+    from nemojax.generate.jsonl import check_writable, count_lines
+    from nemojax.generate.loading import tokenizer_dir
+    from nemojax.generate.requests import check_settings
+
+    check_settings(dataclasses.asdict(defaults_of(args)), ConfigError, lambda field: "--" + field.replace("_", "-"))
+    if args.dtype is not None and dtype_name(args.dtype) not in FLOAT_DTYPES:
+        raise ConfigError(f"--dtype {args.dtype}: expected one of {FLOAT_DTYPES}")
+    if not os.path.isdir(args.checkpoint):
+        raise CheckpointError(f"--checkpoint {args.checkpoint}: no such checkpoint directory")
+    if args.stop and tokenizer_dir(args.checkpoint) is None:
+        raise ConfigError(f"--stop needs a tokenizer and {args.checkpoint} has none (no tokenizer.json)")
+    lines = count_lines(args.prompts)
+    if os.path.realpath(args.output) == os.path.realpath(args.prompts):
+        raise ConfigError(f"--output {args.output} is the prompts file; give another path")
+    if args.stats is not None:
+        check_writable(args.stats, "--stats")
+        if os.path.realpath(args.stats) == os.path.realpath(args.output):
+            raise ConfigError("--stats and --output name the same file")
+    return lines
+
+
+def defaults_of(args: argparse.Namespace):
+    from nemojax.generate import Defaults
+
+    return Defaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+                    ignore_eos=args.ignore_eos, thinking_budget=args.thinking_budget, reasoning=args.reasoning)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+
+    from nemojax.distributed import agree, initialize
+    from nemojax.errors import ConfigError, NemojaxError, OutputError
+    from nemojax.generate.jsonl import JsonlOutput
+    from nemojax.generate.loading import load_encoder
+    from nemojax.sharding import make_mesh, parse_mesh
+
+    total = check_inputs(args)
+    encoder, tokenizer = load_encoder(args.checkpoint)  # a bad tokenizer or chat template fails before any work
+    mesh_shape = None if args.mesh is None else parse_mesh(args.mesh)
+    initialize(args)
+    if mesh_shape is None and jax.process_count() > 1:
+        raise ConfigError(f"{jax.process_count()} processes joined: give --mesh over all "
+                          f"{jax.device_count()} devices (e.g. --mesh tensor={jax.device_count()})")
+    mesh = None if mesh_shape is None else make_mesh(**mesh_shape)
+
+    # Process 0 writes; every process learns how many lines are already answered (-1: it could not open).
+    writer, failure = None, None
+    if jax.process_index() == 0:
+        try:
+            writer = JsonlOutput(args.output, resume=args.resume)
+        except NemojaxError as e:
+            failure = e
+    answered = agree(-1 if failure is not None else writer.answered if writer is not None else 0)
+    if failure is not None:
+        raise failure
+    if answered < 0:
+        raise OutputError("process 0 could not open the output file (see its message)")
+    try:
+        if total is not None and answered > total:
+            raise ConfigError(f"--resume: {args.output} already holds {answered} records but {args.prompts} has "
+                              f"only {total} lines; it is the output of another prompt file")
+
+        def flush() -> None:  # after each batch: records to disk, and every process stops if process 0 cannot
+            problem = None
+            if writer is not None:
+                try:
+                    writer.flush()
+                except OutputError as e:
+                    problem = e
+            if not agree(int(problem is None)):
+                raise problem or OutputError("process 0 could not write the output file (see its message)")
+
+        stats = None
+        if total is None or answered < total:
+            emit = writer.write if writer is not None else None
+            stats = serve_lines(args, mesh, (encoder, tokenizer), total, answered, emit, flush,
+                                jax.process_index() == 0)
+        if writer is not None:
+            writer.commit()
+    finally:
+        if writer is not None:
+            writer.close()
+    if args.stats and stats is not None and writer is not None:
+        try:
+            with open(args.stats, "w") as f:
+                json.dump(stats, f, indent=2)
+        except OSError as e:
+            raise OutputError(f"--stats {args.stats}: cannot write ({e.strerror or e})") from e
+    return 0
+
+
+def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | None, answered: int, emit, flush,
+                main_process: bool) -> dict:
+    """Load the checkpoint and serve the lines after the first `answered` with `encoding` (encoder,
+    tokenizer): `emit(record)` per line (None: not the writing process), `flush()` after each batch.
+    Returns the throughput statistics."""
+    from tqdm import tqdm
+
+    from nemojax.generate import Engine
+    from nemojax.generate.jsonl import read_lines
+    from nemojax.generate.loading import end_of_turn_ids, load_checkpoint
+    from nemojax.generate.serving import serve_stream
+    from nemojax.generate.stats import stats_record
+
+    encoder, tokenizer = encoding
+    model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh)
+    engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
+                    think_end_id=encoder.think_end_id, prefill_chunk=args.prefill_chunk,
+                    num_draft_tokens=args.num_draft_tokens if args.speculative else 0, mesh=mesh)
+    with tqdm(total=total, initial=answered, disable=args.no_progress or not main_process, unit="line") as bar:
+        serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
+                     args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar)
+    return stats_record(engine.stats, engine.k)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

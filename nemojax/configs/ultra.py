@@ -1,0 +1,67 @@
+"""Nemotron 3 Ultra 550B-A55B: the published config.json fields (model architecture only).
+
+Layer lists are written as `hybrid_override_pattern` strings; `tests/test_config.py` checks that this
+parses to exactly the published config (kept verbatim under tests/data/).
+"""
+
+import ml_collections
+
+PUBLISHED = {
+    'attention_bias': False,
+    'bos_token_id': 1,
+    'chunk_size': 128,
+    'conv_kernel': 4,
+    'eos_token_id': 2,
+    'expand': 2,
+    'head_dim': 128,
+    'hidden_size': 8192,
+    'hybrid_override_pattern': 'MEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME',
+    'intermediate_size': 5120,
+    'layer_norm_epsilon': 1e-05,
+    'mamba_head_dim': 64,
+    'mamba_hidden_act': 'silu',
+    'mamba_num_heads': 256,
+    'mamba_proj_bias': False,
+    'mamba_ssm_cache_dtype': 'float32',
+    'max_position_embeddings': 262144,
+    'mlp_bias': False,
+    'mlp_hidden_act': 'relu2',
+    'model_type': 'nemotron_h',
+    'moe_intermediate_size': 5120,
+    'moe_latent_size': 2048,
+    'moe_shared_expert_intermediate_size': 10240,
+    'mtp_hybrid_override_pattern': '*E',
+    'n_group': 1,
+    'n_groups': 8,
+    'n_routed_experts': 512,
+    'n_shared_experts': 1,
+    'norm_topk_prob': True,
+    'num_attention_heads': 64,
+    'num_experts_per_tok': 22,
+    'num_hidden_layers': None,
+    'num_key_value_heads': 2,
+    'num_nextn_predict_layers': 1,
+    'pad_token_id': 0,
+    'partial_rotary_factor': 1.0,
+    'rescale_prenorm_residual': True,
+    'residual_in_fp32': False,
+    'rope_theta': 10000,
+    'routed_scaling_factor': 5.0,
+    'ssm_state_size': 128,
+    'tie_word_embeddings': False,
+    'time_step_floor': 0.0001,
+    'time_step_max': 0.1,
+    'time_step_min': 0.001,
+    'topk_group': 1,
+    'use_bias': False,
+    'use_conv_bias': True,
+    'vocab_size': 131072,
+}
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(PUBLISHED, param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True))
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(model=get_model_config()))

@@ -1,0 +1,41 @@
+"""Placing model variables on a mesh: a NamedSharding per variable from its logical axes and the
+rule table (`nemojax.sharding.rules`), counted in whole heads and Mamba groups.
+
+Kept apart from the rules because it needs the model's parameter tree (the model imports the rules).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nemojax.config import ModelConfig
+from nemojax.model import abstract_variables, logical_axes
+from nemojax.sharding.rules import place, sized_spec
+
+
+def _head_units(config: ModelConfig) -> dict[str, int]:
+    """Logical axes whose dimension fuses heads (or Mamba groups, stored group-major): shard whole ones only."""
+    return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "mamba_inner": config.mamba_num_heads, "mamba_heads": config.mamba_num_heads,
+            "mamba_proj": config.n_groups, "conv_dim": config.n_groups}
+
+
+def variable_shardings(config: ModelConfig, mesh: Mesh) -> dict:
+    """NamedShardings for every leaf of the model variables {"params", "buffers"}."""
+    units = _head_units(config)
+    mesh_shape = dict(mesh.shape)
+
+    def one(names: PartitionSpec, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
+        names = tuple(names) + (None,) * (len(leaf.shape) - len(names))
+        dims = [units.get(n, d) if n is not None else d for n, d in zip(names, leaf.shape, strict=True)]
+        return NamedSharding(mesh, sized_spec(names, dims, mesh_shape))
+
+    return jax.tree.map(one, logical_axes(config), abstract_variables(config),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shard_variables(variables: dict, config: ModelConfig, mesh: Mesh) -> dict:
+    """Model variables {"params", "buffers"} placed on `mesh` by `variable_shardings`."""
+    shardings = variable_shardings(config, mesh)
+    return {k: jax.tree.map(place, v, shardings[k]) for k, v in variables.items()}
