@@ -69,6 +69,22 @@ def test_grouped_matmul_chooses_its_lowering_by_rows():
     assert "tensor<6x4x2xf32>" in lowered(few, "cuda") and "tensor<6x4x2xf32>" not in lowered(many[:16], "cuda")
 
 
+def test_grouped_matmul_casts_only_the_chosen_weights():
+    """FP8 experts with bfloat16 rows: every lowering equals the matmul with the bank upcast first (exact:
+    E4M3 values are bfloat16 values), and the CPU decoding program never holds the upcast bank."""
+    e, k, n, sizes = 6, 16, 24, jnp.asarray([1, 0, 2, 0, 0, 1], jnp.int32)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(4, k)), jnp.bfloat16)
+    w8 = jnp.asarray(rng.normal(size=(e, k, n)), jnp.float8_e4m3fn)
+    want = np.asarray(gm.grouped_matmul_tiled(x, w8.astype(jnp.bfloat16), sizes, tile=4), np.float32)
+    for fn in (gm.grouped_matmul_loop, gm.grouped_matmul_distinct, gm.grouped_matmul_tiled, gm.grouped_matmul):
+        got = fn(x, w8, sizes)
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2)
+    program = jax.jit(gm.grouped_matmul).lower(x, w8, sizes).compile().as_text()
+    assert f"bf16[{e},{k},{n}]" not in program and f"f8e4m3fn[{e},{k},{n}]" in program
+
+
 def test_moe_experts_at_decoding_sizes_equal_a_per_token_loop():
     """Decoding batches (T tokens, k of E experts each, some experts shared by several tokens)."""
     e, width, f, k = 6, 4, 3, 2

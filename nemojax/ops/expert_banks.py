@@ -51,7 +51,7 @@ def bank_matmul(x_mk: jax.Array, bank: Bank, group_sizes_e: jax.Array) -> jax.Ar
         return grouped_fp8_matmul(x_mk, bank["kernel"], bank["weight_scale"], group_sizes_e)
     if fmt == "nvfp4-train":
         return nvfp4_train_grouped_matmul(x_mk, bank["kernel"], group_sizes_e, bank["train_rng"])
-    return grouped_matmul(x_mk, bank["kernel"].astype(x_mk.dtype), group_sizes_e)
+    return grouped_matmul(x_mk, bank["kernel"], group_sizes_e)  # cast per routed expert
 
 
 def num_experts(bank: Bank) -> int:

@@ -17,6 +17,9 @@ Three lowerings, chosen statically from the number of rows m and groups G:
   dense FLOPs plus at most `G * tile` padding rows.
 The crossover was measured (bench/grouped_matmul.py, bench/results/grouped_matmul.md): the loop was
 faster at every size timed up to 16384 rows, with and without gradients, its lead shrinking with m.
+The weights may be stored in another dtype than the rows (FP8 experts, float32 parameters with
+bfloat16 compute): each lowering casts a weight to the rows' dtype after choosing it, so a decoding
+step converts only the routed experts, never the whole bank.
 All three give the same values up to float rounding and differentiate like JAX code (the loop has a
 backward of its own over the same tiles). The Pallas FP4 kernel (`pallas_kernels/fp4_moe.py`) will
 take the same arguments.
@@ -41,7 +44,8 @@ def grouped_matmul(
     tile: int | None = None,
     preferred_element_type: jnp.dtype | None = None,
 ) -> jax.Array:
-    """y[i] = x[i] @ w[group(i)] for rows sorted by group (sum(group_sizes) <= m). Returns [m, n].
+    """y[i] = x[i] @ w[group(i)] for rows sorted by group (sum(group_sizes) <= m). Returns [m, n] in
+    `preferred_element_type`, else x's dtype (w is cast to x's dtype, per chosen weight).
 
     Rows past sum(group_sizes) come back as zeros. `tile` fixes the CPU tile height (rows per tile).
     """
@@ -50,9 +54,16 @@ def grouped_matmul(
         cpu = functools.partial(grouped_matmul_loop, rows=tile, preferred_element_type=preferred_element_type)
     else:
         cpu = functools.partial(grouped_matmul_tiled, tile=tile, preferred_element_type=preferred_element_type)
-    ragged = grouped_matmul_distinct if m < num_groups else jax.lax.ragged_dot
+    ragged = grouped_matmul_distinct if m < num_groups else _ragged_dot_all
     default = functools.partial(ragged, preferred_element_type=preferred_element_type)
     return jax.lax.platform_dependent(x_mk, w_ekn, group_sizes_e.astype(jnp.int32), cpu=cpu, default=default)
+
+
+def _ragged_dot_all(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array, *,
+                    preferred_element_type: jnp.dtype | None = None) -> jax.Array:
+    """`ragged_dot` over every group (as many rows as groups or more: most groups are read anyway)."""
+    return jax.lax.ragged_dot(x_mk, w_ekn.astype(x_mk.dtype), group_sizes_e,
+                              preferred_element_type=preferred_element_type)
 
 
 def _tile_rows(m: int, num_groups: int) -> int:
@@ -100,7 +111,7 @@ def grouped_matmul_tiled(
     src = jnp.where(real, start[slot_group] + offset, 0)
     x_tiles = jnp.where(real[:, None], x_mk[src], 0).reshape(num_tiles, tile, k)
     tile_group = slot_group[::tile]
-    y_tiles = jnp.einsum("tik,tkn->tin", x_tiles, w_ekn[tile_group],
+    y_tiles = jnp.einsum("tik,tkn->tin", x_tiles, w_ekn[tile_group].astype(x_mk.dtype),
                          preferred_element_type=preferred_element_type)
 
     # Row i of x sits at slot padded_start[g] + (i - start[g]) of its group g.
@@ -123,7 +134,7 @@ def grouped_matmul_loop(
     `rows` rows (a group of s rows takes ceil(s / rows) tiles), each multiplied by its group's weight."""
     rows = rows or _loop_tile_rows(x_mk.shape[0], w_ekn.shape[0])
     return _tile_loop(x_mk, w_ekn, group_sizes_e.astype(jnp.int32), rows,
-                      jnp.dtype(preferred_element_type or jnp.result_type(x_mk, w_ekn)))
+                      jnp.dtype(preferred_element_type or x_mk.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -164,7 +175,7 @@ def _tile_loop_forward(x_mk, w_ekn, sizes_e, rows: int, out_dtype):
 
     def one_tile(i, y):
         window = jax.lax.dynamic_slice_in_dim(x_pad, first_row[i], rows)
-        w_kn = jax.lax.dynamic_index_in_dim(w_ekn, group[i], keepdims=False)
+        w_kn = jax.lax.dynamic_index_in_dim(w_ekn, group[i], keepdims=False).astype(x_mk.dtype)
         out = jnp.dot(window, w_kn, preferred_element_type=out_dtype)
         return jax.lax.dynamic_update_slice_in_dim(y, out, first_row[i], 0)
 
@@ -227,4 +238,5 @@ def grouped_matmul_distinct(
     slot = jnp.arange(slots)
     slot_group = order[jnp.minimum(slot, jnp.maximum(count - 1, 0))]
     slot_sizes = jnp.where(slot < count, sizes[order], 0)
-    return jax.lax.ragged_dot(x_mk, w_ekn[slot_group], slot_sizes, preferred_element_type=preferred_element_type)
+    return jax.lax.ragged_dot(x_mk, w_ekn[slot_group].astype(x_mk.dtype), slot_sizes,
+                              preferred_element_type=preferred_element_type)
