@@ -1,6 +1,6 @@
 """Serving speed on this machine, each comparison measured in one run (ratios, not absolute claims).
 
-    python bench/serve.py [--quick] [--out bench/results]
+    python bench/serve.py [--quick] [--versus-only] [--out bench/results]
 
 1. The machine, in the same run: float32 matmul peak (a large matmul) and read bandwidth (a large
    reduction), see bench/traffic.py.
@@ -14,7 +14,7 @@
 4. MTP speculative decoding: the hybrid model with an MTP block, briefly trained on counting
    sequences so that its drafts are often right; speed-up over plain decoding at the measured
    acceptance rate, for several draft lengths.
-Writes serve.json and serve.md.
+Writes serve.json and serve.md (with --versus-only: parts 1-2 only, to serve_versus.json / .md).
 """
 
 from __future__ import annotations
@@ -266,6 +266,8 @@ def markdown(results: dict) -> str:
     if 1 in one:
         lines += ["", "nemojax tokens/s relative to batch 1: " + ", ".join(
             f"batch {b}: {rate / one[1]:.2f}x" for b, rate in one.items())]
+    if "context_scaling" not in results:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Decode time per token vs context (batch 1)", "",
               "| context | hybrid ms/token | attention-only ms/token |", "|---|---|---|"]
     by = {(r["model"], r["context"]): r["ms_per_token"] for r in results["context_scaling"]}
@@ -284,6 +286,8 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    parser.add_argument("--versus-only", action="store_true", help="only the machine and the transformers comparison")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per comparison")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     sizes = dict(prefill_batch=4, prefill_prompt=512, decode_batches=[1, 8, 32], decode_prompt=64, decode_new=128,
@@ -291,21 +295,25 @@ def main() -> None:
     if args.quick:
         sizes = dict(prefill_batch=2, prefill_prompt=64, decode_batches=[1, 8], decode_prompt=16, decode_new=8,
                      repeats=2, contexts=[128, 512], train_steps=20, spec_batches=[1], drafts=[2])
+    if args.repeats:
+        sizes["repeats"] = args.repeats
     began = time.strftime("%Y-%m-%d %H:%M:%S")
     machine = measure_machine()
     results = {"device": f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPU cores",
                "sizes": sizes, "machine": machine,
-               "versus_transformers": versus_transformers(sizes, machine),
-               "context_scaling": context_scaling(sizes["contexts"], 32),
-               "speculation": speculation(sizes["train_steps"], sizes["spec_batches"], sizes["drafts"], 64)}
+               "versus_transformers": versus_transformers(sizes, machine)}
+    if not args.versus_only:
+        results["context_scaling"] = context_scaling(sizes["contexts"], 32)
+        results["speculation"] = speculation(sizes["train_steps"], sizes["spec_batches"], sizes["drafts"], 64)
     results["conditions"] = (f"run {began} to {time.strftime('%H:%M:%S')}, load average (1/5/15 min) "
                              f"{'/'.join(f'{x:.1f}' for x in machine['load_average'])} at the start and "
                              f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end (a shared machine)")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "serve.json"), "w") as f:
+    name = "serve_versus" if args.versus_only else "serve"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=2, default=lambda o: dataclasses.asdict(o))
     table = markdown(results)
-    with open(os.path.join(args.out, "serve.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table)
     print(table)
 
