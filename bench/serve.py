@@ -288,6 +288,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
     parser.add_argument("--versus-only", action="store_true", help="only the machine and the transformers comparison")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per comparison")
+    parser.add_argument("--decode-new", type=int, default=None, help="new tokens per decoding comparison")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     sizes = dict(prefill_batch=4, prefill_prompt=512, decode_batches=[1, 8, 32], decode_prompt=64, decode_new=128,
@@ -297,6 +298,8 @@ def main() -> None:
                      repeats=2, contexts=[128, 512], train_steps=20, spec_batches=[1], drafts=[2])
     if args.repeats:
         sizes["repeats"] = args.repeats
+    if args.decode_new:
+        sizes["decode_new"] = args.decode_new
     began = time.strftime("%Y-%m-%d %H:%M:%S")
     machine = measure_machine()
     results = {"device": f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPU cores",
