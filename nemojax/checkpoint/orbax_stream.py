@@ -83,7 +83,8 @@ class OrbaxTreeWriter:
         array = ts.open(spec, create=True, dtype=ts.dtype(dtype.name), context=self._context).result()
         pending: Future | None = None
         for index in _chunk_indices(shape, chunks):
-            block = np.ascontiguousarray(np.asarray(read(index)).astype(dtype, copy=False))
+            region = tuple(item.stop - item.start for item in index)
+            block = np.ascontiguousarray(np.asarray(read(index)).astype(dtype, copy=False)).reshape(region)
             if pending is not None:
                 pending.result()
             pending = array[index].write(block) if shape else array.write(block)
