@@ -105,7 +105,8 @@ def test_orbax_copy_computes_the_hf_logits(hf_dir, orbax_dir):
     hf_model, hf_vars = nemojax.load_pretrained(hf_dir, dtype="float32")
     model, variables = nemojax.load_pretrained(orbax_dir, dtype="float32")  # a nemojax dir: read by load_model
     assert model.config == hf_model.config
-    apply = jax.jit(model.apply)  # one compile: both variable trees have the same structure
+    apply = jax.jit(model.apply)  # one compile: the same structure, placed on the same device
+    hf_vars, variables = jax.device_put((hf_vars, variables), jax.devices()[0])
     expected = apply(hf_vars, ids)
     assert float(jnp.abs(expected).max()) > 0
     np.testing.assert_array_equal(np.asarray(apply(variables, ids)), np.asarray(expected))

@@ -48,7 +48,9 @@ def chunk_shape(shape: Sequence[int], itemsize: int, split_order: Sequence[int],
         if size <= target_bytes:
             break
         rest = size // chunk[axis]
-        chunk[axis] = max(1, min(chunk[axis], target_bytes // max(1, rest)))
+        fits = max(1, min(chunk[axis], target_bytes // max(1, rest)))
+        count = -(-chunk[axis] // fits)
+        chunk[axis] = -(-chunk[axis] // count)  # equal chunks: zarr stores the last one padded to full size
     return tuple(chunk)
 
 
