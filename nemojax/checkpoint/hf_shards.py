@@ -102,7 +102,7 @@ def tensor_blocks(tensor: OutputTensor, leaves: LeafSource, block_bytes: int = B
     row_bytes = max(1, math.prod(shape[1:]) * itemsize)
     step = max(1, block_bytes // row_bytes)
     for start in range(0, shape[0], step):
-        yield published_block(p, read, leaf_shape, slice(start, start + step)).astype(entry.dtype)
+        yield published_block(p, read, leaf_shape, slice(start, start + step)).astype(entry.dtype, copy=False)
 
 
 def plan_shards(entries: list[TensorEntry], max_shard_size: int) -> list[list[TensorEntry]]:

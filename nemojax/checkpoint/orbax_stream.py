@@ -125,7 +125,8 @@ class OrbaxLeaves:
         except (OSError, ValueError, AttributeError) as e:
             raise CheckpointError(f"{path}: cannot read the Orbax tree metadata ({e})") from e
         self._arrays: dict[str, ts.TensorStore] = {}
-        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+        # Consecutive row blocks often share a chunk: keep a few decoded chunks rather than read them twice.
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": 4 * CHUNK_BYTES}})
 
     def _array(self, collection: str, path: Path) -> ts.TensorStore:
         name = leaf_name(collection, path)

@@ -17,6 +17,18 @@ import numpy as np
 
 Path = tuple[str, ...]
 Index = tuple[Any, ...]  # ints, slices and at most one integer array, as numpy indexes
+_TILE = 256
+
+
+def transposed(matrix: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """`matrix.T` as a C-contiguous copy (into `out` if given), made tile by tile: about twice as fast as
+    numpy's strided copy for the large bf16 matrices conversion moves (and the same for small ones)."""
+    matrix = np.asarray(matrix)
+    out = np.empty(matrix.shape[::-1], matrix.dtype) if out is None else out
+    for i in range(0, matrix.shape[0], _TILE):
+        for j in range(0, matrix.shape[1], _TILE):
+            out[j:j + _TILE, i:i + _TILE] = matrix[i:i + _TILE, j:j + _TILE].T
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +92,8 @@ def leaf_reader(files: TensorFiles, sources: Sequence[tuple[str, Placement]],
         for name, p in sources:
             by_layer.setdefault(p.layer, []).append((name, p))
         readers = [_layer_reader(files, by_layer[layer], leaf_shape[1:]) for layer in range(len(by_layer))]
-        return lambda index: np.stack([readers[layer](index[1:]) for layer in range(len(readers))[index[0]]])
+        return lambda index: _stacked([lambda i=layer: readers[i](index[1:])
+                                       for layer in range(len(readers))[index[0]]])
     return _layer_reader(files, sources, leaf_shape)
 
 
@@ -90,20 +103,35 @@ def _layer_reader(files: TensorFiles, sources: Sequence[tuple[str, Placement]],
     if layout in ("expert", "expert_same"):
         by_expert = {p.expert: name for name, p in sources}
         if layout == "expert":
-            return lambda index: np.stack([np.asarray(files.read(by_expert[e])[index[2], index[1]]).T
-                                           for e in range(len(by_expert))[index[0]]])
+            return lambda index: _stacked([lambda e=e: files.read(by_expert[e])[index[2], index[1]]
+                                           for e in range(len(by_expert))[index[0]]], transpose=True)
         return lambda index: np.stack([np.asarray(files.read(by_expert[e]).reshape(leaf_shape[1:])[index[1:]])
                                        for e in range(len(by_expert))[index[0]]])
     name, order = sources[0][0], sources[0][1].order
     # The published rows (output dim / channels) that a slice of the nemojax dim reads.
     rows = (lambda s: s) if order is None else (lambda s: order[s])
     if layout == "transpose":
-        return lambda index: np.asarray(files.read(name)[rows(index[1]), index[0]]).T
+        return lambda index: transposed(files.read(name)[rows(index[1]), index[0]])
     if layout == "conv":
         return lambda index: np.asarray(files.read(name)[rows(index[1]), 0, index[0]]).T
     if order is not None:  # the conv bias, NVFP4 weights and block scales: published rows reordered
         return lambda index: np.asarray(files.read(name)[(rows(index[0]),) + tuple(index[1:])])
     return lambda index: np.asarray(files.read(name).reshape(leaf_shape)[index])
+
+
+def _stacked(parts: Sequence[Callable[[], Any]], transpose: bool = False) -> np.ndarray:
+    """The blocks `parts()` stacked on a new leading axis (transposed if asked), each copied once into the
+    result (np.stack would copy every block twice)."""
+    out = None
+    for k, part in enumerate(parts):
+        block = np.asarray(part())
+        if out is None:
+            out = np.empty((len(parts),) + (block.shape[::-1] if transpose else block.shape), block.dtype)
+        if transpose:
+            transposed(block, out[k])
+        else:
+            out[k] = block
+    return out
 
 
 def published_block(placement: Placement, read_leaf: Callable[[Index], np.ndarray], leaf_shape: tuple[int, ...],
@@ -127,7 +155,7 @@ def published_block(placement: Placement, read_leaf: Callable[[Index], np.ndarra
     index[axis - len(prefix)] = select
     block = np.asarray(read_leaf(prefix + tuple(index)))
     if placement.layout in ("transpose", "expert"):
-        return block.T
+        return transposed(block)
     if placement.layout == "conv":
         return block.T[:, None, :]
     return block
