@@ -87,7 +87,12 @@ def atomic_directory(dst: str) -> Iterator[str]:
         old = f"{dst}.old-{os.getpid()}"
         if os.path.lexists(dst):
             os.rename(dst, old)
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except OSError:
+            if os.path.lexists(old):
+                os.rename(old, dst)  # the previous DST stays
+            raise
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         raise OutputError(f"{dst}: cannot write the conversion ({e}); nothing was written at {dst}") from e
