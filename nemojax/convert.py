@@ -11,7 +11,7 @@ conversion.json (source, quantization, nemojax version). Quantized tensors stay 
 
 orbax-to-hf: SRC is a nemojax model directory, a training workdir (its latest checkpoint) or a step
 directory; DST gets safetensors shards of at most --max-shard-size (model.safetensors.index.json when
-more than one), config.json and the tokenizer files, readable by transformers, vLLM, SGLang.
+more than one), config.json and the tokenizer files: the published layout (checked with transformers).
 
 Tensors are streamed (memory-mapped reads, one chunk or row block in memory at a time). Output is
 written as DST.partial-<pid> and renamed to DST when complete. Bad input (unreadable or truncated

@@ -186,7 +186,8 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
     start = time.perf_counter()
     with atomic_directory(dst) as tmp, _progress_bar(total, "hf-to-orbax", progress) as bar:
         writer = OrbaxTreeWriter(os.path.join(tmp, orbax.VARIABLES_ITEM))
-        for collection, path, sources, shape, leaf_dtype in plans:
+        for k, (collection, path, sources, shape, leaf_dtype) in enumerate(plans):
+            bar.set_postfix_str(f"leaf {k + 1}/{len(plans)}", refresh=False)
             writer.write_leaf((collection, *path), shape, leaf_dtype, leaf_reader(st, sources, shape),
                               _split_order(sources[0][1], len(shape)), on_block=bar.update)
         writer.finish()
