@@ -115,11 +115,17 @@ def test_orbax_copy_computes_the_hf_logits(hf_dir, orbax_dir):
     assert_same_variables(sharded, variables)
 
 
-def test_quantized_round_trip_keeps_packed_tensors(root):
+@pytest.fixture(scope="module")
+def nvfp4_dir(root):
+    """A ModelOpt checkpoint of the `release` recipe: NVFP4 experts, FP8 linears."""
     config = resolve_model_config("tiny", **dict(SMALL, layer_types=("mamba", "moe", "attention"),
                                                   mtp_layer_types=(), num_nextn_predict_layers=0))
     write_synthetic_checkpoint(str(root / "float"), config, 10**9)
     quantize_checkpoint(str(root / "float"), str(root / "nvfp4"), "release", calib_tokens=16, calib_seq_len=16)
+    return root / "nvfp4"
+
+
+def test_quantized_round_trip_keeps_packed_tensors(root, nvfp4_dir):
     assert convert("hf-to-orbax", str(root / "nvfp4"), str(root / "nvfp4_orbax")) == 0
     record = read_json(root / "nvfp4_orbax" / "conversion.json")
     assert set(record["quantization"]["weight_formats"]) == {"nvfp4", "fp8"}
@@ -136,6 +142,35 @@ def test_quantized_round_trip_keeps_packed_tensors(root):
     model, variables = nemojax.load_pretrained(root / "nvfp4_orbax")
     assert model.config == hf_model.config
     assert_same_variables(variables, hf_vars)
+
+
+def test_dtype_dequantizes_quantized_checkpoint(root, nvfp4_dir):
+    """--dtype float32: a float model (no packed tensors, no scales) computing the quantized model's logits."""
+    dst = root / "nvfp4_float32"
+    assert convert("hf-to-orbax", str(nvfp4_dir), str(dst), "--dtype", "float32") == 0
+    assert "hf_quant_config.json" not in os.listdir(dst)
+    assert "quantization_config" not in read_json(dst / "hf_config.json")
+    record = read_json(dst / "conversion.json")
+    assert record["quantization"] is None and set(record["dequantized"]["weight_formats"]) == {"nvfp4", "fp8"}
+    model, variables = nemojax.load_pretrained(dst, dtype="float32")
+    assert model.config.weight_formats == () and model.config.kv_cache_quant == "none"
+    assert all(jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype.itemsize >= 2  # no uint8 / float8
+               for leaf in jax.tree.leaves(variables))
+    q_model, q_vars = nemojax.load_pretrained(nvfp4_dir, dtype="float32")
+    assert q_model.config.weight_formats
+    ids = jnp.asarray([[1, 5, 9, 33, 2, 17, 64, 100]], jnp.int32)
+    expected = np.asarray(jax.jit(q_model.apply)(q_vars, ids))
+    got = np.asarray(jax.jit(model.apply)(variables, ids))
+    assert np.abs(expected).max() > 0
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    # Back to the published layout: a float checkpoint (float32 weights, no scales, no quantization config).
+    assert convert("orbax-to-hf", str(dst), str(root / "nvfp4_float32_hf")) == 0
+    back = SafetensorsDir(root / "nvfp4_float32_hf")
+    assert not any(key.endswith(("_scale", "_scale_2")) for key in back.keys())
+    assert {back.dtype(key).name for key in back.keys()} == {"float32", "bfloat16"}  # routers: as stored
+    assert all(back.dtype(key).name == "float32" for key in back.keys() if "experts." in key or "proj" in key)
+    assert "hf_quant_config.json" not in os.listdir(root / "nvfp4_float32_hf")
+    assert "quantization_config" not in read_json(root / "nvfp4_float32_hf" / "config.json")
 
 
 def test_scanned_layers_round_trip(root):

@@ -39,7 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.checkpoint import orbax
-from nemojax.checkpoint.hf import checked_sources, hf_config_dict, published_tensors, quant_block, read_model_config
+from nemojax.checkpoint.dequantized import DequantizedFiles
+from nemojax.checkpoint.hf import (
+    checked_sources,
+    hf_config_dict,
+    published_tensors,
+    quant_block,
+    quant_scheme,
+    read_model_config,
+)
 from nemojax.checkpoint.hf_shards import INDEX_FILE, output_tensors, write_shards
 from nemojax.checkpoint.orbax_stream import OrbaxLeaves, OrbaxTreeWriter, leaf_name
 from nemojax.checkpoint.placement import Placement, leaf_reader, published_shape, row_axis
@@ -138,6 +146,11 @@ def _quantization(config: ModelConfig) -> dict[str, Any] | None:
     return {"weight_formats": counts, "kv_cache_quant": config.kv_cache_quant}
 
 
+def _dequantized(st: Any, quantization: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The source's quantization when this conversion dequantised it (None: nothing was dequantised)."""
+    return quantization if isinstance(st, DequantizedFiles) else None
+
+
 def _progress_bar(total: int, description: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -155,6 +168,12 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
     st = SafetensorsDir(src)
     abstract = abstract_variables(config)
     grouped = checked_sources(st, config, abstract)
+    quantization = _quantization(config)
+    if dtype is not None and quantization is not None:  # dequantise: the float model of the same architecture
+        st = DequantizedFiles(st, quant_scheme(config))
+        config = config.replace(weight_formats=(), kv_cache_quant="none")
+        abstract = abstract_variables(config)
+        grouped = checked_sources(st, config, abstract)
     plans, records, total = [], {}, 0
     table_by_leaf = published_tensors_by_leaf(config)
     for (collection, path), sources in grouped.items():
@@ -181,8 +200,9 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
                 records[table_name] = record
         plans.append((collection, path, sources, shape, leaf_dtype))
         total += int(np.prod(shape, dtype=np.int64)) * leaf_dtype.itemsize
+    skipped = (INDEX_FILE, "config.json") + ((modelopt.QUANT_CONFIG_FILE,) if isinstance(st, DequantizedFiles) else ())
     side_files = sorted(f for f in os.listdir(src) if os.path.isfile(os.path.join(src, f))
-                        and not f.endswith(".safetensors") and f not in (INDEX_FILE, "config.json"))
+                        and not f.endswith(".safetensors") and f not in skipped)
     start = time.perf_counter()
     with atomic_directory(dst) as tmp, _progress_bar(total, "hf-to-orbax", progress) as bar:
         writer = OrbaxTreeWriter(os.path.join(tmp, orbax.VARIABLES_ITEM))
@@ -197,10 +217,13 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
         if dtype is not None:
             for key in [k for k in ("torch_dtype", "dtype") if k in hf_config] or ["torch_dtype"]:
                 hf_config[key] = dtype
+        if isinstance(st, DequantizedFiles):
+            hf_config.pop("quantization_config", None)
         with open(os.path.join(tmp, HF_CONFIG_FILE), "w") as f:
             json.dump(hf_config, f, indent=2)
         _write_record(tmp, {"direction": "hf-to-orbax", "source": os.path.abspath(src), "dtype": dtype or "keep",
-                            "quantization": _quantization(config), "copied_files": copied, "tensors": records})
+                            "quantization": _quantization(config), "dequantized": _dequantized(st, quantization),
+                            "copied_files": copied, "tensors": records})
         orbax.write_config(tmp, config)
     seconds = time.perf_counter() - start
     return {"tensors": sum(len(s) for _, _, s, _, _ in plans), "leaves": len(plans), "bytes": total,
