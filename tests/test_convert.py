@@ -171,6 +171,12 @@ def test_dtype_dequantizes_quantized_checkpoint(root, nvfp4_dir):
     assert all(back.dtype(key).name == "float32" for key in back.keys() if "experts." in key or "proj" in key)
     assert "hf_quant_config.json" not in os.listdir(root / "nvfp4_float32_hf")
     assert "quantization_config" not in read_json(root / "nvfp4_float32_hf" / "config.json")
+    # orbax-to-hf --dtype float32 of the packed Orbax copy dequantises the same way: the same files.
+    assert convert("hf-to-orbax", str(nvfp4_dir), str(root / "nvfp4_packed")) == 0
+    assert convert("orbax-to-hf", str(root / "nvfp4_packed"), str(root / "nvfp4_packed_hf"), "--dtype", "float32") == 0
+    same_tensors(root / "nvfp4_float32_hf", root / "nvfp4_packed_hf")
+    assert sorted(os.listdir(root / "nvfp4_packed_hf")) == sorted(os.listdir(root / "nvfp4_float32_hf"))
+    assert read_json(root / "nvfp4_packed_hf" / "config.json") == read_json(root / "nvfp4_float32_hf" / "config.json")
 
 
 def test_scanned_layers_round_trip(root):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemojax.checkpoint import orbax
-from nemojax.checkpoint.dequantized import DequantizedFiles
+from nemojax.checkpoint.dequantized import DequantizedFiles, dequantized_outputs, float_config
 from nemojax.checkpoint.hf import (
     checked_sources,
     hf_config_dict,
@@ -171,7 +171,7 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
     quantization = _quantization(config)
     if dtype is not None and quantization is not None:  # dequantise: the float model of the same architecture
         st = DequantizedFiles(st, quant_scheme(config))
-        config = config.replace(weight_formats=(), kv_cache_quant="none")
+        config = float_config(config)
         abstract = abstract_variables(config)
         grouped = checked_sources(st, config, abstract)
     plans, records, total = [], {}, 0
@@ -287,19 +287,29 @@ def orbax_to_hf(src: str, dst: str, max_shard_size: int, dtype: str | None = Non
     _check_tree(leaves, config)
     record = _read_json(os.path.join(home, CONVERSION_FILE)) if os.path.isfile(
         os.path.join(home, CONVERSION_FILE)) else {}
-    tensors = output_tensors(published_tensors(config), leaves, dtype, record.get("tensors"))
+    dequantize = dtype is not None and _quantization(config) is not None
+    read_blocks = None
+    if dequantize:  # the float model's tensors, each quantized weight dequantised a row block at a time
+        tensors, read_blocks = dequantized_outputs(config, leaves, dtype, record.get("tensors"))
+        config = float_config(config)
+    else:
+        tensors = output_tensors(published_tensors(config), leaves, dtype, record.get("tensors"))
     total = sum(t.entry.nbytes for t in tensors)
     if os.path.isfile(os.path.join(home, HF_CONFIG_FILE)):
         hf_config = _read_json(os.path.join(home, HF_CONFIG_FILE))
         if dtype is not None:
             for key in [k for k in ("torch_dtype", "dtype") if k in hf_config] or ["torch_dtype"]:
                 hf_config[key] = dtype
+        if dequantize:
+            hf_config.pop("quantization_config", None)
     else:
         hf_config = hf_config_dict(config, dtype)
+    side_files = [f for f in record.get("copied_files", list(TOKENIZER_FILES))
+                  if not (dequantize and f == modelopt.QUANT_CONFIG_FILE)]
     start = time.perf_counter()
     with atomic_directory(dst) as tmp, _progress_bar(total, "orbax-to-hf", progress) as bar:
-        files = write_shards(tmp, tensors, leaves, max_shard_size, on_block=bar.update)
-        copied = _copy_side_files(home, tmp, record.get("copied_files", list(TOKENIZER_FILES)))
+        files = write_shards(tmp, tensors, leaves, max_shard_size, on_block=bar.update, read_blocks=read_blocks)
+        copied = _copy_side_files(home, tmp, side_files)
         if _quantization(config) is not None and modelopt.QUANT_CONFIG_FILE not in copied:
             modelopt.write_quant_config(tmp, quant_block(config), "nemojax")
         with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -126,16 +126,19 @@ def shard_names(count: int) -> list[str]:
 
 def write_shards(directory: str, tensors: list[OutputTensor], leaves: LeafSource,
                  max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, is_writer: bool = True,
-                 on_block: Callable[[int], None] | None = None) -> list[str]:
+                 on_block: Callable[[int], None] | None = None,
+                 read_blocks: Callable[[OutputTensor, LeafSource], Iterator[np.ndarray]] | None = None) -> list[str]:
     """Write the tensors as shards (+ index) into `directory`; returns the file names. On processes that
     are not the writer the blocks are still read (they may be collective gathers) and dropped.
-    `on_block(nbytes)` is called after each block (progress)."""
+    `on_block(nbytes)` is called after each block (progress); `read_blocks` (default `tensor_blocks`) makes
+    a tensor's row blocks from the leaves."""
+    read_blocks = read_blocks or tensor_blocks
     by_name = {t.entry.name: t for t in tensors}
     shards = plan_shards([t.entry for t in tensors], max_shard_size)
     names = shard_names(len(shards))
 
     def blocks(entry: TensorEntry) -> Iterator[np.ndarray]:
-        for block in tensor_blocks(by_name[entry.name], leaves):
+        for block in read_blocks(by_name[entry.name], leaves):
             yield block
             if on_block is not None:
                 on_block(block.nbytes)
