@@ -7,11 +7,15 @@ hf-to-orbax: SRC is a Hugging Face checkpoint directory (config.json, model.safe
 model.safetensors.index.json; BF16, FP8 or NVFP4 ModelOpt), DST a new nemojax model directory that
 load_pretrained, serve.py --checkpoint and train.py --init-from read: config.json, the Orbax tree under
 variables/, SRC's config.json as hf_config.json, SRC's other files (tokenizer, chat template) and
-conversion.json (source, quantization, nemojax version). Quantized tensors stay packed.
+conversion.json (source, quantization, nemojax version). With --dtype keep (the default) quantized
+tensors stay packed and every tensor keeps its bytes; --dtype bfloat16|float32 casts float tensors and
+dequantises NVFP4 / FP8 checkpoints into a float model of that dtype (no scales, no quantization config;
+conversion.json names what was dequantised).
 
 orbax-to-hf: SRC is a nemojax model directory, a training workdir (its latest checkpoint) or a step
 directory; DST gets safetensors shards of at most --max-shard-size (model.safetensors.index.json when
 more than one), config.json and the tokenizer files: the published layout (checked with transformers).
+--dtype bfloat16|float32 casts float tensors and writes a quantized model as float tensors of that dtype.
 
 Tensors are streamed (memory-mapped reads, one chunk or row block in memory at a time). Output is
 written as DST.partial-<pid> and renamed to DST when complete. Bad input (unreadable or truncated
@@ -50,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (to_orbax, to_hf):
         sub.add_argument("dst", help="output directory (must not exist, unless --overwrite)")
         sub.add_argument("--dtype", choices=DTYPES, default="keep",
-                         help="float tensors as stored (keep) or cast; quantized tensors and the float32 router "
-                              "weights stay as they are (default: keep)")
+                         help="keep: every tensor as stored, quantized ones packed (default); bfloat16 / float32: "
+                              "float tensors cast (router weights and biases excepted) and NVFP4 / FP8 weights "
+                              "dequantised, giving a float (non-quantized) checkpoint")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing DST (once complete)")
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
     to_hf.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",

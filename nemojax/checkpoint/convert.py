@@ -10,7 +10,11 @@
 - `conversion.json`: the metadata record (source, quantization, nemojax version, the tensors stored
   differently from the model's natural layout: other names, dtypes, `[1]` scalars).
 Float leaves keep the file's dtype (`dtype=None`) or are cast to `dtype` (router weights and the
-correction bias, which the model keeps in float32, excepted); quantized tensors stay packed.
+correction bias, which the model keeps in float32, excepted). Quantized tensors stay packed with
+`dtype=None`; with a `dtype` an NVFP4 / FP8 checkpoint is dequantised (`dequantized.DequantizedFiles`)
+into the float model of the same architecture: no scales, no quantization in either config, no
+hf_quant_config.json, `dequantized` in conversion.json. orbax-to-hf with a `dtype` does the same for
+a quantized tree (`dequantized.dequantized_outputs`).
 
 `orbax_to_hf(src, dst)` writes the published layout from a model directory, a training workdir (its
 latest step) or a step directory: safetensors shards of at most `max_shard_size` bytes plus
