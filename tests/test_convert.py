@@ -24,6 +24,7 @@ from nemojax.config.files import resolve_model_config
 from nemojax.convert import main
 from nemojax.errors import CheckpointError
 from nemojax.generate.loading import load_checkpoint
+from nemojax.quant.master_weights import dequantize_variables
 from nemojax.quantize import quantize_checkpoint
 from nemojax.sharding import make_mesh
 
@@ -158,6 +159,11 @@ def test_dtype_dequantizes_quantized_checkpoint(root, nvfp4_dir):
                for leaf in jax.tree.leaves(variables))
     q_model, q_vars = nemojax.load_pretrained(nvfp4_dir, dtype="float32")
     assert q_model.config.weight_formats
+    # Leaf by leaf: what the training loader's dequantisation (whole tensors, nemojax layout) gives.
+    _, master = dequantize_variables(q_model.config, q_vars, "float32")
+    assert jax.tree.structure(master) == jax.tree.structure(variables)
+    for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(master), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(np.float32))
     ids = jnp.asarray([[1, 5, 9, 33, 2, 17, 64, 100]], jnp.int32)
     expected = np.asarray(jax.jit(q_model.apply)(q_vars, ids))
     got = np.asarray(jax.jit(model.apply)(variables, ids))
