@@ -50,13 +50,14 @@ def plot_loss_curve(workdir: str) -> str | None:
     if not records:
         return None
     try:
-        from matplotlib.figure import Figure  # not pyplot: a notebook's or script's backend stays as it is
+        import matplotlib
+        import matplotlib.figure  # a figure without pyplot: a notebook's or script's backend stays as it is
     except ImportError:
         print(f"{LOSS_CURVE_FILE} not written: matplotlib is not installed (pip install 'nemojax[plot]'); "
               f"the losses are in {os.path.join(workdir, METRICS_FILE)}", file=sys.stderr)
         return None
 
-    fig = Figure(figsize=(7, 4))
+    fig = matplotlib.figure.Figure(figsize=(7, 4))
     ax = fig.subplots()
     for key, label in (("loss", "train loss"), ("lm_loss", "train LM loss"), ("eval_loss", "held-out LM loss")):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
