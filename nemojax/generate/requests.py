@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nemojax.chat import REASONING_MODES, THINK_END, THINK_START
@@ -60,14 +60,16 @@ class Request:
 
 
 class Encoder:
-    """What parsing needs from the checkpoint: a tokenizer (optional) and a chat template."""
+    """What parsing needs from the checkpoint: a tokenizer (optional) and a chat template
+    (`render(messages, reasoning, tools=None)`; `template` is the `ChatTemplate` behind it, if any)."""
 
     def __init__(self, encode: Callable[[str], list[int]] | None,
-                 render: Callable[[Sequence[Mapping[str, str]], str], str] | None,
-                 think_ids: tuple[int | None, int | None] = (None, None)) -> None:
+                 render: Callable[..., str] | None,
+                 think_ids: tuple[int | None, int | None] = (None, None), template: Any = None) -> None:
         self.encode = encode
         self.render = render
         self.think_start_id, self.think_end_id = think_ids
+        self.template = template
 
 
 def parse_line(line: str, index: int, defaults: Defaults, encoder: Encoder, vocab_size: int,

@@ -1,10 +1,13 @@
 """Grouped-query self-attention with no positional encoding (Nemotron-H `*` layers).
 
-Cache (decoding): {"k", "v": [b, max_len, kv_heads, head_dim], "valid": [b, max_len] bool}; new
-keys are written at `index` (shared by the batch: prompts are left-padded, and with no positional
-encoding left padding is exact once padded keys are masked). With scanned layers the caches of all
-attention layers are stacked ([layers, b, ...]) and a layer is given the stack and its `slot`: it
-writes only its new entries into the stack (no copy of the stack per layer).
+Cache (decoding): {"k", "v": [b, max_len, kv_heads, head_dim], "valid": [b, max_len] bool}. Every row
+has its own write position (`index`, [b]): entry j of row b holds the key of position j of that row's
+sequence, so rows of one batch can be at different lengths (continuous batching). A query at position
+p of row b sees the valid entries at positions <= p: with no positional encoding, the mask is all
+that places a key. Entries at or beyond a row's index are left over from rolled-back drafts or an
+earlier occupant of the row; causality hides them until they are overwritten. With scanned layers
+the caches of all attention layers are stacked ([layers, b, ...]) and a layer is given the stack and
+its `slot`: it writes only its new entries into the stack (no copy of the stack per layer).
 """
 
 from __future__ import annotations
@@ -29,27 +32,25 @@ def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtyp
             "valid": jnp.zeros((batch, max_len), bool)}
 
 
-def write_kv_cache(cache: KVCache, k_btkd: jax.Array, v_btkd: jax.Array, valid_bt: jax.Array, index: jax.Array | int,
+def write_kv_cache(cache: KVCache, k_btkd: jax.Array, v_btkd: jax.Array, valid_bt: jax.Array, index_b: jax.Array,
                    slot: jax.Array | int | None = None) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
-    """Write this step's keys, values and validity at position `index`.
+    """Write this step's keys, values and validity of row b at positions index_b[b] onwards.
 
     `slot` None: `cache` is this layer's own. Otherwise `cache` is stacked over layers and `slot` is this
-    layer's row. Returns (new cache, this layer's keys [b, s, kv, d], values, validity [b, s]).
+    layer's row. Positions past the cache's end are dropped (never clamped onto earlier entries).
+    Returns (new cache, this layer's keys [b, s, kv, d], values, validity [b, s]).
     """
-    if slot is None:
-        start = (0, index, 0, 0)
-        new = {
-            "k": jax.lax.dynamic_update_slice(cache["k"], k_btkd.astype(cache["k"].dtype), start),
-            "v": jax.lax.dynamic_update_slice(cache["v"], v_btkd.astype(cache["v"].dtype), start),
-            "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (0, index)),
-        }
-        return new, new["k"], new["v"], new["valid"]
-    start = (slot, 0, index, 0, 0)
+    b, t = valid_bt.shape
+    rows = jnp.arange(b)[:, None]
+    positions = jnp.broadcast_to(index_b, (b,))[:, None] + jnp.arange(t)[None, :]
+    where = (rows, positions) if slot is None else (slot, rows, positions)
     new = {
-        "k": jax.lax.dynamic_update_slice(cache["k"], k_btkd[None].astype(cache["k"].dtype), start),
-        "v": jax.lax.dynamic_update_slice(cache["v"], v_btkd[None].astype(cache["v"].dtype), start),
-        "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_bt[None], (slot, 0, index)),
+        "k": cache["k"].at[where].set(k_btkd.astype(cache["k"].dtype), mode="drop"),
+        "v": cache["v"].at[where].set(v_btkd.astype(cache["v"].dtype), mode="drop"),
+        "valid": cache["valid"].at[where].set(valid_bt, mode="drop"),
     }
+    if slot is None:
+        return new, new["k"], new["v"], new["valid"]
     row = {name: jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False) for name, a in new.items()}
     return new, row["k"], row["v"], row["valid"]
 

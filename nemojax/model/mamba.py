@@ -1,7 +1,9 @@
 """Mamba-2 mixer: in_proj -> causal depthwise conv + SiLU -> selective scan (SSD) -> gated norm -> out_proj.
 
 Padding is exact: at positions where `valid` is False the conv input is zero and dt is zero, so
-the SSM state passes through unchanged (left-padded prompts start from a clean state).
+the SSM state passes through unchanged (left-padded prompts start from a clean state), and the conv
+state kept in the cache is the last kernel-1 inputs up to each row's last valid position (a row padded
+on the right keeps its real inputs; see `filled_length`).
 
 Layout: the fused `in_proj` columns and the conv channels are stored group-major (for each of the
 `n_groups` groups: its z, x, B, C, dt columns; its x, B, C channels), not in the published order
@@ -26,7 +28,7 @@ import numpy as np
 
 from nemojax import sharding
 from nemojax.config import ModelConfig
-from nemojax.model.layers import GatedGroupRMSNorm, Linear, default_init, dtype_of
+from nemojax.model.layers import GatedGroupRMSNorm, Linear, default_init, dtype_of, filled_length
 from nemojax.ops import dispatch, ssd
 
 MambaCache = dict[str, jax.Array]
@@ -149,6 +151,10 @@ class MambaMixer(nn.Module):
             y = y[:, None]
         else:
             y, state = dispatch.ssd_chunked(x_bthp, dt, a, bm, cm, c.chunk_size, initial, kernels=c.kernels)
+        if cache is not None and valid_bt is not None and not per_position_states:
+            full = jnp.concatenate([prefix.astype(conv_in.dtype), conv_in], axis=1)
+            end_b = filled_length(valid_bt, t)
+            new_conv = jax.vmap(lambda f, e: jax.lax.dynamic_slice_in_dim(f, e, c.conv_kernel - 1))(full, end_b)
         y = y + d_skip.astype(jnp.float32)[:, None] * x_bthp.astype(jnp.float32)
         y = y.reshape(b, t, c.mamba_inner)
         y = sharding.constrain(y, ("batch", "length", "act_mlp"))

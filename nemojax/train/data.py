@@ -236,8 +236,8 @@ def tokenize_documents(documents: list[corpus.Document], tokenizer: Tokenizer) -
 
 
 def _split(cfg: Mapping[str, Any]) -> tuple[list[corpus.Document], list[corpus.Document]]:
-    source, paths, data_format, max_corpus_bytes, heldout_fraction = _data_key(cfg)
-    documents = corpus.load_documents(source, paths, data_format, max_corpus_bytes)
+    source, paths, data_format, max_corpus_bytes, heldout_fraction, template_dir = _data_key(cfg)
+    documents = corpus.load_documents(source, paths, data_format, max_corpus_bytes, template_dir)
     return corpus.split_documents(documents, heldout_fraction)
 
 
@@ -245,7 +245,9 @@ def _data_key(cfg: Mapping[str, Any]) -> tuple:
     paths = cfg["paths"]
     if isinstance(paths, str):
         paths = [p for p in paths.split(",") if p]
-    return (cfg["source"], tuple(paths), cfg["format"], int(cfg["max_corpus_bytes"]), float(cfg["heldout_fraction"]))
+    template_dir = os.path.dirname(os.path.abspath(cfg["tokenizer_path"])) if cfg["tokenizer_path"] else None
+    return (cfg["source"], tuple(paths), cfg["format"], int(cfg["max_corpus_bytes"]), float(cfg["heldout_fraction"]),
+            template_dir)
 
 
 def _pad_to(tokens: np.ndarray, mask: np.ndarray, length: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
