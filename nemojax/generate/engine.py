@@ -139,7 +139,7 @@ class Engine:
         return executable(*(a for i, a in enumerate(args) if i not in static))
 
 
-_DONATED = {"prefill": (1,), "segment": (1,), "grow": (0,), "release": (0,), "drain": (0,)}
+_DONATED = {"prefill": (1,), "segment": (1,), "release": (0,), "drain": (0,)}
 
 
 def _signature(leaf: Any) -> Any:

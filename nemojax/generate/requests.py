@@ -101,7 +101,7 @@ def parse_line(line: str, index: int, defaults: Defaults, encoder: Encoder, voca
         raise DataError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     if len(ids) >= max_context:
         raise DataError(f"prompt has {len(ids)} tokens; the context holds {max_context}")
-    budget = settings["thinking_budget"] if _ends_inside_thinking(ids, encoder) else None
+    budget = settings["thinking_budget"] if ends_inside_thinking(ids, encoder) else None
     stop = settings["stop"]
     return Request(
         index=index, prompt_ids=tuple(ids),
@@ -189,7 +189,7 @@ def _prompt_ids(record: dict[str, Any], reasoning: str, encoder: Encoder) -> lis
     return encoder.encode(text) if text else []
 
 
-def _ends_inside_thinking(ids: Sequence[int], encoder: Encoder) -> bool:
+def ends_inside_thinking(ids: Sequence[int], encoder: Encoder) -> bool:
     """True when the prompt's last think marker opens a block (the reply starts by thinking)."""
     if encoder.think_start_id is None or encoder.think_end_id is None:
         return False
