@@ -17,6 +17,10 @@ class DataError(NemojaxError):
     """Training or serving data is missing or malformed; the message names the file."""
 
 
+class QuantizationError(NemojaxError, ValueError):
+    """A tensor cannot be quantized or dequantized as asked (shape, non-finite values, bad scales)."""
+
+
 class OutputError(NemojaxError):
     """A result cannot be written (missing directory, full disk); the message names the file and what is kept."""
 

@@ -1,7 +1,7 @@
 """Will a model fit? Parameter counts and per-device memory for a mesh, before renting machines.
 
     python -m nemojax.plan CONFIG [--mesh data=..,fsdp=..,tensor=..,expert=..] [--devices N]
-        [--weights bf16|fp8|nvfp4-experts] [--batch B --seq-len T] [--prefill-chunk C] [--train]
+        [--weights bf16|fp8|nvfp4-experts|nvfp4|release] [--batch B --seq-len T] [--prefill-chunk C] [--train]
         [--remat none|full|dots] [--device h100-80gb|h200|...] [--json] [--no-compile]
 
 CONFIG is a configs/ name (tiny, nano, super, ultra), a configs/*.py file, a config.json or a

@@ -128,7 +128,7 @@ class SafetensorsDir:
         path, dtype, shape, offset = self._entries[key]
         if int(np.prod(shape)) == 0:
             return np.zeros(shape, dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape or (1,)).reshape(shape)
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
@@ -138,7 +138,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     offset = 0
     arrays = []
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
+        arr = np.ascontiguousarray(tensors[key]).reshape(np.shape(tensors[key]))  # keeps scalars 0-d
         if arr.dtype not in _NAMES:
             raise CheckpointError(f"tensor {key}: dtype {arr.dtype} cannot be written to safetensors")
         header[key] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),

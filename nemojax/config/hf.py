@@ -85,26 +85,24 @@ def parse_pattern(pattern: str, field: str = "hybrid_override_pattern") -> tuple
     """Turn `"MEM*E-"` into layer kinds; an unknown letter names its position."""
     if not isinstance(pattern, str):
         raise ConfigError(f"config field `{field}`: expected a string such as \"M*E\", got {pattern!r}")
-    kinds = []
-    for i, letter in enumerate(pattern):
-        if letter not in PATTERN_LETTERS:
-            raise ConfigError(f"config field `{field}`: unknown layer letter {letter!r} at position {i} "
-                              f"(expected one of {sorted(PATTERN_LETTERS)})")
-        kinds.append(PATTERN_LETTERS[letter])
-    return tuple(kinds)
+    return _layer_kinds_from(pattern, PATTERN_LETTERS, field, "layer letter", "position")
 
 
 def parse_block_types(names: Sequence[str], field: str = "layers_block_type") -> tuple[str, ...]:
     """Turn published block-type names (old or new spelling) into layer kinds."""
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise ConfigError(f"config field `{field}`: expected a list of layer names, got {type(names).__name__}")
-    kinds = []
-    for i, name in enumerate(names):
-        if not isinstance(name, str) or name not in _BLOCK_TYPE_NAMES:
-            raise ConfigError(f"config field `{field}`: unknown layer type {name!r} at index {i} "
-                              f"(expected one of {sorted(_BLOCK_TYPE_NAMES)})")
-        kinds.append(_BLOCK_TYPE_NAMES[name])
-    return tuple(kinds)
+    return _layer_kinds_from(names, _BLOCK_TYPE_NAMES, field, "layer type", "index")
+
+
+def _layer_kinds_from(items: Sequence[str], table: Mapping[str, str], field: str, what: str,
+                      place: str) -> tuple[str, ...]:
+    """Each item looked up in `table`; the first unknown one is a ConfigError naming the field and its place."""
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or item not in table:
+            raise ConfigError(f"config field `{field}`: unknown {what} {item!r} at {place} {i} "
+                              f"(expected one of {sorted(table)})")
+    return tuple(table[item] for item in items)
 
 
 def _layer_kinds(hf: Mapping[str, Any]) -> tuple[str, ...]:

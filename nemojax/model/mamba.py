@@ -112,7 +112,7 @@ class MambaMixer(nn.Module):
 
         inner_g, conv_g = c.mamba_inner // g, c.mamba_conv_dim // g  # per-group widths
         proj = Linear(c.mamba_inner + c.mamba_conv_dim + h, ("embed", "mamba_proj"), dtype, pdtype,
-                      name="in_proj")(x_btd)
+                      config=c, name="in_proj")(x_btd)
         proj = sharding.constrain(proj.reshape(b, t, g, -1), ("batch", "length", "mamba_groups", None))
         z, xbc, dt_raw = jnp.split(proj, [inner_g, inner_g + conv_g], axis=-1)
         z, xbc, dt_raw = z.reshape(b, t, -1), xbc.reshape(b, t, -1), dt_raw.reshape(b, t, h)
@@ -160,7 +160,7 @@ class MambaMixer(nn.Module):
         y = sharding.constrain(y, ("batch", "length", "act_mlp"))
         y = GatedGroupRMSNorm(g, c.layer_norm_epsilon, pdtype, name="norm")(y, z)
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
-        out = Linear(c.hidden_size, ("mamba_inner", "embed"), dtype, pdtype, out_init, name="out_proj")(
+        out = Linear(c.hidden_size, ("mamba_inner", "embed"), dtype, pdtype, out_init, config=c, name="out_proj")(
             y.astype(dtype))
         new_cache = None if cache is None else {"conv": new_conv.astype(cache["conv"].dtype), "ssm": state}
         return out, new_cache

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from nemojax.ops.grouped_matmul import grouped_matmul
+from nemojax.ops.expert_banks import Bank, as_bank, bank_matmul, bank_specs, num_experts, splits_features
 from nemojax.sharding import context_mesh
 
 TOKEN_AXES = ("data", "fsdp", "expert")
@@ -42,14 +42,15 @@ def _divisible_axes(candidates: tuple[str, ...], size: int, mesh_shape: dict[str
     return kept
 
 
-def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Array, up_efn: jax.Array,
-                  down_enf: jax.Array, activation: Callable[[jax.Array], jax.Array]) -> jax.Array:
+def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Array, up: Bank,
+                  down: Bank, activation: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """sum over copies routed to this device's experts (ids in [0, E_local)); other ids contribute 0.
+    `up` / `down` are expert banks (`nemojax.ops.expert_banks`) of the local experts.
 
     Returns [m, width] float32.
     """
     m, k = local_ids_mk.shape
-    num_local = up_efn.shape[0]
+    num_local = num_experts(up)
     is_local = (local_ids_mk >= 0) & (local_ids_mk < num_local)
     key = jnp.where(is_local, local_ids_mk, num_local).reshape(-1)
     rows = m * min(k, num_local)  # at most this many copies are local (a token's experts are distinct)
@@ -59,25 +60,29 @@ def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Arra
     group_sizes = group_sizes.at[-1].add(rows - jnp.sum(group_sizes))
     real = key[order] < num_local
     token = order // k
-    h = activation(grouped_matmul(x_md[token], up_efn.astype(x_md.dtype), group_sizes))
-    y = grouped_matmul(h, down_enf.astype(x_md.dtype), group_sizes).astype(jnp.float32)
+    h = activation(bank_matmul(x_md[token], up, group_sizes))
+    y = bank_matmul(h, down, group_sizes).astype(jnp.float32)
     y = jnp.where(real[:, None], y * weights_mk.reshape(-1)[order][:, None], 0.0)
     return jnp.zeros((m, y.shape[-1]), jnp.float32).at[token].add(y)
 
 
-def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up_efn: jax.Array,
-                            down_enf: jax.Array, activation: Callable[[jax.Array], jax.Array],
+def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Bank | jax.Array,
+                            down: Bank | jax.Array, activation: Callable[[jax.Array], jax.Array],
                             mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
     """Routed experts with experts spread over the mesh's "expert" axis; equals `dropless_experts`.
+    `up` / `down`: expert banks of any storage format (a bare array is a float bank).
 
     Uses the context mesh (`nemojax.sharding.use_mesh`) by default. Returns [t, width] float32.
     """
+    up, down = as_bank(up), as_bank(down)
     mesh = context_mesh() if mesh is None else mesh
     shape = dict(mesh.shape)
     t = x_td.shape[0]
     token_axes = _divisible_axes(TOKEN_AXES, t, shape)
     gathered = "expert" in token_axes
-    tensor = "tensor" if shape.get("tensor", 1) > 1 and up_efn.shape[2] % shape["tensor"] == 0 else None
+    parts = shape.get("tensor", 1)
+    splits = parts > 1 and splits_features(up, "out", parts) and splits_features(down, "in", parts)
+    tensor = "tensor" if splits else None
     rows = PartitionSpec(token_axes or None, None)
 
     def per_device(x, ids, weights, up, down):
@@ -87,7 +92,7 @@ def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.
             # Explicitly varying: gathering rows of an expert-invariant x by expert-varying indices
             # otherwise gives wrong gradients for x (seen with jax 0.10.2).
             x, weights = jax.lax.pcast((x, weights), "expert", to="varying")
-        first = jax.lax.axis_index("expert") * up.shape[0]
+        first = jax.lax.axis_index("expert") * num_experts(up)
         y = local_experts(x, ids - first, weights, up, down, activation)
         if tensor:
             y = jax.lax.psum(y, tensor)
@@ -97,6 +102,6 @@ def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.
 
     return jax.shard_map(
         per_device, mesh=mesh,
-        in_specs=(rows, rows, rows, PartitionSpec("expert", None, tensor), PartitionSpec("expert", tensor, None)),
+        in_specs=(rows, rows, rows, bank_specs(up, "expert", "out", tensor), bank_specs(down, "expert", "in", tensor)),
         out_specs=rows,
-    )(x_td, ids_tk, weights_tk, up_efn, down_enf)
+    )(x_td, ids_tk, weights_tk, up, down)

@@ -8,6 +8,7 @@ and continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -25,6 +26,7 @@ from nemojax.checkpoint.hf import load_pretrained
 from nemojax.config import ModelConfig, from_dict
 from nemojax.errors import CheckpointError, ConfigError, NemojaxError
 from nemojax.model import NemotronH
+from nemojax.quant.master_weights import dequantize_variables
 from nemojax.sharding import use_mesh
 from nemojax.train.checkpointing import TrainCheckpoints
 from nemojax.train.data import TokenBatches, build_tokenizer, heldout_batches, validate_data_config
@@ -32,7 +34,7 @@ from nemojax.train.memory import check_training_fits
 from nemojax.train.metrics import MetricsLog, plot_loss_curve
 from nemojax.train.placement import build_mesh, process_slice, put_batch, with_shardings
 from nemojax.train.programs import build_programs
-from nemojax.train.run_config import check_run_config, model_config
+from nemojax.train.run_config import check_run_config, model_config, training_numerics
 from nemojax.train.step import TrainState
 from nemojax.train.stopping import StopSignals, TrainingStopped
 from nemojax.train.tokenizer import TOKENIZER_FILENAME, save_tokenizer
@@ -63,11 +65,19 @@ def _load_init(path: str, source: str, cfg: ml_collections.ConfigDict, dtype: st
     else:
         model, variables = load_pretrained(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh,
                                            scan_layers=scan)
-    return model.config.replace(remat=cfg.remat), variables
+    config = model.config
+    if config.weight_formats or config.kv_cache_quant != "none":
+        formats = collections.Counter(fmt for _, fmt in config.weight_formats)
+        config, variables = dequantize_variables(config, variables)
+        if jax.process_index() == 0:
+            print(f"--init-from {path}: quantized weights ({', '.join(f'{n} {f.upper()}' for f, n in formats.items())}"
+                  f" weight tensors) dequantised to {cfg.param_dtype} master weights for fine-tuning")
+    return config.replace(**training_numerics(cfg, config)), variables
 
 
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
-    keep = dict(compute_dtype="float32", param_dtype="float32", remat="none", scan_layers=False)
+    keep = dict(compute_dtype="float32", param_dtype="float32", remat="none", scan_layers=False, train_quant="none",
+                train_quant_keep=())
     return a.replace(**keep) == b.replace(**keep)
 
 
@@ -115,7 +125,7 @@ class TrainingRun:
                 raise ConfigError(f"{self.workdir} holds checkpoints of a different model than the config; "
                                   "use a new --workdir")
             config = saved.replace(compute_dtype=config.compute_dtype, param_dtype=config.param_dtype,
-                                   remat=config.remat)
+                                   **training_numerics(cfg, saved))
         elif init_from:
             config, variables = _load_init(init_from, init_source, cfg, config.compute_dtype, self.mesh)
             tokenizer_file = os.path.join(init_from, "tokenizer.json")

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import flatten_dict
 
+from nemojax.model.layers import QUANT_RNG
+
 Batch = dict[str, jax.Array]
 Path = tuple[str, ...]
 
@@ -43,18 +45,23 @@ def moe_intermediates(intermediates: Any) -> tuple[dict[Path, jax.Array], jax.Ar
 
 
 def model_losses(model: nn.Module, params: Any, buffers: Any, batch: Batch, denominators: tuple[jax.Array, jax.Array],
-                 mtp_weight: float, aux_weight: float) -> tuple[jax.Array, dict[str, Any]]:
-    """Total loss = LM + mtp_weight * MTP + aux_weight * aux, and its parts (plus expert loads) as aux data."""
+                 mtp_weight: float, aux_weight: float,
+                 rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    """Total loss = LM + mtp_weight * MTP + aux_weight * aux, and its parts (plus expert loads) as aux data.
+    `rng` feeds the NVFP4 training recipe's stochastic rounding (`nemojax.model.layers.QUANT_RNG`)."""
     variables = {"params": params, "buffers": buffers}
+    rngs = {} if rng is None else {"rngs": {QUANT_RNG: rng}}
     lm_den, mtp_den = denominators
     inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
-    (logits, hidden, _), inter = model.apply(variables, inputs, method="forward", mutable=["intermediates"])
+    (logits, hidden, _), inter = model.apply(variables, inputs, method="forward", mutable=["intermediates"], **rngs)
     lm_loss = masked_xent_sum(logits, targets, mask) / lm_den
     loads, aux_loss = moe_intermediates(inter.get("intermediates", {}))
     mtp_loss = jnp.zeros((), jnp.float32)
     if model.config.has_mtp and mtp_weight > 0:
+        if rng is not None:
+            rngs = {"rngs": {QUANT_RNG: jax.random.fold_in(rng, 1)}}
         (mtp_logits, _, _), mtp_inter = model.apply(variables, hidden[:, :-1], inputs[:, 1:], method="mtp_forward",
-                                                    mutable=["intermediates"])
+                                                    mutable=["intermediates"], **rngs)
         mtp_loss = masked_xent_sum(mtp_logits, targets[:, 1:], mask[:, 1:]) / mtp_den
         mtp_loads, mtp_aux = moe_intermediates(mtp_inter.get("intermediates", {}))
         loads.update(mtp_loads)

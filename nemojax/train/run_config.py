@@ -46,11 +46,45 @@ def default_run_config() -> ml_collections.ConfigDict:
         remat="none",            # "none" | "full" | "dots"
         param_dtype="float32",   # master weights
         compute_dtype="",        # "" keeps the model config's dtype
+        quant=default_quant_config(),
         optimizer=default_optimizer_config(),
         data=default_data_config(),
         mesh=dict(data=1, fsdp=1, tensor=1, expert=1),
         model=ml_collections.ConfigDict(),
     ))
+
+
+def default_quant_config() -> ml_collections.ConfigDict:
+    """The `quant` block: `training="nvfp4"` trains linears with the NVFP4 recipe (`nemojax.quant.training`),
+    except the weights matching `keep` (fnmatch on weight keys such as "backbone/layers_2/mixer/q_proj")
+    and the last `keep_last_fraction` of the layers, which stay in the compute dtype (the recipe's
+    defaults: attention and latent projections, the Mamba out_proj, lm_head, the MTP block, the final 15%)."""
+    return ml_collections.ConfigDict(dict(
+        training="none",
+        keep=("lm_head", "mtp/*", "*/mixer/q_proj", "*/mixer/k_proj", "*/mixer/v_proj", "*/mixer/o_proj",
+              "*/fc1_latent_proj", "*/fc2_latent_proj", "*/mixer/out_proj"),
+        keep_last_fraction=0.15,
+    ))
+
+
+def training_numerics(cfg: ml_collections.ConfigDict, config: ModelConfig) -> dict[str, Any]:
+    """The ModelConfig fields the run decides: remat and the NVFP4 training recipe (`cfg.quant`), which keeps
+    the last layers out with the unrolled layer layout."""
+    quant = cfg.quant
+    if quant.training not in ("none", "nvfp4"):
+        raise ConfigError(f"config field `quant.training`: expected 'none' or 'nvfp4', got {quant.training!r}")
+    if not 0 <= float(quant.keep_last_fraction) <= 1:
+        raise ConfigError(f"config field `quant.keep_last_fraction`: expected a fraction in [0, 1], "
+                          f"got {quant.keep_last_fraction}")
+    last = round(float(quant.keep_last_fraction) * config.num_layers)
+    keep = tuple(quant.keep) + tuple(f"backbone/layers_{i}/*" for i in range(config.num_layers - last,
+                                                                             config.num_layers))
+    fields = {"remat": cfg.remat, "train_quant": quant.training, "train_quant_keep": keep}
+    if quant.training == "nvfp4" and last and cfg.model.get("scan_layers") is None:
+        # Scanned layers share one module per layer kind: keeping only the last layers in the compute dtype
+        # needs the unrolled stack (the default layout is chosen here; an explicit scan_layers=true is refused).
+        fields["scan_layers"] = False
+    return fields
 
 
 def _merge(base: ml_collections.ConfigDict, update: ml_collections.ConfigDict, where: str = "") -> None:
@@ -187,7 +221,9 @@ def check_run_config(cfg: ml_collections.ConfigDict) -> None:
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig of a run: the file's model fields with the run's dtypes and remat policy."""
+    """The ModelConfig of a run: the file's model fields with the run's dtypes, remat policy and training
+    recipe."""
     model = cfg.model.to_dict()
-    return from_hf_config(model, remat=cfg.remat, param_dtype=cfg.param_dtype,
-                          compute_dtype=cfg.compute_dtype or model.get("compute_dtype", "bfloat16"))
+    config = from_hf_config(model, param_dtype=cfg.param_dtype,
+                            compute_dtype=cfg.compute_dtype or model.get("compute_dtype", "bfloat16"))
+    return config.replace(**training_numerics(cfg, config))
