@@ -101,7 +101,7 @@ def test_locks_pin_every_requirement(lock):
     with open(os.path.join(REPO, "requirements", lock)) as f:
         pinned = {_name(line): line.split("==", 1)[1].strip() for line in f if "==" in line}
     project = _project()
-    extras = ["test", "plot"] + (["torch"] if lock == "py311.lock" else [])
+    extras = ["test", "plot", "serve"] + (["torch"] if lock == "py311.lock" else [])
     for text in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]:
         requirement = Requirement(text)
         name = _name(requirement.name)

@@ -56,9 +56,11 @@ class GenerationService:
     """Owns the scheduler (`slots` decode slots of `max_len` positions) and its worker thread."""
 
     def __init__(self, engine: Engine, slots: int, max_len: int, max_waiting: int, segment_steps: int = 8,
-                 stop_finder: Callable[[Request], Callable[[list[int]], bool] | None] = lambda r: None) -> None:
+                 stop_finder: Callable[[Request], Callable[[list[int]], bool] | None] = lambda r: None,
+                 scheduler: Scheduler | None = None) -> None:
+        """`scheduler`: one already built (default: a new one over `engine`)."""
         self.engine = engine
-        self.scheduler = Scheduler(engine, slots, max_len, segment_steps)
+        self.scheduler = scheduler or Scheduler(engine, slots, max_len, segment_steps)
         self.max_waiting = max_waiting
         self.stop_finder = stop_finder
         self.metrics = Metrics(slots)
