@@ -132,8 +132,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "server.json"), "w") as f:
         json.dump(report, f, indent=2)
-    rows = ["| batching | requests | tokens/s | requests/s | p50 / p99 latency (s) | short p50 / p99 | long p50 / p99 |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| batching | requests | tokens/s | requests/s | p50 / p99 latency (s) | short p50 / p99 | "
+            "long p50 / p99 |", "|---|---|---|---|---|---|---|"]
     for policy, r in results.items():
         def pair(d: dict) -> str:
             return f"{d['p50_s']:.2f} / {d['p99_s']:.2f}" if d else "-"
