@@ -20,9 +20,11 @@ from nemojax.checkpoint.orbax import save_model
 from nemojax.config import from_hf_config
 from nemojax.generate import Defaults, Engine
 from nemojax.generate.loading import end_of_turn_ids, load_checkpoint, load_encoder
+from nemojax.generate.scheduler import Scheduler
 from nemojax.generate.serving import StopStrings
 from nemojax.model import init_variables
 from nemojax.server.app import create_app
+from nemojax.server.parsers import OutputParser
 from nemojax.server.service import GenerationService
 from nemojax.train.tokenizer import save_tokenizer, train_tokenizer
 
@@ -63,13 +65,15 @@ def server(checkpoint):
     encoder, tokenizer = load_encoder(str(checkpoint))
     model, variables = load_checkpoint(str(checkpoint))
     engine = Engine(model, variables, eos_ids=(2,) + end_of_turn_ids(tokenizer), think_end_id=encoder.think_end_id,
-                    prefill_chunk=32, top_logprobs=20)
+                    prefill_chunk=16, top_logprobs=20)
 
     def stop_finder(request):
         finder = StopStrings(request.stop, tokenizer)
         return finder.stop_check if finder.active else None
 
-    service = GenerationService(engine, SLOTS, CONTEXT, max_waiting=8, segment_steps=4, stop_finder=stop_finder)
+    # Chunks of 16 (the smallest) and a cache that never grows: few programs to compile.
+    scheduler = Scheduler(engine, SLOTS, CONTEXT, segment_steps=4, min_length=CONTEXT + 1)
+    service = GenerationService(engine, SLOTS, CONTEXT, max_waiting=8, stop_finder=stop_finder, scheduler=scheduler)
     app = create_app(service, encoder, tokenizer, Defaults(), "tiny")
     port = _free_port()
     runner = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -87,7 +91,7 @@ def server(checkpoint):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=600)  # compiles
 
 
 def _collect_chat(stream):
@@ -216,19 +220,29 @@ def test_bad_json_and_bad_prompts_get_400(server):
         assert response.status_code == 400 and response.json()["error"]["param"] == param, body
 
 
-def test_disconnect_mid_stream_frees_the_slot(server):
+def test_disconnect_mid_stream_frees_the_slot(server, monkeypatch):
+    """A client that goes away after the first event: its request ends as cancelled long before its
+    token limit, its slot is free, and the server keeps serving."""
     base, service = server
+    finished = []
+    step = service.scheduler.step
+    monkeypatch.setattr(service.scheduler, "step", lambda: finished.extend(step()) or finished)
     body = {"prompt": "the quick", "max_tokens": CONTEXT - 8, "temperature": 0.0, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as response:
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=600) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
     deadline = time.time() + 30
-    while service.snapshot()["running"] and time.time() < deadline:
+    while not finished and time.time() < deadline:
         time.sleep(0.05)
+    (ticket,) = finished
+    assert ticket.finish_reason == "cancelled" and len(ticket.output_ids) < CONTEXT - 8
     assert service.snapshot()["running"] == 0 and not service.scheduler.busy
     # and the server is still fine
     assert httpx.get(base + "/health").json()["status"] == "ok"
+    after = httpx.post(base + "/v1/completions", json={"prompt": "hello", "max_tokens": 4, "ignore_eos": True},
+                       timeout=600)
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 4
 
 
 def test_models_health_and_metrics(client, server):
@@ -242,17 +256,30 @@ def test_models_health_and_metrics(client, server):
 
 
 def test_greedy_server_output_equals_the_jsonl_mode(client, checkpoint, tmp_path):
+    """The same prompts through serve.py's jsonl mode (its own engine and scheduler) and the server: the
+    same tokens; chat text split by the server's parser (thinking on) or returned whole (thinking off)."""
     messages = [{"role": "user", "content": "general kenobi"}]
     prompts = tmp_path / "in.jsonl"
-    prompts.write_text(json.dumps({"messages": messages}) + "\n" + json.dumps({"prompt": "a model of"}) + "\n")
+    lines = [{"messages": messages}, {"messages": messages, "reasoning": "off"}, {"prompt": "a model of"}]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     output = tmp_path / "out.jsonl"
     assert serve.main(["--checkpoint", str(checkpoint), "--prompts", str(prompts), "--output", str(output),
-                       "--max-new-tokens", "12", "--no-progress", "--prefill-chunk", "32"]) == 0
-    chat_record, text_record = [json.loads(line) for line in output.read_text().splitlines()]
+                       "--max-new-tokens", "12", "--no-progress", "--prefill-chunk", "16"]) == 0
+    thinking, plain, text_record = [json.loads(line) for line in output.read_text().splitlines()]
     chat = client.chat.completions.create(model="tiny", messages=messages, temperature=0.0, max_tokens=12)
+    assert chat.usage.completion_tokens == len(thinking["output_ids"])
+    parser = OutputParser(thinking=True, tools=None)
+    parts, tail = parser.feed(thinking["text"]), parser.finish()
+    message = chat.choices[0].message
+    assert (message.reasoning_content, message.content) == (parts.reasoning + tail.reasoning,
+                                                            parts.content + tail.content)
+    assert message.reasoning_content  # the prompt ends in <think>: there is reasoning to split off
+    off = client.chat.completions.create(model="tiny", messages=messages, temperature=0.0, max_tokens=12,
+                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert off.choices[0].message.content == plain["text"] and off.usage.completion_tokens == len(
+        plain["output_ids"])
+    assert off.choices[0].finish_reason == plain["finish_reason"]
     text = client.completions.create(model="tiny", prompt="a model of", temperature=0.0, max_tokens=12)
-    assert chat.usage.completion_tokens == len(chat_record["output_ids"])
-    assert (chat.choices[0].message.reasoning_content or "") + (chat.choices[0].message.content or "") == \
-        chat_record["text"].replace("</think>", "").strip("\n") or chat_record["text"]
     assert text.choices[0].text == text_record["text"] and text.usage.completion_tokens == len(
         text_record["output_ids"])
+    assert text.choices[0].finish_reason == text_record["finish_reason"]

@@ -1,19 +1,23 @@
 """Tool calls and reasoning through the whole server path (request rendering, the output parser, plain and
 streamed responses, the official `openai` client) from crafted model outputs: a scripted scheduler stands
-in for the model and answers each prompt with the tokens of a chosen text."""
+in for the model and answers each prompt with the tokens of a chosen text. Also the overload (429) and
+no-worker (503) answers, which need no model either."""
 
+import contextlib
 import json
 import socket
 import threading
 import time
 import types
 
+import httpx2 as httpx
 import openai
 import pytest
 import uvicorn
 
 from nemojax.chat import IM_END, render_tools
 from nemojax.generate import Defaults
+from nemojax.generate.loading import load_encoder
 from nemojax.generate.requests import Encoder
 from nemojax.server.app import create_app
 from nemojax.server.service import GenerationService
@@ -72,32 +76,47 @@ class ScriptedScheduler:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def tokenizer_files(tmp_path_factory):
+    """(encoder, tokenizer) of a tokenizer trained on the scripts and the tool list."""
     directory = tmp_path_factory.mktemp("tokenizer")
     texts = list(SCRIPTS.values()) * 5 + [render_tools(TOOLS)] * 3
-    tokenizer = train_tokenizer(texts, 600)
-    save_tokenizer(tokenizer, str(directory))
-    from nemojax.generate.loading import load_encoder
-
+    save_tokenizer(train_tokenizer(texts, 600), str(directory))
     encoder, tokenizer = load_encoder(str(directory))
     assert isinstance(encoder, Encoder)
+    return encoder, tokenizer
+
+
+@contextlib.contextmanager
+def serving(tokenizer_files, max_waiting=16, started=True):
+    """(base URL, service): the app over a scripted scheduler on a free loopback port."""
+    encoder, tokenizer = tokenizer_files
     engine = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=600),
                                    eos_ids=(2, tokenizer.token_to_id(IM_END)))
-    service = GenerationService(engine, 4, 4096, 16, scheduler=ScriptedScheduler(tokenizer))
+    service = GenerationService(engine, 4, 4096, max_waiting, scheduler=ScriptedScheduler(tokenizer))
     app = create_app(service, encoder, tokenizer, Defaults(), "scripted")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     runner = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=runner.run, daemon=True)
-    service.start()
+    if started:
+        service.start()
     thread.start()
     while not runner.started:
         time.sleep(0.02)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
-    runner.should_exit = True
-    thread.join(timeout=10)
-    service.stop()
+    try:
+        yield f"http://127.0.0.1:{port}", service
+    finally:
+        runner.should_exit = True
+        thread.join(timeout=10)
+        if started:
+            service.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tokenizer_files):
+    with serving(tokenizer_files) as (base, _):
+        yield openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30)
 
 
 def ask(client, word, **extra):
@@ -154,3 +173,21 @@ def test_without_tools_the_call_is_content(client):
     off = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "weather"}],
                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert off.choices[0].message.content.startswith("I should call the tool.")  # thinking off: no split
+
+
+def test_overload_gets_429_and_a_stopped_worker_503(tokenizer_files):
+    """More requests than the waiting queue holds: 429 with Retry-After (nothing of the call is queued);
+    no generation worker: 503 with Retry-After; both with OpenAI error bodies."""
+    body = {"messages": [{"role": "user", "content": "weather"}], "n": 3}
+    with serving(tokenizer_files, max_waiting=2) as (base, service):
+        response = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 429 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "rate_limit_exceeded"
+        assert service.snapshot()["waiting"] == 0
+        response = httpx.post(base + "/v1/chat/completions", json=dict(body, n=2), timeout=30)
+        assert response.status_code == 200 and len(response.json()["choices"]) == 2
+    with serving(tokenizer_files, started=False) as (base, _):
+        response = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "service_unavailable"
+        assert httpx.get(base + "/health").status_code == 503

@@ -88,18 +88,20 @@ class Scheduler:
     """A fixed number of decode slots over one preallocated slot state (see `nemojax.generate.programs`).
 
     `max_len`: the longest prompt + completion any request may have (positions per slot); requests
-    must respect it (`submit` raises ValueError otherwise).
+    must respect it (`submit` raises ValueError otherwise). `min_length`: the first cache length; from
+    `max_len` + 2K + 1 (K draft tokens) on, the cache never grows, so no program is compiled for a new
+    length while serving.
     """
 
     def __init__(self, engine: Engine, slots: int, max_len: int, segment_steps: int = 16,
-                 prefill_rows: int | None = None) -> None:
+                 prefill_rows: int | None = None, min_length: int = MIN_LENGTH) -> None:
         self.engine, self.slots, self.max_len = engine, slots, max_len
         self.segment_steps = segment_steps
         self.prefill_rows = prefill_rows or slots
         self.programs = engine.programs
         k = self.programs.k
         self.extra = 2 * k + 1  # speculative writes past the last kept position
-        self.length = min(self._bucket(MIN_LENGTH), self.max_len + self.extra)
+        self.length = min(self._bucket(min_length), self.max_len + self.extra)
         self.width = self.programs.out_width(segment_steps)
         self.state = engine.run("empty", self.programs.empty, slots, self.length, self.width)
         self.waiting: collections.deque[Ticket] = collections.deque()
