@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 from hf_reference import make_checkpoint, reference_logits
 from transformers import NemotronHForCausalLM
 
@@ -24,7 +23,8 @@ from nemojax.quant import modelopt, ptq
 from nemojax.quantize import quantize_checkpoint
 from nemojax.sharding import make_mesh
 
-pytestmark = pytest.mark.xdist_group("quant_checkpoint")  # module fixtures share the checkpoints
+# Every test uses the transformers reference built by the `mixed` fixture (torch).
+pytestmark = [pytest.mark.xdist_group("quant_checkpoint"), pytest.mark.torch]
 PATTERN = "ME*-"
 
 
@@ -106,6 +106,8 @@ def test_serve_greedy_equals_reference_generate(mixed, tmp_path):
                          "--ignore-eos", "--no-progress"])
     assert status == 0
     ours = [json.loads(line)["output_ids"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    import torch
+
     with torch.no_grad():
         out = reference.generate(torch.as_tensor(prompts), max_new_tokens=8, do_sample=False, pad_token_id=0,
                                  eos_token_id=None)
