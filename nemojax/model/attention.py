@@ -4,7 +4,8 @@ Cache (decoding): {"k", "v": [b, max_len, kv_heads, head_dim], "valid": [b, max_
 keys are written at `index` (shared by the batch: prompts are left-padded, and with no positional
 encoding left padding is exact once padded keys are masked). With scanned layers the caches of all
 attention layers are stacked ([layers, b, ...]) and a layer is given the stack and its `slot`: it
-writes only its new entries into the stack (no copy of the stack per layer).
+writes only its new entries into the stack (no copy of the stack per layer). Given document ids
+instead of a padding mask (`nemojax.model.documents`), a query sees only keys of its own document.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 
 from nemojax import sharding
 from nemojax.config import ModelConfig
+from nemojax.model import documents
 from nemojax.model.layers import Linear, default_init, dtype_of, scale_param
 from nemojax.ops.attention import causal_mask, gqa_attention
 
@@ -75,6 +77,7 @@ class Attention(nn.Module):
         v = v.reshape(b, t, c.num_key_value_heads, hd)
         q = sharding.constrain(q, ("batch", "length", "act_heads", None))
         k, v = (sharding.constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
+        valid_bt, doc_bt = documents.split_valid(valid_bt)
         valid = jnp.ones((b, t), bool) if valid_bt is None else valid_bt.astype(bool)
 
         if cache is None:
@@ -84,6 +87,9 @@ class Attention(nn.Module):
             new_cache, k, v, cache_valid = write_kv_cache(cache, k, v, valid, index, slot)
             k, v = k.astype(dtype), v.astype(dtype)
             mask = causal_mask(cache_valid, index, t)
+        if doc_bt is not None:
+            key_doc_bs = doc_bt if cache is None else documents.key_documents(doc_bt, k.shape[1], index)
+            mask = mask & (doc_bt[:, :, None] == key_doc_bs[:, None, :])
         out = gqa_attention(q, k, v, mask)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
