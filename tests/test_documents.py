@@ -108,38 +108,41 @@ def _left_padded(rows, pad_value):
     return jnp.asarray(np.stack([np.concatenate([np.full(T - len(r), pad_value, r.dtype), r]) for r in rows]))
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_packed_rows_equal_their_documents_run_alone(scan_layers):
+def test_packed_rows_equal_their_documents_run_alone():
     """Logits, MTP logits (where token t+1 is in t's document) and the Mamba conv and SSM states after
     each document's end equal those of the document run alone (left-padded, which is exact)."""
-    cfg = from_hf_config(dict(SMALL, scan_layers=scan_layers))
+    cfg = from_hf_config(SMALL)
     model = NemotronH(cfg)
-    variables = init_variables(cfg, jax.random.key(0))
-    forward = jax.jit(lambda ids, valid, cache: model.apply(variables, ids, valid, cache, method="forward"))
+    variables = jax.jit(lambda key: init_variables(cfg, key))(jax.random.key(0))
+    forward = jax.jit(lambda ids, valid: model.apply(variables, ids, valid, init_cache(cfg, ids.shape[0], T),
+                                                     method="forward"))
     mtp = jax.jit(lambda h, ids, valid: model.apply(variables, h[:, :-1], ids[:, 1:], valid[:, :-1],
                                                     method="mtp_forward")[0])
     ids = np.asarray(jax.random.randint(jax.random.key(1), (len(ROW_LENGTHS), T), 3, cfg.vocab_size), np.int32)
     segments = np.stack([_ids(lengths) for lengths in ROW_LENGTHS])
-    logits, hidden, _ = forward(jnp.asarray(ids), jnp.asarray(segments), None)
-    mtp_logits = mtp(hidden, jnp.asarray(ids), jnp.asarray(segments))
-
     spans = [(row, s, e) for row, lengths in enumerate(ROW_LENGTHS) for s, e in _spans(lengths)]
-    alone_ids = _left_padded([ids[row, s:e] for row, s, e in spans], 0)
-    alone_valid = _left_padded([np.ones(e - s, bool) for _, s, e in spans], False)
-    alone, alone_hidden, alone_cache = forward(alone_ids, alone_valid, init_cache(cfg, len(spans), T))
-    alone_mtp = mtp(alone_hidden, alone_ids, alone_valid)
-    # Each packed row up to a document's end (left-padded with id 0 = padding), for its Mamba states.
+
+    # Each packed row up to each document's end, left-padded with id 0 (padding); the last is the whole row.
     prefix_ids = _left_padded([ids[row, :e] for row, _, e in spans], 0)
     prefix_segments = _left_padded([segments[row, :e] for row, _, e in spans], 0)
-    _, _, prefix_cache = forward(prefix_ids, prefix_segments, init_cache(cfg, len(spans), T))
+    logits, hidden, prefix_cache = forward(prefix_ids, prefix_segments)
+    mtp_logits = mtp(hidden, prefix_ids, prefix_segments)
+    # Every document alone (left-padded, bool mask), then the packed rows as one document each.
+    alone_ids = _left_padded([ids[row, s:e] for row, s, e in spans] + list(ids), 0)
+    alone_valid = _left_padded([np.ones(e - s, bool) for _, s, e in spans] + [np.ones(T, bool)] * len(ids), False)
+    alone, alone_hidden, alone_cache = forward(alone_ids, alone_valid)
+    alone_mtp = mtp(alone_hidden, alone_ids, alone_valid)
 
     for n, (row, s, e) in enumerate(spans):
-        np.testing.assert_allclose(logits[row, s:e], alone[n, T - (e - s):], rtol=2e-4, atol=2e-4)
-        np.testing.assert_allclose(mtp_logits[row, s:e - 1], alone_mtp[n, T - (e - s):], rtol=2e-4, atol=2e-4)
-    for (conv, ssm), (conv_alone, ssm_alone) in zip(_mamba_states(prefix_cache, cfg), _mamba_states(alone_cache, cfg),
-                                                    strict=True):
-        np.testing.assert_allclose(conv, conv_alone, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(ssm, ssm_alone, rtol=2e-4, atol=2e-4)
-    # The same ids as one document differ: the packed run really is kept apart.
-    mixed, _, _ = forward(jnp.asarray(ids), None, None)
-    assert not np.allclose(mixed[0, 5:7], logits[0, 5:7], atol=1e-3)
+        whole = [m for m, (r, _, end) in enumerate(spans) if r == row][-1]  # the row's full-length prefix
+        for packed, packed_mtp in ((logits[whole, s:e], mtp_logits[whole, s:e - 1]),
+                                   (logits[n, T - (e - s):], mtp_logits[n, T - (e - s):])):
+            np.testing.assert_allclose(packed, alone[n, T - (e - s):], rtol=2e-4, atol=2e-4)
+            np.testing.assert_allclose(packed_mtp, alone_mtp[n, T - (e - s):], rtol=2e-4, atol=2e-4)
+    states = zip(_mamba_states(prefix_cache, cfg), _mamba_states(alone_cache, cfg), strict=True)
+    for (conv, ssm), (conv_alone, ssm_alone) in states:
+        np.testing.assert_allclose(conv, conv_alone[:len(spans)], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ssm, ssm_alone[:len(spans)], rtol=2e-4, atol=2e-4)
+    # The same rows run as one document differ: the packed run really is kept apart.
+    mixed = alone[len(spans):]
+    assert not np.allclose(mixed[0, 5:7], logits[len(ROW_LENGTHS[0]) - 1, 5:7], atol=1e-3)
