@@ -55,17 +55,18 @@ def route(scores_te: jax.Array, bias_e: jax.Array, config: ModelConfig) -> tuple
 
 
 def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Bank | jax.Array,
-                     down: Bank | jax.Array) -> jax.Array:
+                     down: Bank | jax.Array, kernels: str = "auto") -> jax.Array:
     """sum_k weights[t,k] * down[e](relu²(up[e](x[t]))) with e = ids[t,k]; exact and dropless.
-    `up` / `down`: expert banks of any storage format (a bare array is a float bank)."""
+    `up` / `down`: expert banks of any storage format (a bare array is a float bank); `kernels`: the
+    config field choosing the NVFP4 matmul (`nemojax.ops.dispatch`)."""
     up, down = as_bank(up), as_bank(down)
     t, k = ids_tk.shape
     flat_ids = ids_tk.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat_ids, length=num_experts(up))
-    h = relu2(bank_matmul(x_td[token], up, group_sizes))
-    y = bank_matmul(h, down, group_sizes)
+    h = relu2(bank_matmul(x_td[token], up, group_sizes, kernels=kernels))
+    y = bank_matmul(h, down, group_sizes, kernels=kernels)
     y = y.astype(jnp.float32) * weights_tk.reshape(-1)[order][:, None]
     return jnp.zeros((t, y.shape[-1]), jnp.float32).at[token].add(y)
 
@@ -141,8 +142,8 @@ class Experts(nn.Module):
         up = self._bank("up_proj", w, f, ("expert_embed", "expert_mlp"), default_init())
         down = self._bank("down_proj", f, w, ("expert_mlp", "expert_embed"), down_init)
         if uses_expert_parallelism(jax.sharding.get_abstract_mesh(), e):
-            return expert_parallel_experts(x_td, ids_tk, weights_tk, up, down, relu2)
-        return dropless_experts(x_td, ids_tk, weights_tk, up, down)
+            return expert_parallel_experts(x_td, ids_tk, weights_tk, up, down, relu2, kernels=c.kernels)
+        return dropless_experts(x_td, ids_tk, weights_tk, up, down, c.kernels)
 
 
 class MoE(nn.Module):

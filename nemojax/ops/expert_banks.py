@@ -7,7 +7,8 @@ A bank is a dict of per-expert arrays stacked on a leading expert axis (a bare a
 - nvfp4: {"weight": uint8 [E, N, K/2], "weight_scale": float8_e4m3fn [E, N, K/16],
           "weight_scale_2": float32 [E]}   (the ModelOpt layout: [out, in], packed along in)
 
-`bank_matmul` dispatches to `grouped_matmul`, `grouped_fp8_matmul` or `grouped_matmul_nvfp4`;
+`bank_matmul` dispatches to `grouped_matmul`, `grouped_fp8_matmul` or the NVFP4 grouped matmul (reference or
+Pallas kernel, `nemojax.ops.dispatch`);
 `bank_specs` gives each array's PartitionSpec for expert parallelism (experts over the expert axis,
 optionally the in or out feature dimension over another axis).
 """
@@ -19,8 +20,8 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec
 
+from nemojax.ops import dispatch
 from nemojax.ops.grouped_matmul import grouped_matmul
-from nemojax.ops.grouped_matmul_nvfp4 import grouped_matmul_nvfp4
 from nemojax.ops.quantized_matmul import grouped_fp8_matmul
 from nemojax.quant.nvfp4 import BLOCK
 from nemojax.quant.training import nvfp4_train_grouped_matmul
@@ -42,11 +43,14 @@ def bank_format(bank: Bank) -> str:
     return "fp8" if "weight_scale" in bank else "float"
 
 
-def bank_matmul(x_mk: jax.Array, bank: Bank, group_sizes_e: jax.Array) -> jax.Array:
-    """Rows sorted by expert times their expert's weight: [M, N] in x's dtype (zeros past the groups)."""
+def bank_matmul(x_mk: jax.Array, bank: Bank, group_sizes_e: jax.Array, *, kernels: str = "auto",
+                per_shard: bool = False) -> jax.Array:
+    """Rows sorted by expert times their expert's weight: [M, N] in x's dtype (zeros past the groups).
+    NVFP4 banks go through `nemojax.ops.dispatch` (`kernels`, `per_shard`: see there)."""
     fmt = bank_format(bank)
     if fmt == "nvfp4":
-        return grouped_matmul_nvfp4(x_mk, bank["weight"], bank["weight_scale"], bank["weight_scale_2"], group_sizes_e)
+        return dispatch.nvfp4_grouped_matmul(x_mk, bank["weight"], bank["weight_scale"], bank["weight_scale_2"],
+                                             group_sizes_e, kernels=kernels, per_shard=per_shard)
     if fmt == "fp8":
         return grouped_fp8_matmul(x_mk, bank["kernel"], bank["weight_scale"], group_sizes_e)
     if fmt == "nvfp4-train":

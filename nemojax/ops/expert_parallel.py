@@ -43,9 +43,10 @@ def _divisible_axes(candidates: tuple[str, ...], size: int, mesh_shape: dict[str
 
 
 def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Array, up: Bank,
-                  down: Bank, activation: Callable[[jax.Array], jax.Array]) -> jax.Array:
+                  down: Bank, activation: Callable[[jax.Array], jax.Array], kernels: str = "auto") -> jax.Array:
     """sum over copies routed to this device's experts (ids in [0, E_local)); other ids contribute 0.
-    `up` / `down` are expert banks (`nemojax.ops.expert_banks`) of the local experts.
+    `up` / `down` are expert banks (`nemojax.ops.expert_banks`) of the local experts; `kernels` chooses
+    the NVFP4 matmul (`nemojax.ops.dispatch`), which runs on this device's rows.
 
     Returns [m, width] float32.
     """
@@ -60,15 +61,15 @@ def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Arra
     group_sizes = group_sizes.at[-1].add(rows - jnp.sum(group_sizes))
     real = key[order] < num_local
     token = order // k
-    h = activation(bank_matmul(x_md[token], up, group_sizes))
-    y = bank_matmul(h, down, group_sizes).astype(jnp.float32)
+    h = activation(bank_matmul(x_md[token], up, group_sizes, kernels=kernels, per_shard=True))
+    y = bank_matmul(h, down, group_sizes, kernels=kernels, per_shard=True).astype(jnp.float32)
     y = jnp.where(real[:, None], y * weights_mk.reshape(-1)[order][:, None], 0.0)
     return jnp.zeros((m, y.shape[-1]), jnp.float32).at[token].add(y)
 
 
 def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Bank | jax.Array,
                             down: Bank | jax.Array, activation: Callable[[jax.Array], jax.Array],
-                            mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
+                            mesh: Mesh | AbstractMesh | None = None, kernels: str = "auto") -> jax.Array:
     """Routed experts with experts spread over the mesh's "expert" axis; equals `dropless_experts`.
     `up` / `down`: expert banks of any storage format (a bare array is a float bank).
 
@@ -93,7 +94,7 @@ def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.
             # otherwise gives wrong gradients for x (seen with jax 0.10.2).
             x, weights = jax.lax.pcast((x, weights), "expert", to="varying")
         first = jax.lax.axis_index("expert") * num_experts(up)
-        y = local_experts(x, ids - first, weights, up, down, activation)
+        y = local_experts(x, ids - first, weights, up, down, activation, kernels)
         if tensor:
             y = jax.lax.psum(y, tensor)
         if gathered:
