@@ -28,8 +28,8 @@ define venv
 endef
 
 # What each venv installs (the extras are in pyproject.toml).
-PY311_INSTALL := -e '.[test,torch,plot]'
-PY312_INSTALL := '.[test,plot]'
+PY311_INSTALL := -e '.[test,torch,plot,serve]'
+PY312_INSTALL := '.[test,plot,serve]'
 DEMO_INSTALL := -e '.[plot]'
 
 .venv/.installed: pyproject.toml requirements/py311.lock
@@ -63,8 +63,8 @@ lint: .venv/.installed
 	.venv/bin/ruff check .
 
 lock:
-	scripts/lock.sh $(PYTHON311) requirements/py311.lock test,torch,plot
-	scripts/lock.sh $(PYTHON312) requirements/py312.lock test,plot
+	scripts/lock.sh $(PYTHON311) requirements/py311.lock test,torch,plot,serve
+	scripts/lock.sh $(PYTHON312) requirements/py312.lock test,plot,serve
 
 clean:
 	rm -rf .venv .venv-py312 .venv-demo

@@ -15,8 +15,8 @@ import pytest
 from nemojax.checkpoint.orbax import save_model
 from nemojax.cli.serve import main
 from nemojax.config import from_hf_config
-from nemojax.generate import engine as engine_module
 from nemojax.generate import jsonl
+from nemojax.generate import scheduler as scheduler_module
 from nemojax.model import init_variables
 from nemojax.train.tokenizer import save_tokenizer, train_tokenizer
 
@@ -57,15 +57,15 @@ def model_dirs(tmp_path_factory):
 
 @pytest.fixture
 def generate_calls(monkeypatch):
-    """How many batches the engine generated (work that a late refusal would throw away)."""
+    """The requests submitted to the scheduler (work that a late refusal would throw away)."""
     calls = []
-    original = engine_module.Engine.generate
+    original = scheduler_module.Scheduler.submit
 
-    def counted(self, *args, **kwargs):
-        calls.append(1)
-        return original(self, *args, **kwargs)
+    def counted(self, ticket):
+        calls.append(ticket.request)
+        return original(self, ticket)
 
-    monkeypatch.setattr(engine_module.Engine, "generate", counted)
+    monkeypatch.setattr(scheduler_module.Scheduler, "submit", counted)
     return calls
 
 
@@ -220,30 +220,33 @@ def test_full_disk_keeps_finished_records_and_resume_matches_an_uninterrupted_ru
     assert records(out) == whole and not os.path.exists(str(out) + ".partial")
 
 
-def test_interrupt_keeps_finished_batches_and_resume_serves_only_the_rest(model_dirs, tmp_path, capsys, monkeypatch,
+def test_interrupt_keeps_finished_records_and_resume_serves_only_the_rest(model_dirs, tmp_path, capsys, monkeypatch,
                                                                          generate_calls):
     prompts = tmp_path / "in.jsonl"
     prompts.write_text("\n".join(GOOD[i % 3] for i in range(10)) + "\n")
     out = tmp_path / "out.jsonl"
-    counted = engine_module.Engine.generate
+    step = scheduler_module.Scheduler.step
+    finished = []
 
-    def interrupted_third_batch(self, *args, **kwargs):
-        if len(generate_calls) == 2:
+    def interrupted_after_four_records(self):
+        if len(finished) >= 4:
             raise KeyboardInterrupt
-        return counted(self, *args, **kwargs)
+        done = step(self)
+        finished.extend(done)
+        return done
 
-    monkeypatch.setattr(engine_module.Engine, "generate", interrupted_third_batch)
+    monkeypatch.setattr(scheduler_module.Scheduler, "step", interrupted_after_four_records)
     assert serve(model_dirs[0], prompts, out) == 130
     assert "--resume" in capsys.readouterr().err
     kept = records(str(out) + ".partial")
-    assert len(kept) == 4 and all(served(r) for r in kept)  # two batches of two, in input order
+    assert 1 <= len(kept) < 10 and all(served(r) for r in kept)  # the answered prefix, in input order
 
-    monkeypatch.setattr(engine_module.Engine, "generate", counted)
+    monkeypatch.setattr(scheduler_module.Scheduler, "step", step)
     generate_calls.clear()
     assert serve(model_dirs[0], prompts, out, "--resume") == 0
-    assert len(generate_calls) == 3  # the six remaining lines only
+    assert len(generate_calls) == 10 - len(kept)  # the remaining lines only
     final = records(out)
-    assert len(final) == 10 and final[:4] == kept and all(served(r) for r in final)
+    assert len(final) == 10 and final[:len(kept)] == kept and all(served(r) for r in final)
 
     prompts.write_text("\n".join(GOOD[:2]) + "\n")  # a shorter prompt file: this output is not its own
     assert serve(model_dirs[0], prompts, out, "--resume") == 2

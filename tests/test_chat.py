@@ -91,3 +91,29 @@ def test_malformed_messages_raise_data_error(messages, needle):
 def test_unknown_reasoning_mode_raises():
     with pytest.raises(ConfigError, match="reasoning"):
         chat.render_messages([{"role": "user", "content": "hi"}], reasoning="max")
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOL_TURNS = [
+    {"role": "user", "content": "weather?"},
+    {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    {"role": "tool", "tool_call_id": "c2", "content": "warm"},
+]
+
+
+def test_tools_tool_calls_and_tool_turns_are_rendered():
+    text = chat.render_messages(TOOL_TURNS, tools=TOOLS)
+    system = text.split(chat.IM_END)[0]
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in system and "<tool_call>" in system
+    assert ("Checking.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n"
+            "</tool_call><|im_end|>") in text
+    assert ("<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\nwarm\n</tool_response>\n"
+            "<|im_end|>\n<|im_start|>assistant\n<think>\n") in text
+    trained = [piece for piece, flag in chat.render_segments(TOOL_TURNS, tools=TOOLS) if flag]
+    assert len(trained) == 1 and "<function=get_weather>" in trained[0]  # the call is trained, the response not
+    with pytest.raises(DataError, match="tool_calls"):
+        chat.render_messages([{"role": "assistant", "content": None, "tool_calls": [{"function": {}}]}])
+    with pytest.raises(DataError, match="tools"):
+        chat.render_messages(TOOL_TURNS, tools=[{"type": "function"}])

@@ -125,10 +125,10 @@ def test_rollback_to_any_verified_position_continues_exactly(small_model):
     forward = jax.jit(lambda *a, **k: model.apply(*a, **k, method="forward"), static_argnames="per_position_states")
     cache = init_cache(model.config, 3, 32)
     _, _, cache = forward(variables, prompts, None, cache)
-    start = cache["index"]
+    start, before = cache["index"], cache["layers"]
     _, _, cache = forward(variables, verified, None, cache, per_position_states=True)
-    cache = dict(cache, layers=caches.keep_positions(cache["layers"], model.config.layer_types, start, keep_b),
-                 index=start + jnp.max(keep_b))
+    cache = dict(cache, layers=caches.keep_positions(cache["layers"], before, model.config.layer_types, keep_b),
+                 index=start + keep_b)
     nxt = rng.integers(3, 40, (3, 1))
     logits, _, _ = forward(variables, nxt, None, cache)
     sequences = [np.concatenate([prompts[r], verified[r, :int(keep_b[r])], nxt[r]]) for r in range(3)]
@@ -137,21 +137,34 @@ def test_rollback_to_any_verified_position_continues_exactly(small_model):
     np.testing.assert_allclose(logits[:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
 
 
-def test_kv_compaction_is_exact(small_model):
+def test_rows_at_different_positions_equal_each_row_alone(small_model):
+    """Right-padded chunks move each row by its real tokens (a row with none stays put), so rows of one
+    cache sit at different positions; then a row reset for a new sequence and one step for all rows:
+    every row's logits equal a full forward over its own sequence."""
     model, variables = small_model
-    ids = np.random.default_rng(3).integers(3, 40, (2, 9))
-    valid = np.ones((2, 9), bool)
-    valid[0, [1, 4, 5]] = False
-    valid[1, [7]] = False
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 40, n).tolist() for n in (3, 11, 6)]
     forward = jax.jit(lambda *a: model.apply(*a, method="forward"))
-    cache = init_cache(model.config, 2, 16)
+    cache = init_cache(model.config, 3, 24)
+    for s in (0, 8):
+        ids, valid = np.zeros((3, 8), np.int32), np.zeros((3, 8), bool)
+        for r, p in enumerate(prompts):
+            part = p[s:s + 8]
+            ids[r, :len(part)], valid[r, :len(part)] = part, True
+        _, _, cache = forward(variables, ids, valid, cache)
+    assert cache["index"].tolist() == [3, 11, 6]
+    # Row 1 starts again with a new 5-token prompt in the same cache (its old entries stay behind).
+    cache = caches.reset_rows(cache, jnp.asarray([False, True, False]))
+    prompts[1] = rng.integers(3, 40, 5).tolist()
+    ids, valid = np.zeros((3, 8), np.int32), np.zeros((3, 8), bool)
+    ids[1, :5], valid[1, :5] = prompts[1], True
     _, _, cache = forward(variables, ids, valid, cache)
-    compacted = caches.compact(cache, model.config.layer_types)
-    assert int(compacted["index"]) == 8
-    probe = np.asarray([[5], [6]])
-    before, _, _ = forward(variables, probe, None, cache)
-    after, _, _ = forward(variables, probe, None, compacted)
-    np.testing.assert_allclose(before, after, rtol=1e-5, atol=1e-6)
+    nxt = rng.integers(3, 40, (3, 1))
+    logits, _, cache = forward(variables, nxt, None, cache)
+    assert cache["index"].tolist() == [4, 6, 7]
+    for r, p in enumerate(prompts):
+        full = jax.jit(model.apply)(variables, np.asarray([p + [int(nxt[r, 0])]]))
+        np.testing.assert_allclose(logits[r, -1], full[0, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_batch_of_mixed_lengths_equals_each_prompt_alone(engines):

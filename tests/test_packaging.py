@@ -18,7 +18,9 @@ from nemojax.train.metrics import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("nemojax", "pallas_kernels")
 # Modules imported only where an extra is installed: module -> (extra, the files allowed to import it).
-OPTIONAL = {"matplotlib": ("plot", {"nemojax/train/metrics.py"})}
+OPTIONAL = {"matplotlib": ("plot", {"nemojax/train/metrics.py"}),
+            "fastapi": ("serve", {"nemojax/server/app.py"}), "uvicorn": ("serve", {"nemojax/server/main.py"}),
+            "prometheus_client": ("serve", {"nemojax/server/metrics.py"})}
 
 
 def _project() -> dict:
@@ -112,7 +114,7 @@ def test_locks_pin_every_requirement(lock):
     with open(os.path.join(REPO, "requirements", lock)) as f:
         pinned = {_name(line): line.split("==", 1)[1].strip() for line in f if "==" in line}
     project = _project()
-    extras = ["test", "plot"] + (["torch"] if lock == "py311.lock" else [])
+    extras = ["test", "plot", "serve"] + (["torch"] if lock == "py311.lock" else [])
     for text in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]:
         requirement = Requirement(text)
         name = _name(requirement.name)

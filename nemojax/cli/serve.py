@@ -1,9 +1,16 @@
-"""Generate completions for a file of prompts.
+"""Serve a checkpoint: an OpenAI-compatible HTTP server, or completions for a file of prompts.
 
+    python serve.py --checkpoint PATH [--host 127.0.0.1] [--port 8000] [--max-model-len N] [--max-waiting N]
+        [--served-model-name NAME] [settings below]
     python serve.py --checkpoint PATH --prompts IN.jsonl --output OUT.jsonl [--resume] [--max-new-tokens N]
         [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S] [--stop STR ...] [--ignore-eos]
         [--batch-size B] [--speculative mtp --num-draft-tokens K] [--reasoning on|off|medium|low]
         [--thinking-budget N] [--stats STATS.json] [--mesh data=..,fsdp=..,tensor=..,expert=..]
+
+Without --prompts, the server answers GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(streamed as server-sent events with "stream": true), GET /health and GET /metrics until interrupted;
+the command-line settings are the defaults of every request. Both modes run the same continuous-batching
+scheduler over --batch-size decode slots.
 
 PATH is a Hugging Face directory (published layout), a nemojax model directory, or a train.py
 workdir (latest checkpoint that restores, and its tokenizer). Input lines (split on "\n" only): {"prompt": ...},
@@ -12,10 +19,11 @@ top_k, top_p, min_p, seed, stop, ignore_eos, reasoning, thinking_budget (any oth
 Output: exactly one line per input line, in order: {"output_ids", "text", "finish_reason"}, or
 {"error": "line N: ..."} for a line that cannot be served (blank lines included).
 
-Records are written as their batch finishes, to OUT.jsonl.partial, which is moved to OUT.jsonl at the
-end; after an interruption (Ctrl-C, a kill, a full disk) rerun the same command with --resume to serve
-only the lines not yet answered. Bad flags, an unreadable checkpoint or prompt file, or an output path
-that cannot be written exit with status 2 before any work.
+Records are written in input order as soon as a line and those before it are answered, to
+OUT.jsonl.partial, which is moved to OUT.jsonl at the end; after an interruption (Ctrl-C, a kill, a
+full disk) rerun the same command with --resume to serve only the lines not yet answered. Bad flags, an
+unreadable checkpoint or prompt file, or an output path that cannot be written exit with status 2
+before any work.
 
 `--mesh` shards the model and the caches over the devices (sizes multiply to the device count; the
 default is one device). Several hosts: start one process per host with the same arguments plus
@@ -42,8 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prompts", required=True, help="JSONL file of prompts")
-    p.add_argument("--output", required=True, help="JSONL file of completions (one line per prompt line)")
+    p.add_argument("--prompts", default=None, help="JSONL file of prompts (without it: run the HTTP server)")
+    p.add_argument("--output", default=None, help="JSONL file of completions (one line per prompt line)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run: keep the records in OUTPUT.partial (or OUTPUT) and serve "
                         "the lines after them")
@@ -55,7 +63,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (need a tokenizer)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence ids")
-    p.add_argument("--batch-size", type=int_in(1), default=8)
+    p.add_argument("--batch-size", type=int_in(1), default=8, help="decode slots (requests generated together)")
+    p.add_argument("--segment-steps", type=int_in(1, 1024), default=8,
+                   help="decoding steps between scheduling rounds (new requests enter, finished ones leave)")
+    p.add_argument("--host", default="127.0.0.1", help="server: address to listen on")
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="server: port")
+    p.add_argument("--max-model-len", type=int_in(2), default=None,
+                   help="server: prompt + completion tokens per request (default: the model's context)")
+    p.add_argument("--max-waiting", type=int_in(1), default=64,
+                   help="server: requests that may wait for a slot; beyond them the server answers 429")
+    p.add_argument("--served-model-name", default=None, help="server: the model id (default: the checkpoint's name)")
     p.add_argument("--prefill-chunk", type=int_in(1), default=256, help="prompt tokens per prefill step")
     p.add_argument("--speculative", choices=["mtp"], default=None)
     p.add_argument("--num-draft-tokens", type=int_in(1, MAX_DRAFT_TOKENS), default=3)
@@ -71,6 +88,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.prompts is None:
+        return report_errors(lambda: serve_http(args))
+    if args.output is None:
+        print("error: --output is required with --prompts", file=sys.stderr)
+        return 2
     try:
         return report_errors(lambda: run(args))
     except KeyboardInterrupt:
@@ -78,6 +100,21 @@ def main(argv: list[str] | None = None) -> int:
         kept = f": the finished records are kept in {partial}; rerun with --resume" if os.path.exists(partial) else ""
         print(f"interrupted{kept}", file=sys.stderr)
         return 130
+
+
+def serve_http(args: argparse.Namespace) -> int:
+    """The HTTP server (nemojax.server), with the command-line settings as request defaults."""
+    from nemojax.config import FLOAT_DTYPES, dtype_name
+    from nemojax.errors import CheckpointError, ConfigError
+    from nemojax.generate.requests import check_settings
+    from nemojax.server.main import run_server
+
+    check_settings(dataclasses.asdict(defaults_of(args)), ConfigError, lambda field: "--" + field.replace("_", "-"))
+    if args.dtype is not None and dtype_name(args.dtype) not in FLOAT_DTYPES:
+        raise ConfigError(f"--dtype {args.dtype}: expected one of {FLOAT_DTYPES}")
+    if not os.path.isdir(args.checkpoint):
+        raise CheckpointError(f"--checkpoint {args.checkpoint}: no such checkpoint directory")
+    return run_server(args, defaults_of(args))
 
 
 def check_inputs(args: argparse.Namespace) -> int | None:
@@ -198,7 +235,8 @@ def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | No
                     num_draft_tokens=args.num_draft_tokens if args.speculative else 0, mesh=mesh)
     with tqdm(total=total, initial=answered, disable=args.no_progress or not main_process, unit="line") as bar:
         serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
-                     args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar)
+                     args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar,
+                     segment_steps=args.segment_steps)
     return stats_record(engine.stats, engine.k)
 
 

@@ -1,10 +1,13 @@
-"""Decoding-cache surgery: rolling back after speculative verification, and compacting KV caches.
+"""Decoding-cache surgery: rows of the batch (take, put, reset), more room along the sequence, and
+rolling back after speculative verification.
 
-The caches are the pytrees of `nemojax.model.init_cache`. One write index is shared by the batch;
-a row that keeps fewer positions than another leaves invalid holes in its KV cache, which is exact
-because Nemotron-H attention has no positional encoding (a masked key is as good as an absent one).
-Invariant kept here: no KV entry at or beyond the write index is valid. Every function takes the
-main stack's caches in either layout (per layer, or stacked per kind with scanned layers).
+The caches are the pytrees of `nemojax.model.init_cache`: every row has its own write position
+(`index` [b]) and KV entry j of a row holds position j of that row's sequence (see
+`nemojax.model.attention`). Rolling back is therefore only lowering a row's index (and choosing
+its Mamba states): entries past the index are hidden by causality until they are overwritten. A
+slot of the batch is reused by resetting its row. Every function takes the main stack's caches in
+either layout (per layer, or stacked per kind with scanned layers); which axis of a leaf is the batch
+or the sequence is read from the one cache-axes table (`nemojax.sharding.cache_axes`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from nemojax.sharding import cache_axes
 
 Cache = dict[str, Any]
 LayerCaches = tuple[Any, ...] | dict[str, Any]  # per layer (a tuple) or stacked per kind (scanned layers)
@@ -29,20 +34,29 @@ def map_layer_caches(layer_caches: LayerCaches, kinds: Sequence[str], fn: Callab
                  for cache, kind in zip(layer_caches, kinds, strict=True))
 
 
-def keep_positions(layer_caches: LayerCaches, kinds: Sequence[str], start: jax.Array, keep_b: jax.Array
+def keep_positions(new_layers: LayerCaches, old_layers: LayerCaches, kinds: Sequence[str], keep_b: jax.Array
                    ) -> LayerCaches:
-    """After a forward of t tokens written at `start` with per-position Mamba states, keep the first
-    `keep_b` of them in each row: Mamba layers take the states after position keep-1 (a row keeping
-    0 positions is left at position 0's state; such rows are finished and ignored), attention layers
-    mark the rest invalid."""
-    def keep(kind: str, cache: Any) -> Any:
-        if kind == "mamba":
-            last = jnp.maximum(keep_b - 1, 0)
-            return {name: _take_position(state, last) for name, state in cache.items()}
-        positions = jnp.arange(cache["valid"].shape[1])[None, :]
-        return dict(cache, valid=cache["valid"] & (positions < start + keep_b[:, None]))
+    """After a forward with per-position Mamba states (`new_layers`), keep the first `keep_b` positions of
+    each row: Mamba layers take the states after position keep-1, or the states before the forward
+    (`old_layers`) for a row that keeps nothing. Attention layers are unchanged: the caller sets each
+    row's index to its start + keep."""
+    def keep(kind: str, caches: tuple[Any, Any]) -> Any:
+        new, old = caches
+        if kind != "mamba":
+            return new
+        last = jnp.maximum(keep_b - 1, 0)
+        return {name: jnp.where(_rows(keep_b > 0, old[name].ndim), _take_position(state, last), old[name])
+                for name, state in new.items()}
 
-    return map_layer_caches(layer_caches, kinds, keep)
+    if isinstance(new_layers, dict):
+        return {kind: jax.vmap(lambda n, o, kind=kind: keep(kind, (n, o)))(new_layers[kind], old_layers[kind])
+                for kind in new_layers}
+    return tuple(new if kind != "mamba" else keep(kind, (new, old))
+                 for new, old, kind in zip(new_layers, old_layers, kinds, strict=True))
+
+
+def _rows(mask_b: jax.Array, ndim: int) -> jax.Array:
+    return mask_b.reshape((-1,) + (1,) * (ndim - 1))
 
 
 def _take_position(states_bt: jax.Array, position_b: jax.Array) -> jax.Array:
@@ -50,53 +64,67 @@ def _take_position(states_bt: jax.Array, position_b: jax.Array) -> jax.Array:
     return jnp.take_along_axis(states_bt, index, axis=1)[:, 0]
 
 
-def invalidate_from(layer_caches: LayerCaches, kinds: Sequence[str], index: jax.Array) -> LayerCaches:
-    """Mark every KV entry at or beyond `index` invalid (drops speculative writes past the commit point)."""
-    def invalidate(kind: str, cache: Any) -> Any:
-        if kind != "attention":
-            return cache
-        positions = jnp.arange(cache["valid"].shape[1])[None, :]
-        return dict(cache, valid=cache["valid"] & (positions < index))
-
-    return map_layer_caches(layer_caches, kinds, invalidate)
+def _map_leaves(cache: Any, fn: Callable[[jax.Array, tuple[str | None, ...]], jax.Array]) -> Any:
+    """`fn(leaf, its logical axes)` on every cache leaf (main stack, MTP block and indices alike)."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(leaf, cache_axes(path[-1].key, leaf.ndim)), cache)
 
 
-def _first_valid(layer_caches: LayerCaches, kinds: Sequence[str]) -> jax.Array | None:
-    """The [b, max_len] validity of the first attention layer (all attention layers share it), or None."""
-    if isinstance(layer_caches, dict):
-        return layer_caches["attention"]["valid"][0] if "attention" in layer_caches else None
-    for cache, kind in zip(layer_caches, kinds, strict=True):
-        if kind == "attention":
-            return cache["valid"]
-    return None
+def take_rows(cache: Cache, rows_n: jax.Array) -> Cache:
+    """The caches of rows `rows_n` of the batch, as a batch of n (an index past the end reads the last row)."""
+    return _map_leaves(cache, lambda a, axes: jnp.take(a, rows_n, axis=axes.index("batch"), mode="clip"))
 
 
-def compact(cache: Cache, kinds: Sequence[str]) -> Cache:
-    """Move each row's valid KV entries to the front (order kept) and lower the index to the longest row.
+def put_rows(cache: Cache, rows_n: jax.Array, part: Cache) -> Cache:
+    """`cache` with rows `rows_n` replaced by the batch `part` (rows past the end are dropped)."""
+    def put(a: jax.Array, axes: tuple[str | None, ...], p: jax.Array) -> jax.Array:
+        axis = axes.index("batch")
+        where = (slice(None),) * axis + (rows_n,)
+        return a.at[where].set(p.astype(a.dtype), mode="drop")
 
-    Exact (no positional encoding) and needed only when holes left by speculation fill the cache.
-    """
-    valid = _first_valid(cache["layers"], kinds)
-    if valid is None:
-        return cache
-    order = jnp.argsort(~valid, axis=1, stable=True)
-
-    def move(kind: str, layer: Any) -> Any:
-        if kind != "attention":
-            return layer
-        return {
-            "k": jnp.take_along_axis(layer["k"], order[:, None, :, None], axis=2),  # [b, kv_heads, s, d]
-            "v": jnp.take_along_axis(layer["v"], order[:, None, :, None], axis=2),
-            "valid": jnp.take_along_axis(layer["valid"], order, axis=1),
-        }
-
-    index = jnp.max(jnp.sum(valid, axis=1)).astype(cache["index"].dtype)
-    return dict(cache, layers=map_layer_caches(cache["layers"], kinds, move), index=index)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a, p: put(a, cache_axes(path[-1].key, a.ndim), p), cache, part)
 
 
-def compact_if_needed(cache: Cache, kinds: Sequence[str], room: int) -> Cache:
-    """Compact when fewer than `room` slots remain after the write index."""
-    valid = _first_valid(cache["layers"], kinds)
-    if valid is None:
-        return cache
-    return jax.lax.cond(cache["index"] + room > valid.shape[1], lambda c: compact(c, kinds), lambda c: c, cache)
+def reset_rows(cache: Cache, fresh_b: jax.Array) -> Cache:
+    """Rows where `fresh_b` start a new sequence: write position 0 and zero Mamba states. Their old KV
+    entries stay: position 0 onwards is rewritten before causality lets anything see it."""
+    def reset(a: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        if "length" in axes:
+            return a
+        mask = fresh_b.reshape((1,) * axes.index("batch") + (-1,) + (1,) * (a.ndim - axes.index("batch") - 1))
+        return jnp.where(mask, jnp.zeros((), a.dtype), a)
+
+    return _map_leaves(cache, reset)
+
+
+def grow(cache: Cache, length: int) -> Cache:
+    """The same caches with room for `length` positions per row (new entries empty)."""
+    def pad(a: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        if "length" not in axes:
+            return a
+        axis = axes.index("length")
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, length - a.shape[axis])
+        return jnp.pad(a, widths)
+
+    return _map_leaves(cache, pad)
+
+
+def keep_rows(new: Cache, old: Cache, active_b: jax.Array) -> Cache:
+    """`new` for active rows; inactive rows keep their write positions and Mamba states from `old` (their
+    KV entries may have been written past their index, which is harmless)."""
+    def choose(path: tuple, n: jax.Array, o: jax.Array) -> jax.Array:
+        axes = cache_axes(path[-1].key, n.ndim)
+        if "length" in axes:
+            return n
+        batch = axes.index("batch")
+        return jnp.where(active_b.reshape((1,) * batch + (-1,) + (1,) * (n.ndim - batch - 1)), n, o)
+
+    return jax.tree_util.tree_map_with_path(choose, new, old)
+
+
+def capacity(cache: Cache) -> int | None:
+    """Positions per row (None for a model without attention layers: Mamba states need no room)."""
+    lengths = [leaf.shape[axes.index("length")] for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
+               if "length" in (axes := cache_axes(path[-1].key, leaf.ndim))]
+    return min(lengths, default=None)

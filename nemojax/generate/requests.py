@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nemojax.chat import REASONING_MODES, THINK_END, THINK_START
@@ -60,14 +60,16 @@ class Request:
 
 
 class Encoder:
-    """What parsing needs from the checkpoint: a tokenizer (optional) and a chat template."""
+    """What parsing needs from the checkpoint: a tokenizer (optional) and a chat template
+    (`render(messages, reasoning, tools=None)`; `template` is the `ChatTemplate` behind it, if any)."""
 
     def __init__(self, encode: Callable[[str], list[int]] | None,
-                 render: Callable[[Sequence[Mapping[str, str]], str], str] | None,
-                 think_ids: tuple[int | None, int | None] = (None, None)) -> None:
+                 render: Callable[..., str] | None,
+                 think_ids: tuple[int | None, int | None] = (None, None), template: Any = None) -> None:
         self.encode = encode
         self.render = render
         self.think_start_id, self.think_end_id = think_ids
+        self.template = template
 
 
 def parse_line(line: str, index: int, defaults: Defaults, encoder: Encoder, vocab_size: int,
@@ -99,7 +101,7 @@ def parse_line(line: str, index: int, defaults: Defaults, encoder: Encoder, voca
         raise DataError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     if len(ids) >= max_context:
         raise DataError(f"prompt has {len(ids)} tokens; the context holds {max_context}")
-    budget = settings["thinking_budget"] if _ends_inside_thinking(ids, encoder) else None
+    budget = settings["thinking_budget"] if ends_inside_thinking(ids, encoder) else None
     stop = settings["stop"]
     return Request(
         index=index, prompt_ids=tuple(ids),
@@ -187,7 +189,7 @@ def _prompt_ids(record: dict[str, Any], reasoning: str, encoder: Encoder) -> lis
     return encoder.encode(text) if text else []
 
 
-def _ends_inside_thinking(ids: Sequence[int], encoder: Encoder) -> bool:
+def ends_inside_thinking(ids: Sequence[int], encoder: Encoder) -> bool:
     """True when the prompt's last think marker opens a block (the reply starts by thinking)."""
     if encoder.think_start_id is None or encoder.think_end_id is None:
         return False

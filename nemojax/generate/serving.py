@@ -1,15 +1,19 @@
-"""Prompt lines in, one output record per line out, in input order, each as soon as its batch finishes.
+"""Prompt lines in, one output record per line out, in input order, through the continuous-batching
+scheduler (`nemojax.generate.scheduler`).
 
 A bad line gets `{"error": "line N: ..."}` (N its physical line) and the rest are served. Good lines are
-batched in input order (a batch holds the next `batch_size` good lines), so when a batch finishes, every
-line up to its last one is answered and their records are emitted at once: a consumer that writes each
-record out (serve.py) holds at most one batch in memory and loses at most one batch when stopped.
-Completions are decoded to text with stop strings applied (the text ends before the first stop string;
-the ids end with the token that completed it).
+submitted in input order to `batch_size` decode slots; a line's record is emitted as soon as it and
+every line before it are answered, so a short line never waits for a long one to get a slot, while
+the output keeps input order. Lines are read ahead only while fewer than 2 x `batch_size` requests are
+unfinished and fewer than 8 x `batch_size` records wait for an earlier line: a consumer that writes each
+record out (serve.py) holds a bounded number of records in memory and loses at most those when
+stopped. Completions are decoded to text with stop strings applied (the text ends before the first
+stop string; the ids end with the token that completed it).
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -17,9 +21,10 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from nemojax.errors import DataError
-from nemojax.generate.engine import Completion, Engine
+from nemojax.generate.engine import Engine
 from nemojax.generate.jsonl import Line
 from nemojax.generate.requests import Defaults, Encoder, Request, parse_line
+from nemojax.generate.scheduler import Ticket
 
 Record = dict[str, Any]
 
@@ -37,50 +42,55 @@ def parse(line: Line, defaults: Defaults, encoder: Encoder, vocab_size: int, max
 def serve_stream(lines: Iterable[Line], engine: Engine, encoder: Encoder, tokenizer: Tokenizer | None,
                  defaults: Defaults, batch_size: int, emit: Callable[[Record], None],
                  after_batch: Callable[[], None] = lambda: None, progress: tqdm | None = None,
-                 segment_steps: int = 32) -> None:
+                 segment_steps: int = 16) -> None:
     """Generate for every line: `emit(record)` once per line, in input order; `after_batch()` after each
-    batch's records (a writer flushes there) and at the end."""
+    scheduler round that emitted records (a writer flushes there) and at the end."""
     config = engine.config
-    queue: list[Request | Record] = []  # the lines since the last batch, in order
+    scheduler = engine.scheduler(batch_size, config.max_position_embeddings, segment_steps)
+    pending: collections.deque[Ticket | Record] = collections.deque()  # unanswered lines, in order
+    stops: dict[Ticket, StopStrings] = {}
+    source = iter(lines)
+    exhausted = False
 
-    def run_batch() -> None:
-        batch = [item for item in queue if isinstance(item, Request)]
-        done = dict(zip((r.index for r in batch), _generate(batch, engine, tokenizer, segment_steps), strict=True))
-        for item in queue:
-            emit(done[item.index] if isinstance(item, Request) else item)
-        if progress is not None:
-            progress.update(len(queue))
-        queue.clear()
-        after_batch()
+    def unfinished() -> int:
+        return sum(isinstance(item, Ticket) and not item.finished for item in pending)
 
-    for line in lines:
-        item = parse(line, defaults, encoder, config.vocab_size, config.max_position_embeddings)
-        if isinstance(item, dict) and not queue:  # nothing before it is pending: answer it now
-            emit(item)
+    def emit_ready() -> None:
+        emitted = 0
+        while pending and (isinstance(pending[0], dict) or pending[0].finished):
+            item = pending.popleft()
+            emit(item if isinstance(item, dict) else _record(item, stops.pop(item), tokenizer, engine.eos_ids))
+            emitted += 1
+        if emitted:
             if progress is not None:
-                progress.update(1)
+                progress.update(emitted)
+            after_batch()
+
+    while True:
+        while not exhausted and unfinished() < 2 * batch_size and len(pending) < 8 * batch_size:
+            line = next(source, None)
+            if line is None:
+                exhausted = True
+                break
+            item = parse(line, defaults, encoder, config.vocab_size, config.max_position_embeddings)
+            if isinstance(item, Request):
+                finder = StopStrings(item.stop, tokenizer)
+                item = scheduler.submit(Ticket(item, finder.stop_check if finder.active else None))
+                stops[item] = finder
+            pending.append(item)
+            emit_ready()
+        if not scheduler.busy:
+            emit_ready()
+            if exhausted:
+                break
             continue
-        queue.append(item)
-        if sum(isinstance(i, Request) for i in queue) == batch_size:
-            run_batch()
-    if queue:
-        run_batch()
+        scheduler.step()
+        emit_ready()
     after_batch()
 
 
-def _generate(batch: Sequence[Request], engine: Engine, tokenizer: Tokenizer | None,
-              segment_steps: int) -> list[Record]:
-    """One batch through the engine: a record per request, in order."""
-    if not batch:
-        return []
-    stops = [StopStrings(r.stop, tokenizer) for r in batch]
-    stop_check = _stop_check(stops) if any(s.active for s in stops) else None
-    completions = engine.generate(batch, stop_check=stop_check, segment_steps=segment_steps)
-    return [_record(c, stop, tokenizer, engine.eos_ids) for c, stop in zip(completions, stops, strict=True)]
-
-
 def serve(lines: Sequence[str], engine: Engine, encoder: Encoder, tokenizer: Tokenizer | None, defaults: Defaults,
-          batch_size: int, segment_steps: int = 32) -> list[Record]:
+          batch_size: int, segment_steps: int = 16) -> list[Record]:
     """In memory: one record per line (numbered from 1), in order."""
     records: list[Record] = []
     serve_stream((Line(n, text) for n, text in enumerate(lines, start=1)), engine, encoder, tokenizer, defaults,
@@ -88,13 +98,9 @@ def serve(lines: Sequence[str], engine: Engine, encoder: Encoder, tokenizer: Tok
     return records
 
 
-def _stop_check(stops: Sequence[StopStrings]):
-    return lambda row, ids: stops[row].find(ids) is not None
-
-
-def _record(completion: Completion, stop: StopStrings, tokenizer: Tokenizer | None,
-            eos_ids: Sequence[int]) -> dict[str, Any]:
-    ids, reason = completion.output_ids, completion.finish_reason
+def _record(ticket: Ticket, stop: StopStrings, tokenizer: Tokenizer | None, eos_ids: Sequence[int]
+            ) -> dict[str, Any]:
+    ids, reason = ticket.output_ids, ticket.finish_reason
     hit = stop.find(ids)
     if hit is not None:
         ids, text, reason = ids[:hit[0]], hit[1], "stop"
@@ -124,6 +130,10 @@ class StopStrings:
             if cut is not None:
                 return n, cut
         return None
+
+    def stop_check(self, ids: Sequence[int]) -> bool:
+        """True once the generated text contains a stop string."""
+        return self.find(ids) is not None
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -1,11 +1,15 @@
 """Grouped-query self-attention with no positional encoding (Nemotron-H `*` layers).
 
-Cache (decoding): {"k", "v": [b, kv_heads, max_len, head_dim], "valid": [b, max_len] bool}; new
-keys are written at `index` (shared by the batch: prompts are left-padded, and with no positional
-encoding left padding is exact once padded keys are masked). The cache is kv-head-major so that a
-decoding step reads it in place (`nemojax.ops.attention.gqa_attention_kv_major`). With scanned layers the caches of all
-attention layers are stacked ([layers, b, ...]) and a layer is given the stack and its `slot`: it
-writes only its new entries into the stack (no copy of the stack per layer).
+Cache (decoding): {"k", "v": [b, kv_heads, max_len, head_dim], "valid": [b, max_len] bool}, kv-head-major
+so that a decoding step reads it in place (`nemojax.ops.attention.gqa_attention_kv_major`). Every row
+has its own write position (`index`, [b]): entry j of row b holds the key of position j of that row's
+sequence, so rows of one batch can be at different lengths (continuous batching). A query at position
+p of row b sees the valid entries at positions <= p: with no positional encoding, the mask is all
+that places a key. Entries at or beyond a row's index are left over from rolled-back drafts or an
+earlier occupant of the row; causality hides them until they are overwritten. With scanned layers
+the caches of all attention layers are stacked ([layers, b, ...]) and a layer is given the stack and
+its `slot`: it writes only its new entries into the stack (no copy of the stack per layer). Given document ids
+instead of a padding mask (`nemojax.model.documents`), a query sees only keys of its own document.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import jax.numpy as jnp
 
 from nemojax import sharding
 from nemojax.config import ModelConfig
+from nemojax.model import documents
 from nemojax.model.layers import Linear, default_init, dtype_of, scale_param
 from nemojax.ops.attention import causal_mask, gqa_attention, gqa_attention_kv_major
 
@@ -30,28 +35,27 @@ def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtyp
             "valid": jnp.zeros((batch, max_len), bool)}
 
 
-def write_kv_cache(cache: KVCache, k_btkd: jax.Array, v_btkd: jax.Array, valid_bt: jax.Array, index: jax.Array | int,
+def write_kv_cache(cache: KVCache, k_btkd: jax.Array, v_btkd: jax.Array, valid_bt: jax.Array, index_b: jax.Array,
                    slot: jax.Array | int | None = None) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
-    """Write this step's keys, values and validity at position `index`.
+    """Write this step's keys, values and validity of row b at positions index_b[b] onwards.
 
     `slot` None: `cache` is this layer's own. Otherwise `cache` is stacked over layers and `slot` is this
-    layer's row. Returns (new cache, this layer's keys [b, kv, s, d], values, validity [b, s]).
+    layer's row. Positions past the cache's end are dropped (never clamped onto earlier entries).
+    Returns (new cache, this layer's keys [b, kv, s, d], values, validity [b, s]).
     """
-    k_bktd, v_bktd = jnp.swapaxes(k_btkd, 1, 2), jnp.swapaxes(v_btkd, 1, 2)
-    if slot is None:
-        start = (0, 0, index, 0)
-        new = {
-            "k": jax.lax.dynamic_update_slice(cache["k"], k_bktd.astype(cache["k"].dtype), start),
-            "v": jax.lax.dynamic_update_slice(cache["v"], v_bktd.astype(cache["v"].dtype), start),
-            "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_bt, (0, index)),
-        }
-        return new, new["k"], new["v"], new["valid"]
-    start = (slot, 0, 0, index, 0)
+    b, t = valid_bt.shape
+    rows = jnp.arange(b)[:, None]
+    positions = jnp.broadcast_to(index_b, (b,))[:, None] + jnp.arange(t)[None, :]
+    valid_at = (rows, positions) if slot is None else (slot, rows, positions)
+    # [.., b, kv, s, d] indexed at (rows, :, positions): the indexed [b, t] comes first, then kv, d
+    kv_at = (rows, slice(None), positions) if slot is None else (slot, rows, slice(None), positions)
     new = {
-        "k": jax.lax.dynamic_update_slice(cache["k"], k_bktd[None].astype(cache["k"].dtype), start),
-        "v": jax.lax.dynamic_update_slice(cache["v"], v_bktd[None].astype(cache["v"].dtype), start),
-        "valid": jax.lax.dynamic_update_slice(cache["valid"], valid_bt[None], (slot, 0, index)),
+        "k": cache["k"].at[kv_at].set(k_btkd.astype(cache["k"].dtype), mode="drop"),
+        "v": cache["v"].at[kv_at].set(v_btkd.astype(cache["v"].dtype), mode="drop"),
+        "valid": cache["valid"].at[valid_at].set(valid_bt, mode="drop"),
     }
+    if slot is None:
+        return new, new["k"], new["v"], new["valid"]
     row = {name: jax.lax.dynamic_index_in_dim(a, slot, 0, keepdims=False) for name, a in new.items()}
     return new, row["k"], row["v"], row["valid"]
 
@@ -77,14 +81,20 @@ class Attention(nn.Module):
         v = v.reshape(b, t, c.num_key_value_heads, hd)
         q = sharding.constrain(q, ("batch", "length", "act_heads", None))
         k, v = (sharding.constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
+        valid_bt, doc_bt = documents.split_valid(valid_bt)
         valid = jnp.ones((b, t), bool) if valid_bt is None else valid_bt.astype(bool)
 
         if cache is None:
             new_cache = None
-            out = gqa_attention(q, k, v, causal_mask(valid, 0, t))
+            mask = causal_mask(valid, 0, t)
         else:
             new_cache, k, v, cache_valid = write_kv_cache(cache, k, v, valid, index, slot)
-            out = gqa_attention_kv_major(q, k.astype(dtype), v.astype(dtype), causal_mask(cache_valid, index, t))
+            k, v = k.astype(dtype), v.astype(dtype)
+            mask = causal_mask(cache_valid, index, t)
+        if doc_bt is not None:
+            key_doc_bs = doc_bt if cache is None else documents.key_documents(doc_bt, cache_valid.shape[1], index)
+            mask = mask & (doc_bt[:, :, None] == key_doc_bs[:, None, :])
+        out = gqa_attention(q, k, v, mask) if cache is None else gqa_attention_kv_major(q, k, v, mask)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         out = Linear(c.hidden_size, ("heads", "embed"), dtype, pdtype, out_init, config=c, name="o_proj")(

@@ -5,7 +5,7 @@ the optional MTP block.
 (use with `method=`): `forward` (logits, final hidden state and caches), `mtp_forward` (the MTP
 block), `init_cache` (empty decoding caches).
 
-Caches are plain pytrees passed in and returned: {"index": int32 scalar (next write position),
+Caches are plain pytrees passed in and returned: {"index": int32 [b] (each row's next write position),
 "layers": the main stack's caches, "mtp": the MTP block's caches ({"index", "layers"})}. "layers" is a
 tuple with one entry per layer (None for MoE/MLP layers), or, with `config.scan_layers`, a dict of
 caches stacked per layer kind ({"mamba": ..., "attention": ...}, see `nemojax.model.scanned`). The
@@ -24,7 +24,7 @@ from nemojax import sharding
 from nemojax.config import ModelConfig
 from nemojax.model.attention import init_kv_cache
 from nemojax.model.block import block_class
-from nemojax.model.layers import Linear, RMSNorm, default_init, dtype_of
+from nemojax.model.layers import Linear, RMSNorm, default_init, dtype_of, filled_length
 from nemojax.model.mamba import init_mamba_cache
 from nemojax.model.scanned import ScannedLayers
 from nemojax.model.stacking import stacked_caches
@@ -140,6 +140,9 @@ class NemotronH(nn.Module):
                 per_position_states: bool = False) -> tuple[jax.Array, jax.Array, Cache | None]:
         """Main model. Returns (logits [b,t,V] f32, final hidden after norm_f [b,t,d], new cache).
 
+        With a cache, each row's write position advances by `filled_length(valid)`: a row padded on the
+        right moves by its real tokens only (what continuous batching does with prompt chunks).
+
         With `per_position_states`, each Mamba layer's returned cache holds its conv and SSM states
         after every position ([b, t, ...]) rather than after the last (for speculative rollback).
         """
@@ -148,7 +151,8 @@ class NemotronH(nn.Module):
                                              per_position_states)
         new_cache = None
         if cache is not None:
-            new_cache = dict(cache, layers=layer_caches, index=cache["index"] + input_ids.shape[1])
+            new_cache = dict(cache, layers=layer_caches,
+                             index=cache["index"] + filled_length(valid, input_ids.shape[1]))
         return self.logits(hidden), hidden, new_cache
 
     def mtp_forward(self, hidden_btd: jax.Array, next_ids: jax.Array, valid: jax.Array | None = None,
@@ -164,7 +168,8 @@ class NemotronH(nn.Module):
                                      None if cache is None else cache["layers"], index)
         new_cache = None
         if cache is not None:
-            new_cache = dict(cache, layers=layer_caches, index=cache["index"] + next_ids.shape[1])
+            new_cache = dict(cache, layers=layer_caches,
+                             index=cache["index"] + filled_length(valid, next_ids.shape[1]))
         return self.logits(out), out, new_cache
 
 
@@ -184,12 +189,12 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype |
         return _layer_cache(config, kind, batch, max_len, dtype)
 
     cache: Cache = {
-        "index": jnp.zeros((), jnp.int32),
+        "index": jnp.zeros((batch,), jnp.int32),
         "layers": stacked_caches(config, one) if config.scan_layers else tuple(map(one, config.layer_types)),
     }
     if config.has_mtp:
         cache["mtp"] = {
-            "index": jnp.zeros((), jnp.int32),
+            "index": jnp.zeros((batch,), jnp.int32),
             "layers": tuple(_layer_cache(config, k, batch, max_len, dtype) for k in config.mtp_layer_types),
         }
     return cache

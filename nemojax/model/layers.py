@@ -161,6 +161,18 @@ class GatedGroupRMSNorm(nn.Module):
         return weight.astype(jnp.float32) * h.reshape(y.shape)
 
 
+def filled_length(valid_bt: jax.Array | None, t: int) -> jax.Array | int:
+    """How far each row's input reaches: one past its last valid position ([b]; `t` when no mask is given).
+
+    A cached forward advances each row's write position by this much, so a row padded on the right
+    (valid tokens first) moves by its real tokens, a left-padded row by the whole chunk (its padding
+    keeps masked cache entries), and a row with no valid token in the chunk stays where it was.
+    """
+    if valid_bt is None:
+        return t
+    return jnp.max(jnp.where(valid_bt, jnp.arange(1, t + 1, dtype=jnp.int32), 0), axis=1)
+
+
 def relu2(x: jax.Array) -> jax.Array:
     """Squared ReLU, the activation of every Nemotron-H MLP and expert."""
     return jnp.square(jax.nn.relu(x))

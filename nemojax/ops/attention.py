@@ -174,8 +174,10 @@ _blocked_attention.defvjp(_blocked_forward, _blocked_backward)
 
 
 def causal_mask(valid_bs: jax.Array, query_offset: jax.Array | int, t: int) -> jax.Array:
-    """Mask [b, t, s]: query i (absolute position offset+i) sees valid keys at positions <= its own."""
-    s = valid_bs.shape[1]
-    q_pos = jnp.arange(t)[:, None] + query_offset
-    k_pos = jnp.arange(s)[None, :]
-    return (k_pos <= q_pos)[None] & valid_bs[:, None, :]
+    """Mask [b, t, s]: query i of row b (absolute position offset+i; `query_offset` a scalar or one per
+    row [b]) sees the valid keys at positions <= its own."""
+    b, s = valid_bs.shape
+    offset_b = jnp.broadcast_to(jnp.asarray(query_offset), (b,))
+    q_pos = jnp.arange(t)[None, :, None] + offset_b[:, None, None]
+    k_pos = jnp.arange(s)[None, None, :]
+    return (k_pos <= q_pos) & valid_bs[:, None, :]

@@ -191,7 +191,7 @@ CACHE_AXES: dict[str, tuple[str | None, ...]] = {
     "valid": ("batch", "length"),
     "conv": ("batch", None, "conv_dim"),
     "ssm": ("batch", "mamba_heads", None, None),
-    "index": (),
+    "index": ("batch",),
 }
 
 

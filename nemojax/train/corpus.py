@@ -18,8 +18,8 @@ import os
 import sysconfig
 from collections.abc import Sequence
 
-from nemojax.chat import render_segments
-from nemojax.errors import DataError
+from nemojax.chat_template import ChatTemplate
+from nemojax.errors import CheckpointError, DataError
 
 SOURCES = ("stdlib", "files")
 FORMATS = ("auto", "text", "jsonl", "chat")
@@ -39,9 +39,12 @@ class Document:
         return "".join(text for text, _ in self.segments)
 
 
-def load_documents(source: str, paths: Sequence[str], data_format: str, max_corpus_bytes: int) -> list[Document]:
-    """All documents of a data source, in a deterministic order (cached per process)."""
-    return list(_load_documents_cached(source, tuple(paths), data_format, max_corpus_bytes))
+def load_documents(source: str, paths: Sequence[str], data_format: str, max_corpus_bytes: int,
+                   template_dir: str | None = None) -> list[Document]:
+    """All documents of a data source, in a deterministic order (cached per process). Chats are rendered
+    with the chat template of `template_dir` (a tokenizer directory: its tokenizer_config.json), the one
+    serving uses, or the built-in ChatML without one."""
+    return list(_load_documents_cached(source, tuple(paths), data_format, max_corpus_bytes, template_dir))
 
 
 def split_documents(documents: Sequence[Document], heldout_fraction: float) -> tuple[list[Document], list[Document]]:
@@ -85,7 +88,7 @@ def stdlib_root() -> str:
 
 @functools.cache
 def _load_documents_cached(
-    source: str, paths: tuple[str, ...], data_format: str, max_corpus_bytes: int
+    source: str, paths: tuple[str, ...], data_format: str, max_corpus_bytes: int, template_dir: str | None
 ) -> tuple[Document, ...]:
     if source not in SOURCES:
         raise DataError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -105,9 +108,13 @@ def _load_documents_cached(
         return tuple(documents)
     if not paths:
         raise DataError("data.source is 'files' but data.paths is empty")
+    try:
+        template = ChatTemplate.from_directory(template_dir)
+    except CheckpointError as e:
+        raise DataError(str(e)) from e
     documents = []
     for path in expand_paths(paths):
-        documents.extend(_read_file(path, data_format))
+        documents.extend(_read_file(path, data_format, template))
     if not documents:
         raise DataError(f"no documents found in {', '.join(paths)}")
     return tuple(documents)
@@ -136,7 +143,7 @@ def expand_paths(paths: Sequence[str]) -> list[str]:
     return files
 
 
-def _read_file(path: str, data_format: str) -> list[Document]:
+def _read_file(path: str, data_format: str, template: ChatTemplate) -> list[Document]:
     text = _read_text(path)
     if data_format == "auto":
         data_format = _sniff_format(path, text)
@@ -145,7 +152,7 @@ def _read_file(path: str, data_format: str) -> list[Document]:
     documents = []
     for line_number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
-            documents.append(_parse_record(line, data_format, f"{path}:{line_number}"))
+            documents.append(_parse_record(line, data_format, f"{path}:{line_number}", template))
     return documents
 
 
@@ -161,7 +168,7 @@ def _sniff_format(path: str, text: str) -> str:
     return "chat" if isinstance(record, dict) and "messages" in record else "jsonl"
 
 
-def _parse_record(line: str, data_format: str, where: str) -> Document:
+def _parse_record(line: str, data_format: str, where: str, template: ChatTemplate) -> Document:
     try:
         record = json.loads(line)
     except (ValueError, RecursionError) as error:
@@ -173,7 +180,7 @@ def _parse_record(line: str, data_format: str, where: str) -> Document:
     if not isinstance(record, dict) or "messages" not in record:
         raise DataError(f"{where}: expected an object with a 'messages' list")
     try:
-        segments = render_segments(record["messages"], reasoning=record.get("reasoning", "on"))
+        segments = template.segments(record["messages"], record.get("reasoning", "on"), record.get("tools"))
     except Exception as error:  # DataError for bad messages, ConfigError for a bad reasoning mode
         raise DataError(f"{where}: {error}") from error
     return Document(where, tuple((_text(text, where), trained) for text, trained in segments))

@@ -1,0 +1,147 @@
+"""Continuous batching: requests that arrive while others run, in fewer slots than requests, give the
+same tokens as each request served alone (greedy and seeded sampling, plain and MTP speculation, the
+cache growing on the way); short requests finish before long ones that started earlier; a cancelled
+request leaves its slot to a waiting one at once.
+
+Every scheduler here has 2 slots and the same `max_len`, so all of them run the same few compiled
+programs (the engine keeps them by shape); "alone" is the request as the only one in such a scheduler."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from nemojax.config import from_hf_config
+from nemojax.generate import Engine, Request
+from nemojax.generate.scheduler import MIN_LENGTH, Scheduler, Ticket
+from nemojax.model import NemotronH, init_variables
+
+pytestmark = pytest.mark.xdist_group("scheduler")  # module fixtures share compiled programs
+SMALL = dict(vocab_size=40, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+             n_groups=2, chunk_size=4, intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2,
+             moe_intermediate_size=16, moe_shared_expert_intermediate_size=24, mtp_hybrid_override_pattern="*E",
+             num_nextn_predict_layers=1, compute_dtype="float32", param_dtype="float32", eos_token_id=2)
+SLOTS = 2
+EOS = (2, 12)  # 12 is in the first arrival's greedy output (asserted): the end-of-sequence test has one to stop at
+MAX_LEN = 72  # the longest request (20 + 50) needs more than the first cache length (MIN_LENGTH)
+
+
+def request(index, prompt, max_new, **settings):
+    fields = dict(index=index, prompt_ids=tuple(int(i) for i in prompt), max_new_tokens=max_new, temperature=0.0,
+                  top_k=0, top_p=1.0, min_p=0.0, seed=0, stop=(), ignore_eos=True, thinking_budget=None)
+    return Request(**dict(fields, **settings))
+
+
+@pytest.fixture(scope="module")
+def engines():
+    config = from_hf_config(SMALL)
+    model = NemotronH(config)
+    variables = jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0))
+    options = dict(eos_ids=EOS, prefill_chunk=8)  # every request but one ignores end-of-sequence
+    return Engine(model, variables, **options), Engine(model, variables, **options, num_draft_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def alone(engines):
+    """request -> (output ids, finish reason) of the request served alone by the plain engine."""
+    plain, _ = engines
+    scheduler = Scheduler(plain, SLOTS, MAX_LEN, segment_steps=4)
+    served = {}
+
+    def serve(request):
+        if request not in served:
+            ticket = scheduler.submit(Ticket(request))
+            scheduler.run_until_idle()
+            served[request] = ticket.output_ids, ticket.finish_reason
+        return served[request]
+    return serve
+
+
+def arrivals():
+    """Prompts of 3-20 tokens (up to three chunks), outputs of 3-50 tokens (past the first cache length);
+    greedy rows and seeded sampling (temperature, min-p; the sort-based filters are the engine tests')."""
+    rng = np.random.default_rng(0)
+    shapes = [(20, 50), (3, 5), (9, 3), (14, 30), (5, 8), (11, 6)]
+    settings = [{}, dict(temperature=0.9, seed=7), {}, dict(temperature=1.2, min_p=0.1, seed=1), {},
+                dict(temperature=0.7, seed=3)]
+    return [request(i, rng.integers(3, 40, p), n, **s) for i, ((p, n), s) in enumerate(zip(shapes, settings,
+                                                                                             strict=True))]
+
+
+def run_staggered(engine, requests, grows=True):
+    """Submit two requests, then one more after every scheduler round; returns (tickets, finish order)."""
+    scheduler = Scheduler(engine, SLOTS, MAX_LEN, segment_steps=4)
+    assert scheduler.length == MIN_LENGTH
+    tickets = [Ticket(r) for r in requests]
+    for ticket in tickets[:2]:
+        scheduler.submit(ticket)
+    order, pending = [], tickets[2:]
+    while scheduler.busy or pending:
+        if pending:
+            scheduler.submit(pending.pop(0))
+        order += [t.request.index for t in scheduler.step()]
+    assert (scheduler.length > MIN_LENGTH) == grows  # the cache grew while requests were running (or not)
+    return tickets, order
+
+
+def test_staggered_arrivals_equal_each_request_alone(engines, alone):
+    plain, _ = engines
+    tickets, order = run_staggered(plain, arrivals())
+    for ticket in tickets:
+        assert (ticket.output_ids, ticket.finish_reason) == alone(ticket.request), ticket.request.index
+        assert len(ticket.output_ids) == ticket.request.max_new_tokens
+    assert order.index(1) < order.index(0) and order.index(2) < order.index(0)  # short ones did not wait
+
+
+def test_speculation_in_the_scheduler_equals_plain_greedy(engines, alone):
+    """Greedy and sampled rows together: the greedy rows take the rejection-sampling path while sampled
+    rows share their segment and the argmax path when only greedy rows run; either way they equal plain
+    greedy decoding alone. (Outputs end within the first cache length: the growth is the plain test's,
+    and a second length would double what speculation compiles.)"""
+    _, speculative = engines
+    room = MIN_LENGTH - 2 * speculative.k - 1
+    reqs = [dataclasses.replace(r, max_new_tokens=min(r.max_new_tokens, room - len(r.prompt_ids)))
+            for r in arrivals()]
+    tickets, _ = run_staggered(speculative, reqs, grows=False)
+    for ticket in tickets:
+        assert len(ticket.output_ids) == ticket.request.max_new_tokens
+        if ticket.request.temperature == 0:
+            assert ticket.output_ids == alone(ticket.request)[0], ticket.request.index
+    assert sum(t.verify_steps for t in tickets) > 0 and sum(t.accepted_drafts for t in tickets) > 0
+
+
+def test_cancelled_request_leaves_its_slot_at_once(engines, alone):
+    plain, _ = engines
+    reqs = arrivals()
+    scheduler = Scheduler(plain, SLOTS, MAX_LEN, segment_steps=4)
+    long, other = scheduler.submit(Ticket(reqs[0])), scheduler.submit(Ticket(reqs[3]))
+    short = scheduler.submit(Ticket(reqs[2]))
+    updates = []
+    short.on_update = lambda t: updates.append((len(t.output_ids), t.finish_reason))
+    while not long.output_ids:
+        scheduler.step()
+    assert long.slot == 0 and other.slot == 1 and short.slot is None and not other.finished
+    long.cancel()
+    finished = scheduler.step()
+    assert long in finished and long.finish_reason == "cancelled" and short.slot == 0
+    assert len(long.output_ids) < long.request.max_new_tokens
+    scheduler.run_until_idle()
+    assert (short.output_ids, short.finish_reason) == alone(short.request)
+    assert updates[-1] == (short.request.max_new_tokens, "length")
+    assert (other.output_ids, other.finish_reason) == alone(other.request)
+
+
+def test_stop_check_and_end_of_sequence_end_a_request(engines, alone):
+    plain, _ = engines
+    base = arrivals()[0]
+    free, _ = alone(base)
+    scheduler = Scheduler(plain, SLOTS, MAX_LEN, segment_steps=4)
+    stopped = scheduler.submit(Ticket(base, stop=lambda ids: len(ids) >= 6))
+    eos = scheduler.submit(Ticket(dataclasses.replace(base, index=1, ignore_eos=False)))
+    scheduler.run_until_idle()
+    assert stopped.finish_reason == "stop" and 6 <= len(stopped.output_ids) < len(free)
+    assert stopped.output_ids == free[:len(stopped.output_ids)]
+    cut = next(i for i, token in enumerate(free) if token in EOS) + 1
+    assert eos.output_ids == free[:cut] and eos.finish_reason == "stop" and cut < len(free)
