@@ -1,6 +1,7 @@
 """The serving fast paths against slow, obviously-correct versions: the grouped matmul's per-tile loop
 (CPU decoding) and distinct-group ragged_dot (GPU decoding) against a per-group loop and the tiled
-lowering, the MoE at decoding sizes against a per-token loop, the greedy argmax, the one-token SSM
+lowering, both expert projections in one loop against two grouped matmuls, the MoE at decoding sizes
+against a per-token loop, the greedy argmax, the one-token SSM
 update against the recurrence, and attention over a kv-major cache whose empty tail is skipped."""
 
 import jax
@@ -12,6 +13,7 @@ from nemojax.generate.sampling import greedy_tokens
 from nemojax.model.moe import dropless_experts
 from nemojax.ops import grouped_matmul as gm
 from nemojax.ops.attention import causal_mask, gqa_attention, gqa_attention_kv_major
+from nemojax.ops.expert_mlp import grouped_mlp
 from nemojax.ops.ssd import ssd_step
 
 
@@ -83,6 +85,34 @@ def test_grouped_matmul_casts_only_the_chosen_weights():
         np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-2, atol=1e-2)
     program = jax.jit(gm.grouped_matmul).lower(x, w8, sizes).compile().as_text()
     assert f"bf16[{e},{k},{n}]" not in program and f"f8e4m3fn[{e},{k},{n}]" in program
+
+
+def test_grouped_mlp_equals_two_grouped_matmuls():
+    """The fused CPU loop (both projections per expert tile) gives the values of the two grouped matmuls
+    with the activation between them, for float32 and bfloat16 rows (float32 weights), and their
+    gradients (empty groups, a group over several tiles, rows past the groups)."""
+    relu2 = lambda a: jnp.square(jax.nn.relu(a))  # noqa: E731
+    sizes = jnp.asarray([0, 9, 0, 1], jnp.int32)
+    rng = np.random.default_rng(0)
+    up = jnp.asarray(rng.normal(size=(4, 5, 6)), jnp.float32)
+    down = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
+
+    def fused(x, up, down):
+        return grouped_mlp(x, up, down, sizes, relu2)
+
+    def two(x, up, down):
+        return gm.grouped_matmul(relu2(gm.grouped_matmul(x, up, sizes)), down, sizes)
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x = jnp.asarray(rng.normal(size=(12, 5)), dtype)
+        got = jax.jit(fused)(x, up, down)
+        assert got.dtype == dtype and not np.any(np.asarray(got, np.float32)[10:])
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(jax.jit(two)(x, up, down), np.float32))
+    grads = [jax.jit(jax.grad(lambda *a, fn=fn: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1, 2)))(x.astype(jnp.float32),
+                                                                                            up, down)
+             for fn in (fused, two)]
+    for a, b in zip(*grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_moe_experts_at_decoding_sizes_equal_a_per_token_loop():

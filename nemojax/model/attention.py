@@ -85,16 +85,17 @@ class Attention(nn.Module):
         valid = jnp.ones((b, t), bool) if valid_bt is None else valid_bt.astype(bool)
 
         if cache is None:
-            new_cache = None
-            mask = causal_mask(valid, 0, t)
+            new_cache, offset = None, 0
         else:
-            new_cache, k, v, cache_valid = write_kv_cache(cache, k, v, valid, index, slot)
-            k, v = k.astype(dtype), v.astype(dtype)
-            mask = causal_mask(cache_valid, index, t)
-        if doc_bt is not None:
-            key_doc_bs = doc_bt if cache is None else documents.key_documents(doc_bt, cache_valid.shape[1], index)
-            mask = mask & (doc_bt[:, :, None] == key_doc_bs[:, None, :])
-        out = gqa_attention(q, k, v, mask) if cache is None else gqa_attention_kv_major(q, k, v, mask)
+            new_cache, k, v, valid = write_kv_cache(cache, k, v, valid, index, slot)
+            k, v, offset = k.astype(dtype), v.astype(dtype), index
+        attend = gqa_attention if cache is None else gqa_attention_kv_major
+        if doc_bt is None:  # causal: the mask is built per key block
+            out = attend(q, k, v, causal_valid_bs=valid, query_offset=offset)
+        else:  # packed documents: a query sees only keys of its own document
+            key_doc_bs = doc_bt if cache is None else documents.key_documents(doc_bt, valid.shape[1], index)
+            mask = causal_mask(valid, offset, t) & (doc_bt[:, :, None] == key_doc_bs[:, None, :])
+            out = attend(q, k, v, mask)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         out = Linear(c.hidden_size, ("heads", "embed"), dtype, pdtype, out_init, config=c, name="o_proj")(

@@ -4,8 +4,8 @@ computed in a latent space, plus a shared expert on the full-width input.
 The router runs in float32. `e_score_correction_bias` lives in the `buffers` collection: it only
 chooses experts (it never weights them) and is updated by load balancing, not by gradients.
 Routed experts are dropless: token copies are sorted by expert and go through one grouped matmul
-per projection (`nemojax.ops.expert_banks.bank_matmul`, for float, FP8 or NVFP4 experts), never every
-expert on every token.
+per projection (`nemojax.ops.expert_banks.bank_matmul`, for float, FP8 or NVFP4 experts; float experts
+both projections at once, `nemojax.ops.expert_mlp.grouped_mlp`), never every expert on every token.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from nemojax.model.layers import (
     weight_format,
 )
 from nemojax.model.mlp import MLP
-from nemojax.ops.expert_banks import Bank, as_bank, bank_matmul, num_experts
+from nemojax.ops.expert_banks import Bank, as_bank, bank_format, bank_matmul, num_experts
+from nemojax.ops.expert_mlp import grouped_mlp
 from nemojax.ops.expert_parallel import expert_parallel_experts, uses_expert_parallelism
 from nemojax.quant.nvfp4 import BLOCK
 
@@ -65,8 +66,11 @@ def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, 
     order = jnp.argsort(flat_ids, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat_ids, length=num_experts(up))
-    h = relu2(bank_matmul(x_td[token], up, group_sizes, kernels=kernels))
-    y = bank_matmul(h, down, group_sizes, kernels=kernels)
+    if bank_format(up) == bank_format(down) == "float":  # both projections in one pass over the experts
+        y = grouped_mlp(x_td[token], up["kernel"], down["kernel"], group_sizes, relu2)
+    else:
+        y = bank_matmul(relu2(bank_matmul(x_td[token], up, group_sizes, kernels=kernels)), down, group_sizes,
+                        kernels=kernels)
     y = y.astype(jnp.float32) * weights_tk.reshape(-1)[order][:, None]
     return jnp.zeros((t, y.shape[-1]), jnp.float32).at[token].add(y)
 

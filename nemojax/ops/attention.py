@@ -1,9 +1,10 @@
-"""Grouped-query attention with an explicit boolean mask, pure-JAX reference (softmax in fp32).
+"""Grouped-query attention under a boolean mask, pure-JAX reference (softmax in fp32).
 
 Nemotron-H attention has no positional encoding, so the mask alone carries causality and padding.
 Long inputs go over the keys in blocks with a running (online) softmax and a matching backward that
 recomputes each block's probabilities from the saved row log-sum-exp (the FlashAttention scheme):
-neither pass keeps a [t, s] score matrix, so training memory grows with t, not t·s, and on CPU it is
+neither pass keeps a [t, s] score matrix, and a causal mask is built per key block from the keys'
+validity and positions (the model's case), so training memory grows with t, not t·s, and on CPU it is
 about 2x faster than one block for prefill and training lengths (t >= 256). Blocks whose keys are all
 masked (a decoding cache beyond the write index) are skipped. Decoding steps (few queries) take the
 one-block path, which is faster there.
@@ -20,6 +21,7 @@ than products summed over one axis, the earlier form, and no copy of the cache).
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,32 +33,97 @@ FEW_QUERIES = 8
 _F32 = jnp.float32
 
 
-def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
-                  key_block: int | None = None) -> jax.Array:
+def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array | None = None,
+                  key_block: int | None = None, *, causal_valid_bs: jax.Array | None = None,
+                  query_offset: jax.Array | int = 0) -> jax.Array:
     """softmax(q k^T / sqrt(d) masked) v, with kv heads shared by groups of query heads.
 
-    q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; mask: [b, t, s] (True = may attend).
-    A query row whose mask is all False returns zeros. Returns [b, t, heads, d] in q's dtype.
-    `key_block`: keys per block (None: KEY_BLOCK when t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK,
-    else all keys at once, differentiated by plain autodiff).
+    q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]. The mask is either explicit, `mask_bts` [b, t, s]
+    (True = may attend), or causal: `causal_valid_bs` [b, s] (key validity) and `query_offset` (the
+    absolute position of query 0, a scalar or one per row [b]): query i sees the valid keys at positions
+    <= offset + i, and the mask is built one key block at a time, so no [b, t, s] array is kept (nor
+    saved for the backward). A query row whose mask is all False returns zeros. Returns [b, t, heads, d]
+    in q's dtype. `key_block`: keys per block (None: KEY_BLOCK when t >= MIN_QUERIES_FOR_BLOCKS and
+    s > KEY_BLOCK, else all keys at once, differentiated by plain autodiff).
     """
     return gqa_attention_kv_major(q_bthd, jnp.swapaxes(k_bskd, 1, 2), jnp.swapaxes(v_bskd, 1, 2), mask_bts,
-                                  key_block)
+                                  key_block, causal_valid_bs=causal_valid_bs, query_offset=query_offset)
 
 
-def gqa_attention_kv_major(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array,
-                           key_block: int | None = None) -> jax.Array:
+def gqa_attention_kv_major(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array | None = None,
+                           key_block: int | None = None, *, causal_valid_bs: jax.Array | None = None,
+                           query_offset: jax.Array | int = 0) -> jax.Array:
     """`gqa_attention` with keys and values laid out [b, kv_heads, s, d] (the decoding cache's layout)."""
     b, t, h, d = q_bthd.shape
     kv, s = k_bksd.shape[1], k_bksd.shape[2]
     if key_block is None:
         key_block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK else s
+    mask = _Mask(mask_bts, causal_valid_bs, jnp.asarray(query_offset, jnp.int32))
     q = jnp.moveaxis(q_bthd.reshape(b, t, kv, h // kv, d), 1, 3)  # [b, kv, r, t, d]
     if key_block >= s:
-        out, _ = _finish(*_add_block(_empty_rows(q), q, k_bksd, v_bksd, mask_bts))
+        out, _ = _finish(*_add_block(_empty_rows(q), q, k_bksd, v_bksd, mask.dense(t)))
     else:
-        out = _blocked_attention(q, k_bksd, v_bksd, mask_bts, key_block)
+        out = _blocked_attention(q, k_bksd, v_bksd, mask, key_block)
     return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d).astype(q_bthd.dtype)
+
+
+class _Mask(NamedTuple):
+    """An explicit [b, t, s] mask, or the causal one described by key validity and the query offset."""
+
+    explicit_bts: jax.Array | None
+    valid_bs: jax.Array | None
+    query_offset: jax.Array
+
+    def dense(self, t: int) -> jax.Array:
+        if self.explicit_bts is not None:
+            return self.explicit_bts
+        return causal_mask(self.valid_bs, self.query_offset, t)
+
+    def padded(self, s: int) -> _Mask:
+        """The mask over `s` keys (padded keys are masked out)."""
+        if self.explicit_bts is not None:
+            pad = s - self.explicit_bts.shape[2]
+            return self._replace(explicit_bts=jnp.pad(self.explicit_bts, ((0, 0), (0, 0), (0, pad))))
+        return self._replace(valid_bs=jnp.pad(self.valid_bs, ((0, 0), (0, s - self.valid_bs.shape[1]))))
+
+    def block(self, i: jax.Array, key_block: int) -> tuple[Any, ...]:
+        """What `block_mask` needs for key block i of a padded mask."""
+        if self.explicit_bts is not None:
+            return (jax.lax.dynamic_slice_in_dim(self.explicit_bts, i * key_block, key_block, axis=2),)
+        return (jax.lax.dynamic_slice_in_dim(self.valid_bs, i * key_block, key_block, axis=1),
+                i * key_block + jnp.arange(key_block))
+
+    def blocks(self, t: int, key_block: int) -> tuple[Any, ...]:
+        """Per key block ([n, ...] leading), what `block_mask` needs (padded keys are masked out)."""
+        if self.explicit_bts is not None:
+            b, _, s = self.explicit_bts.shape
+            n = -(-s // key_block)
+            m = self.padded(n * key_block).explicit_bts
+            return (m.reshape(b, t, n, key_block).transpose(2, 0, 1, 3),)
+        b, s = self.valid_bs.shape
+        n = -(-s // key_block)
+        valid = self.padded(n * key_block).valid_bs
+        return valid.reshape(b, n, key_block).swapaxes(0, 1), jnp.arange(n * key_block).reshape(n, key_block)
+
+    def block_mask(self, t: int, block: tuple[Any, ...]) -> jax.Array:
+        """The [b, t, key_block] mask of one block from its `blocks` entry."""
+        if self.explicit_bts is not None:
+            return block[0]
+        valid_bk, key_pos_k = block
+        q_pos = jnp.arange(t)[None, :, None] + self.query_offset.reshape(-1, 1, 1)  # offset: scalar or [b]
+        return (key_pos_k[None, None, :] <= q_pos) & valid_bk[:, None, :]
+
+    def live_blocks(self, t: int, key_block: int) -> jax.Array:
+        """How many key blocks of a padded mask to visit: up to the last one with a visible key."""
+        if self.explicit_bts is not None:
+            b, _, s = self.explicit_bts.shape
+            seen_n = jnp.any(self.explicit_bts.reshape(b, t, s // key_block, key_block), axis=(0, 1, 3))
+        else:
+            b, s = self.valid_bs.shape
+            last_query = jnp.max(self.query_offset) + t - 1
+            visible = self.valid_bs & (jnp.arange(s) <= last_query)[None, :]
+            seen_n = jnp.any(visible.reshape(b, s // key_block, key_block), axis=(0, 2))
+        return jnp.max(jnp.where(seen_n, jnp.arange(1, s // key_block + 1), 0))
 
 
 def _empty_rows(q_bkrtd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -97,24 +164,22 @@ def _finish(acc_bkrtd, peak_bkrt, total_bkrt) -> tuple[jax.Array, jax.Array]:
     return out, lse
 
 
-def _padded_keys(k_bksd, v_bksd, mask_bts, key_block: int):
-    """Keys, values and mask with the key axis padded to whole blocks (padded keys are masked out)."""
+def _padded_keys(k_bksd, v_bksd, key_block: int):
+    """Keys and values with the key axis zero-padded to whole blocks."""
     pad = (-k_bksd.shape[2]) % key_block
     if pad:
         k_bksd, v_bksd = (jnp.pad(a, ((0, 0), (0, 0), (0, pad), (0, 0))) for a in (k_bksd, v_bksd))
-        mask_bts = jnp.pad(mask_bts, ((0, 0), (0, 0), (0, pad)))
-    return k_bksd, v_bksd, mask_bts
+    return k_bksd, v_bksd
 
 
-def _key_blocks(k_bksd, v_bksd, mask_bts, key_block: int):
-    """Keys, values and mask split into [n, ...] blocks: k, v [n, b, kv, block, d], mask [n, b, t, block]."""
-    k_bksd, v_bksd, mask_bts = _padded_keys(k_bksd, v_bksd, mask_bts, key_block)
+def _key_blocks(k_bksd, v_bksd, key_block: int):
+    """Keys and values split into [n, b, kv, block, d] blocks (zero-padded to whole blocks)."""
+    k_bksd, v_bksd = _padded_keys(k_bksd, v_bksd, key_block)
     b, kv, s, d = k_bksd.shape
     blocks = s // key_block
     k_nbksd = jnp.moveaxis(k_bksd.reshape(b, kv, blocks, key_block, d), 2, 0)
     v_nbksd = jnp.moveaxis(v_bksd.reshape(b, kv, blocks, key_block, d), 2, 0)
-    mask_nbts = mask_bts.reshape(b, mask_bts.shape[1], blocks, key_block).transpose(2, 0, 1, 3)
-    return k_nbksd, v_nbksd, mask_nbts
+    return k_nbksd, v_nbksd
 
 
 def _unblock(x_nbksd: jax.Array, s: int) -> jax.Array:
@@ -123,30 +188,29 @@ def _unblock(x_nbksd: jax.Array, s: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_attention(q_bkrtd, k_bksd, v_bksd, mask_bts, key_block: int) -> jax.Array:
-    return _blocked_forward(q_bkrtd, k_bksd, v_bksd, mask_bts, key_block)[0]
+def _blocked_attention(q_bkrtd, k_bksd, v_bksd, mask: _Mask, key_block: int) -> jax.Array:
+    return _blocked_forward(q_bkrtd, k_bksd, v_bksd, mask, key_block)[0]
 
 
-def _blocked_forward(q_bkrtd, k_bksd, v_bksd, mask_bts, key_block: int):
+def _blocked_forward(q_bkrtd, k_bksd, v_bksd, mask: _Mask, key_block: int):
     """The running softmax over key blocks, stopping after the last block with a visible key (a decoding
     cache is mostly empty during prefill: its unwritten tail is never read)."""
-    k_pad, v_pad, mask_pad = _padded_keys(k_bksd, v_bksd, mask_bts, key_block)
-    blocks = k_pad.shape[2] // key_block
-    seen_n = jnp.any(mask_pad.reshape(mask_pad.shape[:2] + (blocks, key_block)), axis=(0, 1, 3))
-    live = jnp.max(jnp.where(seen_n, jnp.arange(1, blocks + 1), 0))
+    t = q_bkrtd.shape[3]
+    k_pad, v_pad = _padded_keys(k_bksd, v_bksd, key_block)
+    mask_pad = mask.padded(k_pad.shape[2])
 
     def step(i, carry):
-        block = tuple(jax.lax.dynamic_slice_in_dim(a, i * key_block, key_block, axis=2)
-                      for a in (k_pad, v_pad, mask_pad))
-        return _add_block(carry, q_bkrtd, *block)
+        k, v = (jax.lax.dynamic_slice_in_dim(a, i * key_block, key_block, axis=2) for a in (k_pad, v_pad))
+        return _add_block(carry, q_bkrtd, k, v, mask_pad.block_mask(t, mask_pad.block(i, key_block)))
 
-    out, lse = _finish(*jax.lax.fori_loop(0, live, step, _empty_rows(q_bkrtd)))
-    return out, (q_bkrtd, k_bksd, v_bksd, mask_bts, out, lse)
+    out, lse = _finish(*jax.lax.fori_loop(0, mask_pad.live_blocks(t, key_block), step, _empty_rows(q_bkrtd)))
+    return out, (q_bkrtd, k_bksd, v_bksd, mask, out, lse)
 
 
 def _blocked_backward(key_block: int, residuals, g_bkrtd):
-    """Gradients block by block, the probabilities recomputed from the row log-sum-exp."""
-    q_bkrtd, k_bksd, v_bksd, mask_bts, out, lse = residuals
+    """Gradients block by block, the probabilities (and masks) recomputed from the row log-sum-exp."""
+    q_bkrtd, k_bksd, v_bksd, mask, out, lse = residuals
+    t = q_bkrtd.shape[3]
     scale = q_bkrtd.shape[-1] ** -0.5
     g = g_bkrtd.astype(_F32)
     delta_bkrt = jnp.sum(g * out, axis=-1)  # sum_s p * dp = g . out
@@ -154,8 +218,8 @@ def _blocked_backward(key_block: int, residuals, g_bkrtd):
     q32 = q_bkrtd.astype(_F32)
 
     def step(dq_bkrtd, block):
-        k, v, mask = block
-        probs = jnp.exp(_scores(q_bkrtd, k, mask) - safe_lse[..., None])  # masked (and empty rows): 0
+        k, v, mask_block = block
+        probs = jnp.exp(_scores(q_bkrtd, k, mask.block_mask(t, mask_block)) - safe_lse[..., None])  # masked: 0
         dv = jnp.einsum("bkrts,bkrtd->bksd", probs, g)
         dprobs = jnp.einsum("bkrtd,bksd->bkrts", g, v.astype(_F32))
         dscores = probs * (dprobs - delta_bkrt[..., None]) * scale
@@ -163,12 +227,16 @@ def _blocked_backward(key_block: int, residuals, g_bkrtd):
         dk = jnp.einsum("bkrts,bkrtd->bksd", dscores, q32)
         return dq_bkrtd, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_bkrtd.shape, _F32),
-                                _key_blocks(k_bksd, v_bksd, mask_bts, key_block))
+    blocks = (*_key_blocks(k_bksd, v_bksd, key_block), mask.blocks(t, key_block))
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_bkrtd.shape, _F32), blocks)
     s = k_bksd.shape[2]
-    mask_cotangent = np.zeros(mask_bts.shape, jax.dtypes.float0)
     return (dq.astype(q_bkrtd.dtype), _unblock(dk, s).astype(k_bksd.dtype), _unblock(dv, s).astype(v_bksd.dtype),
-            mask_cotangent)
+            jax.tree.map(_no_cotangent, mask))
+
+
+def _no_cotangent(x: jax.Array) -> np.ndarray:
+    """The cotangent of a mask leaf (booleans, positions): float0 zeros."""
+    return np.zeros(np.shape(x), jax.dtypes.float0)
 
 
 _blocked_attention.defvjp(_blocked_forward, _blocked_backward)
