@@ -7,8 +7,7 @@ p of row b sees the valid entries at positions <= p: with no positional encoding
 that places a key. Entries at or beyond a row's index are left over from rolled-back drafts or an
 earlier occupant of the row; causality hides them until they are overwritten. With scanned layers
 the caches of all attention layers are stacked ([layers, b, ...]) and a layer is given the stack and
-its `slot`: it writes only its new entries into the stack (no copy of the stack per layer). Given document ids
-instead of a padding mask (`nemojax.model.documents`), a query sees only keys of its own document.
+its `slot`: it writes only its new entries into the stack (no copy of the stack per layer).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import jax.numpy as jnp
 
 from nemojax import sharding
 from nemojax.config import ModelConfig
-from nemojax.model import documents
 from nemojax.model.layers import Linear, default_init, dtype_of, scale_param
 from nemojax.ops.attention import causal_mask, gqa_attention
 
@@ -78,7 +76,6 @@ class Attention(nn.Module):
         v = v.reshape(b, t, c.num_key_value_heads, hd)
         q = sharding.constrain(q, ("batch", "length", "act_heads", None))
         k, v = (sharding.constrain(a, ("batch", "length", "act_kv_heads", None)) for a in (k, v))
-        valid_bt, doc_bt = documents.split_valid(valid_bt)
         valid = jnp.ones((b, t), bool) if valid_bt is None else valid_bt.astype(bool)
 
         if cache is None:
@@ -88,9 +85,6 @@ class Attention(nn.Module):
             new_cache, k, v, cache_valid = write_kv_cache(cache, k, v, valid, index, slot)
             k, v = k.astype(dtype), v.astype(dtype)
             mask = causal_mask(cache_valid, index, t)
-        if doc_bt is not None:
-            key_doc_bs = doc_bt if cache is None else documents.key_documents(doc_bt, k.shape[1], index)
-            mask = mask & (doc_bt[:, :, None] == key_doc_bs[:, None, :])
         out = gqa_attention(q, k, v, mask)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))

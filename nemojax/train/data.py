@@ -2,11 +2,7 @@
 
 Documents (see corpus.py) are tokenized piece by piece, joined with `</s>` into one token stream per
 split, and cut into rows of seq_len + 1 tokens (neighbouring rows share one token, so every token is a
-target once). With `document_masking` (fine-tuning on packed chats) each batch also carries the
-document ids of its inputs (`segments`, see `nemojax.model.documents`) and a target that starts another
-document is not trained, so a row's documents train as if each were alone.
-
-The train split visits its rows in a fresh seeded permutation each epoch, forever; the
+target once). The train split visits its rows in a fresh seeded permutation each epoch, forever; the
 held-out split is one fixed pass. Each process takes its slice of the global batch, so any number of
 processes sees exactly the rows of a single-process run.
 """
@@ -23,7 +19,6 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from nemojax.chat import EOS
-from nemojax.config import INT32_MAX
 from nemojax.errors import ConfigError, DataError
 from nemojax.train import corpus
 from nemojax.train.tokenizer import (
@@ -51,15 +46,12 @@ def default_data_config() -> ml_collections.ConfigDict:
             tokenizer_path="",  # an existing tokenizer.json; empty: reuse workdir's, or train one
             vocab_size=4096,
             max_corpus_bytes=8_000_000,  # cap on the stdlib corpus (about 2.3M tokens)
-            document_masking=False,  # batches carry `segments`: packed documents do not see each other
         )
     )
 
 
 def validate_data_config(cfg: Mapping[str, Any]) -> None:
     """Read and check every data file and field now, so a bad path fails before any compile."""
-    if not isinstance(cfg.get("document_masking", False), bool):
-        raise DataError(f"data.document_masking must be true or false, got {cfg['document_masking']!r}")
     if not 0 <= cfg["heldout_fraction"] < 1:
         raise DataError(f"data.heldout_fraction must be in [0, 1), got {cfg['heldout_fraction']}")
     if cfg["tokenizer_path"] and not os.path.exists(cfg["tokenizer_path"]):
@@ -88,12 +80,10 @@ def build_tokenizer(cfg: Mapping[str, Any], workdir: str) -> Tokenizer:
 
 
 class TokenBatches(Iterator[dict[str, np.ndarray]]):
-    """This process's rows of each global batch: `inputs`, `targets` (int32 [B, T]) and `loss_mask` (float32),
-    and with `document_masking` the inputs' document ids `segments` (int32 [B, T]).
+    """This process's rows of each global batch: `inputs`, `targets` (int32 [B, T]) and `loss_mask` (float32).
 
     B = batch_size // process_count. `loss_mask` is 0 where the target is not trained (chat prompts,
-    padding, and with `document_masking` a target that starts another document).
-    `state()` / `restore()` resume exactly where an uninterrupted iterator would continue.
+    padding). `state()` / `restore()` resume exactly where an uninterrupted iterator would continue.
     """
 
     def __init__(
@@ -121,12 +111,10 @@ class TokenBatches(Iterator[dict[str, np.ndarray]]):
         self.global_batch_size = batch_size
         self.local_batch_size = batch_size // process_count
         self._local_start = process_index * self.local_batch_size
-        self.document_masking = bool(cfg.get("document_masking", False))
-        self.tokens, self.mask, self.documents = packed_stream(cfg, tokenizer, split)
+        self.tokens, self.mask = packed_stream(cfg, tokenizer, split)
         self.num_rows = max(1, -(-(len(self.tokens) - 1) // seq_len))
         eos_id = tokenizer.token_to_id(EOS)
-        self.tokens, self.mask, self.documents = _pad_to(self.tokens, self.mask, self.documents,
-                                                         self.num_rows * seq_len + 1, eos_id)
+        self.tokens, self.mask = _pad_to(self.tokens, self.mask, self.num_rows * seq_len + 1, eos_id)
         self._epoch, self._position = 0, 0
         self._order = self._epoch_order(0)
 
@@ -170,12 +158,7 @@ class TokenBatches(Iterator[dict[str, np.ndarray]]):
         index_bt = np.maximum(rows, 0)[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         tokens_bt, mask_bt = self.tokens[index_bt], self.mask[index_bt]
         mask_bt = np.where(rows[:, None] >= 0, mask_bt, 0.0).astype(np.float32)
-        batch = {"inputs": tokens_bt[:, :-1], "targets": tokens_bt[:, 1:], "loss_mask": mask_bt[:, 1:]}
-        if self.document_masking:
-            documents_bt = self.documents[index_bt]
-            batch["loss_mask"] = batch["loss_mask"] * (documents_bt[:, 1:] == documents_bt[:, :-1])
-            batch["segments"] = documents_bt[:, :-1]
-        return batch
+        return {"inputs": tokens_bt[:, :-1], "targets": tokens_bt[:, 1:], "loss_mask": mask_bt[:, 1:]}
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         seed = HELDOUT_ORDER_SEED if self.split == "heldout" else self.seed
@@ -211,9 +194,8 @@ def heldout_batches(
     return out
 
 
-def packed_stream(cfg: Mapping[str, Any], tokenizer: Tokenizer,
-                  split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens int32 [N], trained float32 [N], document ids int32 [N]) of a split: documents each followed by `</s>`.
+def packed_stream(cfg: Mapping[str, Any], tokenizer: Tokenizer, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [N], trained float32 [N]) of a split: documents each followed by `</s>`.
 
     Cached per process by data fields and tokenizer content; the arrays are read-only.
     """
@@ -223,40 +205,34 @@ def packed_stream(cfg: Mapping[str, Any], tokenizer: Tokenizer,
         documents = train if split == "train" else heldout
         if not documents:
             raise DataError(f"the {split} split is empty (data.heldout_fraction={cfg['heldout_fraction']})")
-        arrays = tokenize_documents(documents, tokenizer)
-        for array in arrays:
-            array.setflags(write=False)
+        tokens, mask = tokenize_documents(documents, tokenizer)
+        tokens.setflags(write=False)
+        mask.setflags(write=False)
         if len(_STREAM_CACHE) >= _STREAM_CACHE_SIZE:
             _STREAM_CACHE.pop(next(iter(_STREAM_CACHE)))
-        _STREAM_CACHE[key] = arrays
+        _STREAM_CACHE[key] = (tokens, mask)
     return _STREAM_CACHE[key]
 
 
-def tokenize_documents(documents: list[corpus.Document],
-                       tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def tokenize_documents(documents: list[corpus.Document], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Encode each piece separately (so the mask is exact), then join documents with `</s>`.
 
     The `</s>` after a document is trained when the document's last piece is (plain text), not after
-    a chat, whose assistant turns already end in `<|im_end|>`. Returns (tokens, trained, document ids):
-    ids count documents from 1 (0 is padding) and include the document's `</s>`.
+    a chat, whose assistant turns already end in `<|im_end|>`.
     """
     eos_id = tokenizer.token_to_id(EOS)
     pieces = [segment for doc in documents for segment in doc.segments]
     encodings = iter(tokenizer.encode_batch([text for text, _ in pieces], add_special_tokens=False))
-    token_parts, mask_parts, lengths = [], [], []
+    token_parts, mask_parts = [], []
     for doc in documents:
-        length = 1
         for (_, trained), encoding in zip(doc.segments, encodings, strict=False):
             token_parts.append(np.asarray(encoding.ids, dtype=np.int32))
             mask_parts.append(np.full(len(encoding.ids), float(trained), dtype=np.float32))
-            length += len(encoding.ids)
         token_parts.append(np.asarray([eos_id], dtype=np.int32))
         mask_parts.append(np.asarray([float(doc.segments[-1][1])], dtype=np.float32))
-        lengths.append(length)
     if not token_parts:
-        return np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32)
-    ids = 1 + np.arange(len(lengths), dtype=np.int64) % (INT32_MAX - 1)  # neighbours always differ, never 0
-    return np.concatenate(token_parts), np.concatenate(mask_parts), np.repeat(ids, lengths).astype(np.int32)
+        return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    return np.concatenate(token_parts), np.concatenate(mask_parts)
 
 
 def _split(cfg: Mapping[str, Any]) -> tuple[list[corpus.Document], list[corpus.Document]]:
@@ -274,12 +250,10 @@ def _data_key(cfg: Mapping[str, Any]) -> tuple:
             template_dir)
 
 
-def _pad_to(tokens: np.ndarray, mask: np.ndarray, documents: np.ndarray, length: int,
-            eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Extend with untrained `</s>` (document id 0: padding) so the last row is whole."""
+def _pad_to(tokens: np.ndarray, mask: np.ndarray, length: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Extend with untrained `</s>` so the last row is whole."""
     extra = length - len(tokens)
     return (
         np.concatenate([tokens, np.full(extra, eos_id, np.int32)]),
         np.concatenate([mask, np.zeros(extra, np.float32)]),
-        np.concatenate([documents, np.zeros(extra, np.int32)]),
     )

@@ -56,7 +56,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params, buffers = state["params"], state["buffers"]
-        denominators = token_counts(batch, model.config.mtp_num_depths)
+        denominators = token_counts(batch)
         grad_fn = jax.value_and_grad(model_losses, argnums=1, has_aux=True)
         micro_batches = _split_micro(batch, accum)
         # The NVFP4 training recipe's random stream: new keys every step and micro-batch.
@@ -102,6 +102,6 @@ def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], tuple[jax.
     """(masked LM cross-entropy sum, masked token count) of one held-out batch."""
     def eval_step(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
         variables = {"params": state["params"], "buffers": state["buffers"]}
-        logits = model.apply(variables, batch["inputs"], batch.get("segments"))
+        logits = model.apply(variables, batch["inputs"])
         return masked_xent_sum(logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
     return eval_step
