@@ -66,6 +66,13 @@ def test_correction_bias_moves_towards_underused_experts():
     new = update_correction_bias(buffers, loads, 0.01)["layers_0"]["mixer"]["gate"]["e_score_correction_bias"]
     np.testing.assert_allclose(new, [-0.01, 0.01, 0.0, 0.01])
     assert float(load_ratios(loads)["layers_0/mixer"]) == pytest.approx(2.5)
+    # scanned layers: one bias and one load row per stacked MoE layer
+    stacked = {"layers": {"moe": {"mixer": {"gate": {"e_score_correction_bias": jnp.zeros((2, 4))}}}}}
+    loads = {("layers", "moe", "mixer"): jnp.array([[10, 2, 4, 0], [3, 3, 3, 3]])}
+    new = update_correction_bias(stacked, loads, 0.01)["layers"]["moe"]["mixer"]["gate"]["e_score_correction_bias"]
+    np.testing.assert_allclose(new, [[-0.01, 0.01, 0.0, 0.01], [0.0, 0.0, 0.0, 0.0]])
+    ratios = load_ratios(loads)
+    assert float(ratios["layers/moe/mixer/0"]) == pytest.approx(2.5) and float(ratios["layers/moe/mixer/1"]) == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +100,30 @@ def test_mtp_loss_predicts_two_tokens_ahead(micro_model):
     np.testing.assert_allclose(parts["mtp_loss"], want, rtol=1e-6)
     np.testing.assert_allclose(parts["lm_loss"], masked_xent_sum(logits, batch["targets"], mask) / jnp.sum(mask),
                                rtol=1e-6)
+
+
+def test_chunked_loss_equals_full_logits_value_and_gradient(micro_model):
+    """LM + MTP loss computed 3 positions x 4 rows at a time (the last LM chunk padded) equals the loss on
+    the full [b, t, V] logits: value and the gradient of every parameter."""
+    model, variables, batch = micro_model
+    inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
+    lm_den, mtp_den = token_counts(batch)
+
+    def full(params):
+        v = {"params": params, "buffers": variables["buffers"]}
+        logits, hidden, _ = model.apply(v, inputs, method="forward")
+        mtp_logits, _, _ = model.apply(v, hidden[:, :-1], inputs[:, 1:], method="mtp_forward")
+        return (masked_xent_sum(logits, targets, mask) / lm_den
+                + 0.3 * masked_xent_sum(mtp_logits, targets[:, 1:], mask[:, 1:]) / mtp_den)
+
+    def chunked(params):
+        return model_losses(model, params, variables["buffers"], batch, (lm_den, mtp_den), 0.3, 0.0, 12)[0]
+
+    (want, want_grads), (got, got_grads) = (jax.jit(jax.value_and_grad(f))(variables["params"])
+                                            for f in (full, chunked))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
 def test_gradient_accumulation_matches_the_full_batch(micro_model):

@@ -22,7 +22,7 @@ PATTERN_LETTERS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 # Fields that are nemojax choices, not part of a published config.json.
-NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_layers")
+NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_layers", "moe_capacity_factor")
 # `scan_layers=None` resolves to True from this depth on (the published models: 52-108 layers).
 SCAN_LAYERS_FROM = 16
 
@@ -84,6 +84,9 @@ class ModelConfig:
     # Run the main stack as one `lax.scan` over layers (parameters and caches stacked per layer kind,
     # see nemojax/model/scanned.py). None: on for models of SCAN_LAYERS_FROM layers or more.
     scan_layers: bool | None = None
+    # Expert-parallel MoE buffers: None = dropless; else each expert takes at most
+    # ceil(factor * tokens * k / E) copies of a device group's tokens (see nemojax/ops/expert_parallel.py).
+    moe_capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "compute_dtype"):
@@ -197,3 +200,6 @@ def _validate(c: ModelConfig) -> None:
         _require(value in FLOAT_DTYPES, name, f"expected one of {FLOAT_DTYPES}, got {value!r}")
     _require(c.remat in REMAT_POLICIES, "remat", f"expected one of {REMAT_POLICIES}, got {c.remat!r}")
     _require(isinstance(c.scan_layers, bool), "scan_layers", f"expected true, false or null, got {c.scan_layers!r}")
+    _require(c.moe_capacity_factor is None or (isinstance(c.moe_capacity_factor, int | float)
+                                               and c.moe_capacity_factor > 0),
+             "moe_capacity_factor", f"expected a positive number or null, got {c.moe_capacity_factor!r}")

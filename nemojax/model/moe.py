@@ -4,12 +4,14 @@ computed in a latent space, plus a shared expert on the full-width input.
 The router runs in float32. `e_score_correction_bias` lives in the `buffers` collection: it only
 chooses experts (it never weights them) and is updated by load balancing, not by gradients.
 Routed experts are dropless: token copies are sorted by expert and go through one grouped matmul
-per projection (`nemojax.ops.grouped_matmul`), never every expert on every token.
+per projection (`nemojax.ops.grouped_matmul`), never every expert on every token. Expert-parallel
+(an "expert" mesh axis) they may be bounded by `moe_capacity_factor` (dropped copies are counted).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -18,8 +20,7 @@ import jax.numpy as jnp
 from nemojax.config import ModelConfig
 from nemojax.model.layers import Linear, default_init, dtype_of, relu2
 from nemojax.model.mlp import MLP
-from nemojax.ops.expert_parallel import expert_parallel_experts, uses_expert_parallelism
-from nemojax.ops.grouped_matmul import grouped_matmul
+from nemojax.ops.expert_parallel import Matmul, expert_matmul, expert_parallel_moe, uses_expert_parallelism
 
 
 def route(scores_te: jax.Array, bias_e: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -43,17 +44,20 @@ def route(scores_te: jax.Array, bias_e: jax.Array, config: ModelConfig) -> tuple
     return ids.astype(jnp.int32), weights * c.routed_scaling_factor
 
 
-def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up_efn: jax.Array,
-                     down_enf: jax.Array) -> jax.Array:
-    """sum_k weights[t,k] * down[e](relu²(up[e](x[t]))) with e = ids[t,k]; exact and dropless."""
+def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up_efn: Any, down_enf: Any,
+                     matmul: Matmul = expert_matmul) -> jax.Array:
+    """sum_k weights[t,k] * down[e](relu²(up[e](x[t]))) with e = ids[t,k]; exact and dropless.
+
+    `matmul(x_mk, w, group_sizes)` is the grouped matmul (default: `expert_matmul`, float32 results).
+    """
     t, k = ids_tk.shape
-    num_experts = up_efn.shape[0]
+    num_experts = jax.tree.leaves(up_efn)[0].shape[0]
     flat_ids = ids_tk.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat_ids, length=num_experts)
-    h = relu2(grouped_matmul(x_td[token], up_efn.astype(x_td.dtype), group_sizes))
-    y = grouped_matmul(h, down_enf.astype(x_td.dtype), group_sizes)
+    h = relu2(matmul(x_td[token], up_efn, group_sizes)).astype(x_td.dtype)
+    y = matmul(h, down_enf, group_sizes)
     y = y.astype(jnp.float32) * weights_tk.reshape(-1)[order][:, None]
     return jnp.zeros((t, y.shape[-1]), jnp.float32).at[token].add(y)
 
@@ -91,7 +95,8 @@ class Experts(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array) -> jax.Array:
+    def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(routed output [t, width] float32, token copies dropped for capacity)."""
         c = self.config
         e, w, f = c.n_routed_experts, c.moe_expert_width, c.moe_intermediate_size
         pdtype = dtype_of(c.param_dtype)
@@ -100,8 +105,10 @@ class Experts(nn.Module):
         up = self.param("up_proj", nn.with_logical_partitioning(default_init(), up_axes), (e, w, f), pdtype)
         down = self.param("down_proj", nn.with_logical_partitioning(down_init, down_axes), (e, f, w), pdtype)
         if uses_expert_parallelism(jax.sharding.get_abstract_mesh(), e):
-            return expert_parallel_experts(x_td, ids_tk, weights_tk, up, down, relu2)
-        return dropless_experts(x_td, ids_tk, weights_tk, up, down)
+            y, stats = expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, relu2,
+                                           capacity_factor=c.moe_capacity_factor)
+            return y, stats.dropped_rows
+        return dropless_experts(x_td, ids_tk, weights_tk, up, down), jnp.zeros((), jnp.int32)
 
 
 class MoE(nn.Module):
@@ -114,19 +121,30 @@ class MoE(nn.Module):
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
         ids, weights, scores = Router(c, name="gate")(x_td)
-        self.record(jnp.bincount(ids.reshape(-1), length=c.n_routed_experts),
-                    sequence_aux_loss(scores.reshape(b, t, -1), ids.reshape(b, t, -1), c.n_routed_experts))
         routed_in = x_td
         if c.moe_latent_size is not None:
             routed_in = Linear(c.moe_latent_size, ("embed", "latent"), dtype, pdtype, name="fc1_latent_proj")(x_td)
-        routed = Experts(c, name="experts")(routed_in.astype(dtype), ids, weights).astype(dtype)
+        routed, dropped = Experts(c, name="experts")(routed_in.astype(dtype), ids, weights)
+        routed = routed.astype(dtype)
+        self.record({"expert_load": jnp.bincount(ids.reshape(-1), length=c.n_routed_experts),
+                     "aux_loss": sequence_aux_loss(scores.reshape(b, t, -1), ids.reshape(b, t, -1),
+                                                   c.n_routed_experts),
+                     "dropped_rows": dropped})
         if c.moe_latent_size is not None:
             routed = Linear(d, ("latent", "embed"), dtype, pdtype, name="fc2_latent_proj")(routed)
         shared = MLP(c, c.moe_shared_expert_intermediate_size, name="shared_experts")(x_td)
         return (routed + shared).reshape(b, t, d)
 
-    def record(self, expert_load_e: jax.Array, aux_loss: jax.Array) -> None:
-        """Sow the routing statistics (training reads them). Scanned layers call it once after the scan,
-        with every MoE layer's values stacked (`nemojax.model.scanned`)."""
-        self.sow("intermediates", "expert_load", expert_load_e)
-        self.sow("intermediates", "aux_loss", aux_loss)
+    def record(self, stats: dict[str, jax.Array]) -> None:
+        """Sow the routing statistics (`moe_stat_shapes`; training reads them). Scanned layers call it
+        once after the scan, with every MoE layer's values stacked (`nemojax.model.scanned`)."""
+        for name, value in stats.items():
+            self.sow("intermediates", name, value)
+
+
+def moe_stat_shapes(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """What one MoE layer sows: expert loads (copies per expert), the sequence aux loss, and token
+    copies dropped for capacity (0 when dropless)."""
+    return {"expert_load": jax.ShapeDtypeStruct((config.n_routed_experts,), jnp.int32),
+            "aux_loss": jax.ShapeDtypeStruct((), jnp.float32),
+            "dropped_rows": jax.ShapeDtypeStruct((), jnp.int32)}

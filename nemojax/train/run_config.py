@@ -38,6 +38,7 @@ def default_run_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         mtp_loss_weight=0.3,
         aux_loss_weight=0.0,     # optional sequence-level MoE balance loss
+        loss_chunk_tokens=1024,  # tokens of the batch whose [tokens, vocab] logits exist at once
         bias_update_rate=1e-3,   # auxiliary-loss-free balancing: correction-bias step per update
         max_bad_steps=10,        # non-finite steps in a row before the run stops
         remat="none",            # "none" | "full" | "dots"
