@@ -2,7 +2,8 @@
 
     python -m nemojax.plan CONFIG [--mesh data=..,fsdp=..,tensor=..,expert=..] [--devices N]
         [--weights bf16|fp8|nvfp4-experts] [--batch B --seq-len T] [--prefill-chunk C] [--train]
-        [--remat none|full|dots] [--device h100-80gb|h200|...] [--json] [--no-compile]
+        [--remat none|full|dots] [--grouped-matmul kernel|ragged-dot|cpu-tiled] [--device h100-80gb|h200|...]
+        [--json] [--no-compile]
 
 CONFIG is a configs/ name (tiny, nano, super, ultra), a configs/*.py file, a config.json or a
 checkpoint directory. Activation memory comes from ahead-of-time compiles on as many fake CPU
@@ -19,9 +20,10 @@ from collections.abc import Sequence
 from nemojax.config import resolve_model_config
 from nemojax.errors import ConfigError
 from nemojax.planning.layout import mesh_devices, mesh_text, use_fake_cpu_devices
+from nemojax.planning.matmuls import GROUPED_MATMUL_CHOICES
 from nemojax.planning.report import DEVICE_MEMORY, PlanRequest, format_plan, make_plan
 from nemojax.planning.weights import WEIGHT_FORMATS
-from nemojax.sharding import parse_mesh
+from nemojax.sharding import parse_mesh, resolve_mesh_shape
 
 REMAT_CHOICES = ("none", "full", "dots")
 
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "(default min(seq-len, 1024))")
     p.add_argument("--train", action="store_true", help="plan a training step (AdamW) instead of serving")
     p.add_argument("--remat", default=None, choices=REMAT_CHOICES, help="override the config's remat policy")
+    p.add_argument("--grouped-matmul", default="kernel", choices=GROUPED_MATMUL_CHOICES,
+                   help="how the routed experts are compiled: a grouped GEMM kernel (default), XLA's ragged_dot "
+                        "lowering, or the CPU path (docs/planning.md)")
     p.add_argument("--device", default="h200", choices=sorted(DEVICE_MEMORY), help="accelerator memory to check")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-compile", action="store_true", help="skip the activation compiles (fast)")
@@ -50,6 +55,8 @@ def resolve_mesh(mesh: str | None, devices: int | None) -> dict[str, int]:
     if mesh is None:
         return parse_mesh(f"fsdp={devices or 8}")
     shape = parse_mesh(mesh)
+    if -1 in shape.values():
+        shape = resolve_mesh_shape(shape, devices or 8)
     if devices is not None and mesh_devices(shape) != devices:
         raise ConfigError(f"--mesh {mesh_text(shape)} uses {mesh_devices(shape)} devices, "
                           f"but --devices is {devices}: the axis sizes must multiply to the device count")
@@ -66,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = config.replace(remat=args.remat)
         request = PlanRequest(mesh_shape=mesh_shape, weights=args.weights, batch=args.batch, seq_len=args.seq_len,
                               prefill_chunk=args.prefill_chunk, train=args.train, device=args.device,
-                              compile_activations=not args.no_compile)
+                              compile_activations=not args.no_compile, grouped_matmul=args.grouped_matmul)
         plan = make_plan(config, request, name=args.config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ alignment, run-config overrides."""
 import os
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -143,6 +144,51 @@ def test_gradient_accumulation_matches_the_full_batch(micro_model):
         np.testing.assert_allclose(a, b, atol=1e-5)  # Adam's first step is ~lr*sign(g)
     for a, b in zip(jax.tree.leaves(accumulated["buffers"]), jax.tree.leaves(full["buffers"]), strict=True):
         np.testing.assert_array_equal(a, b)  # the same total expert loads move the biases
+
+
+def _sums_and_products(jaxpr, found):
+    """(primitive, output dtype) of every matmul and sum in a jaxpr and the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _sums_and_products(sub, found)
+        if eqn.primitive.name in ("dot_general", "ragged_dot_general", "reduce_sum"):
+            found.add((eqn.primitive.name, str(eqn.outvars[0].aval.dtype)))
+    return found
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_bf16_training_gradients_are_summed_in_float32(scan):
+    """With bf16 compute every matmul and sum of the training loss and its gradient (main stack of every
+    layer kind, scanned or not, MTP, chunked loss) produces float32: the weight gradients (sums over the
+    batch) leave their matmuls in float32, so the partitioner's cross-device reductions of them are float32."""
+    config = from_hf_config(dict(MICRO, hybrid_override_pattern="M*E-", compute_dtype="bfloat16",
+                                 scan_layers=scan))
+    model = NemotronH(config)
+    variables = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+    batch = {"inputs": jnp.zeros((2, 16), jnp.int32), "targets": jnp.zeros((2, 16), jnp.int32),
+             "loss_mask": jnp.ones((2, 16))}
+
+    def grads(params, buffers):
+        return jax.grad(lambda p: model_losses(model, p, buffers, batch, token_counts(batch), 0.3, 0.0, 8)[0])(params)
+
+    found = _sums_and_products(jax.make_jaxpr(grads)(variables["params"], variables["buffers"]).jaxpr, set())
+    assert {name for name, _ in found} >= {"dot_general", "reduce_sum"}
+    assert {dtype for name, dtype in found if name != "reduce_sum" or dtype != "int32"} == {"float32"}, found
+
+
+def test_default_meshes_use_every_device():
+    """train.py (run config mesh fsdp=-1) and serve.py (--mesh fsdp=-1) default to every device."""
+    from nemojax.cli.serve import parse_args
+    from nemojax.sharding import parse_mesh, resolve_mesh_shape
+    from nemojax.train.placement import build_mesh
+    from nemojax.train.run_config import default_run_config
+
+    mesh = build_mesh(default_run_config().mesh)
+    assert mesh.devices.size == jax.device_count() == 8 and dict(mesh.shape)["fsdp"] == 8
+    args = parse_args(["--checkpoint", "c", "--prompts", "p", "--output", "o"])
+    assert resolve_mesh_shape(parse_mesh(args.mesh), 8) == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
+    with pytest.raises(ConfigError, match="at most one"):
+        resolve_mesh_shape(parse_mesh("data=-1,fsdp=-1"), 8)
 
 
 def test_run_config_overrides_are_typed():

@@ -12,16 +12,17 @@ min_p, seed, stop, ignore_eos, reasoning, thinking_budget. Output: one line per 
 order: {"output_ids", "text", "finish_reason"}, or {"error"} for a line that cannot be served.
 An unreadable checkpoint or prompt file exits with status 2.
 
-`--mesh` shards the model and the caches over the devices (sizes multiply to the device count; the
-default is one device). Several hosts: start one process per host with the same arguments plus
-`--coordinator-address/--num-processes/--process-id` (or let a cluster such as SLURM be detected)
-and a `--mesh` over all their devices; process 0 writes the output.
+`--mesh` shards the model and the caches over the devices (sizes multiply to the device count, one
+may be -1 for the rest; the default fsdp=-1 uses every device of every process). Several hosts: start
+one process per host with the same arguments plus `--coordinator-address/--num-processes/--process-id`
+(or let a cluster such as SLURM be detected); process 0 writes the output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -49,7 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--thinking-budget", type=int, default=None, help="force </think> after N thinking tokens")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--stats", default=None, help="write throughput statistics (JSON) here")
-    p.add_argument("--mesh", default=None, help="device mesh, e.g. tensor=4,expert=2 (default: one device)")
+    p.add_argument("--mesh", default="fsdp=-1",
+                   help="device mesh, e.g. tensor=4,expert=2; -1 takes the remaining devices (default: fsdp=-1)")
     p.add_argument("--no-progress", action="store_true")
     add_distributed_flags(p)
     return p.parse_args(argv)
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from nemojax.generate.loading import end_of_turn_ids, load_checkpoint, load_encoder
     from nemojax.generate.serving import serve
     from nemojax.generate.stats import stats_record
-    from nemojax.sharding import make_mesh, parse_mesh
+    from nemojax.sharding import make_mesh, parse_mesh, resolve_mesh_shape
 
     if args.batch_size < 1 or args.max_new_tokens < 1 or args.prefill_chunk < 1:
         raise ConfigError("--batch-size, --max-new-tokens and --prefill-chunk must be positive")
@@ -86,12 +88,11 @@ def run(args: argparse.Namespace) -> int:
             lines = [line for line in f.read().splitlines() if line.strip()]
     except OSError as e:
         raise DataError(f"cannot read prompts {args.prompts}: {e}") from e
-    mesh_shape = None if args.mesh is None else parse_mesh(args.mesh)
+    mesh_shape = parse_mesh(args.mesh)
     initialize(args)
-    if mesh_shape is None and jax.process_count() > 1:
-        raise ConfigError(f"{jax.process_count()} processes joined: give --mesh over all "
-                          f"{jax.device_count()} devices (e.g. --mesh tensor={jax.device_count()})")
-    mesh = None if mesh_shape is None else make_mesh(**mesh_shape)
+    mesh_shape = resolve_mesh_shape(mesh_shape, jax.device_count())
+    single = math.prod(mesh_shape.values()) == 1 and jax.process_count() == 1
+    mesh = None if single else make_mesh(**mesh_shape)
     model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh)
     encoder, tokenizer = load_encoder(args.checkpoint)
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),

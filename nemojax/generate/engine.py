@@ -215,7 +215,9 @@ class Engine:
 
     @staticmethod
     def _donated(name: str) -> tuple[int, ...]:
-        return {"prefill": (1,), "segment": (1,)}.get(name, ())
+        """The cache moves from prefill to prefill, into the decode state and through the decode segments
+        without a second copy: each program donates the buffers it replaces."""
+        return {"prefill": (1,), "start": (0,), "segment": (1,)}.get(name, ())
 
     # ---------------------------------------------------------------- device side
     def _empty_cache(self, batch: int, cache_len: int) -> State:
@@ -223,7 +225,8 @@ class Engine:
         cache = init_cache(self.config, batch, cache_len)
         if self.mesh is None:
             return cache
-        return jax.lax.with_sharding_constraint(cache, sharding.cache_shardings(cache, self.mesh))
+        shardings = sharding.cache_shardings(cache, self.mesh, sharding.head_units(self.config))
+        return jax.lax.with_sharding_constraint(cache, shardings)
 
     def _progress(self, state: State) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(done, out, count), replicated on a mesh so that every process can read them."""

@@ -25,7 +25,12 @@ def default_init(std: float = 0.02) -> Initializer:
 
 
 class Linear(nn.Module):
-    """y = x @ kernel, no bias (no published Nemotron-H linear has one)."""
+    """y = x @ kernel, no bias (no published Nemotron-H linear has one).
+
+    The product is taken in float32 (`preferred_element_type`) and cast to `dtype`: the kernel's
+    gradient then leaves its matmul in float32, so the cross-device reduction of weight gradients
+    (data parallelism, FSDP) runs in float32, not in the compute dtype.
+    """
 
     features: int
     axes: tuple[str, str]
@@ -37,7 +42,8 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32)
+        return y.astype(self.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -20,7 +20,13 @@ import jax.numpy as jnp
 from nemojax.config import ModelConfig
 from nemojax.model.layers import Linear, default_init, dtype_of, relu2
 from nemojax.model.mlp import MLP
-from nemojax.ops.expert_parallel import Matmul, expert_matmul, expert_parallel_moe, uses_expert_parallelism
+from nemojax.ops.expert_parallel import (
+    Matmul,
+    current_expert_matmul,
+    expert_matmul,
+    expert_parallel_moe,
+    uses_expert_parallelism,
+)
 
 
 def route(scores_te: jax.Array, bias_e: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -104,11 +110,12 @@ class Experts(nn.Module):
         down_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         up = self.param("up_proj", nn.with_logical_partitioning(default_init(), up_axes), (e, w, f), pdtype)
         down = self.param("down_proj", nn.with_logical_partitioning(down_init, down_axes), (e, f, w), pdtype)
+        matmul = current_expert_matmul()
         if uses_expert_parallelism(jax.sharding.get_abstract_mesh(), e):
-            y, stats = expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, relu2,
+            y, stats = expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, relu2, matmul=matmul,
                                            capacity_factor=c.moe_capacity_factor)
             return y, stats.dropped_rows
-        return dropless_experts(x_td, ids_tk, weights_tk, up, down), jnp.zeros((), jnp.int32)
+        return dropless_experts(x_td, ids_tk, weights_tk, up, down, matmul), jnp.zeros((), jnp.int32)
 
 
 class MoE(nn.Module):

@@ -26,8 +26,10 @@ expert axis (and not over "tensor").
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -53,6 +55,25 @@ def expert_matmul(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array) -
     """The default expert matmul: weights cast to the activations' dtype, float32 results (so the
     weight gradient leaves the matmul in float32 and is reduced across devices in float32)."""
     return grouped_matmul(x_mk, w_ekn.astype(x_mk.dtype), group_sizes_e, preferred_element_type=jnp.float32)
+
+
+_EXPERT_MATMUL: contextvars.ContextVar[Matmul] = contextvars.ContextVar("expert_matmul", default=expert_matmul)
+
+
+@contextlib.contextmanager
+def use_expert_matmul(matmul: Matmul) -> Iterator[Matmul]:
+    """Make `matmul` the routed experts' grouped matmul for the models traced in this context (the
+    planner compiles the GPU path this way; a packed-weight kernel can plug in the same way)."""
+    token = _EXPERT_MATMUL.set(matmul)
+    try:
+        yield matmul
+    finally:
+        _EXPERT_MATMUL.reset(token)
+
+
+def current_expert_matmul() -> Matmul:
+    """The grouped matmul set by `use_expert_matmul` (default `expert_matmul`)."""
+    return _EXPERT_MATMUL.get()
 
 
 def uses_expert_parallelism(mesh: Mesh | AbstractMesh | None, num_experts: int) -> bool:

@@ -46,7 +46,7 @@ def default_run_config() -> ml_collections.ConfigDict:
         compute_dtype="",        # "" keeps the model config's dtype
         optimizer=default_optimizer_config(),
         data=default_data_config(),
-        mesh=dict(data=1, fsdp=1, tensor=1, expert=1),
+        mesh=dict(data=1, fsdp=-1, tensor=1, expert=1),  # -1: every device (of every process)
         model=ml_collections.ConfigDict(),
     ))
 
