@@ -7,7 +7,7 @@ must not decide GPU verdicts. Choices (`--grouped-matmul`):
 - `kernel` (default): a grouped GEMM that honours group sizes (the Pallas grouped kernel, XLA's
   cuDNN ragged-dot fusion): it allocates its output [m, n] and, in the backward, the input and
   weight gradients, nothing per group. Compiled through `grouped_gemm_shapes`, a stand-in with
-  exactly those buffers (its values are meaningless; plans never run it).
+  those buffers (its values are meaningless; plans never run it).
 - `ragged-dot`: `jax.lax.ragged_dot`, which is what `grouped_matmul` calls on GPU. XLA lowers it
   with its generic ragged-dot expander unless a grouped-GEMM backend takes it (on NVIDIA GPUs, the
   cuDNN fusion behind `--xla_gpu_experimental_use_ragged_dot_fusion`, weight gradients only with a
@@ -20,34 +20,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nemojax.ops.expert_parallel import Matmul, expert_matmul
 
 GROUPED_MATMUL_CHOICES = ("kernel", "ragged-dot", "cpu-tiled")
 
 
-@jax.custom_vjp
 def grouped_gemm_shapes(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
     """A memory stand-in for a grouped GEMM: one [m, k] x [k, n] product (the same FLOPs as the rows
-    spread over their groups), float32 [m, n] out; backward: dx [m, k] and dw [E, k, n]."""
+    spread over their groups), float32 [m, n] out; its gradients are dx [m, k] and dw [E, k, n] (zero
+    but for expert 0), the buffers a grouped GEMM's backward writes. Plans compile it, never run it."""
     del group_sizes_e
     return jnp.dot(x_mk, w_ekn[0].astype(x_mk.dtype), preferred_element_type=jnp.float32)
-
-
-def _shapes_fwd(x_mk, w_ekn, group_sizes_e):
-    return grouped_gemm_shapes(x_mk, w_ekn, group_sizes_e), (x_mk, w_ekn, group_sizes_e)
-
-
-def _shapes_bwd(residuals, g_mn):
-    x_mk, w_ekn, group_sizes_e = residuals
-    dx = jnp.dot(g_mn.astype(x_mk.dtype), w_ekn[0].astype(x_mk.dtype).T, preferred_element_type=jnp.float32)
-    dw0 = jnp.dot(x_mk.T, g_mn.astype(x_mk.dtype), preferred_element_type=jnp.float32)
-    dw = jnp.zeros(w_ekn.shape, jnp.float32).at[0].set(dw0)
-    return dx.astype(x_mk.dtype), dw.astype(w_ekn.dtype), np.zeros(group_sizes_e.shape, jax.dtypes.float0)
-
-
-grouped_gemm_shapes.defvjp(_shapes_fwd, _shapes_bwd)
 
 
 def ragged_dot_matmul(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
