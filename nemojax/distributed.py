@@ -3,7 +3,8 @@
 Every process runs the same program. `initialize(args)` joins them (explicit flags, or JAX's own
 detection on SLURM/Open MPI/... clusters; nothing on a single machine). Afterwards `jax.devices()`
 lists every process's devices, a mesh spans them all, and each process feeds only its own rows of
-the global batch (`local_batch_rows`, `global_batch`).
+the global batch (`local_batch_rows`, `global_batch`). `agree(value)` hands process 0's decision to
+every process, so that all of them stop at the same point.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def initialize(args: argparse.Namespace) -> bool:
         jax.distributed.initialize()
         return jax.process_count() > 1
     return False
+
+
+def agree(value: int) -> int:
+    """Process 0's `value` on every process (a collective: every process must call it at the same point);
+    on one process the value itself. Values must fit in int32."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def local_batch_rows(mesh: Mesh, global_batch_size: int) -> slice:

@@ -15,3 +15,15 @@ class CheckpointError(NemojaxError):
 
 class DataError(NemojaxError):
     """Training or serving data is missing or malformed; the message names the file."""
+
+
+class QuantizationError(NemojaxError, ValueError):
+    """A tensor cannot be quantized or dequantized as asked (shape, non-finite values, bad scales)."""
+
+
+class OutputError(NemojaxError):
+    """A result cannot be written (missing directory, full disk); the message names the file and what is kept."""
+
+
+class NemojaxWarning(UserWarning):
+    """Input that is used, but not as given (an ignored config field, a checkpoint skipped as unreadable)."""

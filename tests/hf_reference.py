@@ -1,15 +1,16 @@
 """Random small Nemotron-H checkpoints made with the `transformers` reference (test-only helper).
 
 Every parameter and the correction bias is randomised (not the default init), so a wrong layout,
-transpose or formula shows up in the logits.
+transpose or formula shows up in the logits. torch is imported by the functions that use it, so test
+modules can import this one where torch is absent (the tests that call those functions are marked
+`torch` and deselected there).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-from transformers import NemotronHConfig, NemotronHForCausalLM
+from transformers import NemotronHConfig
 
 LETTERS = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
 
@@ -31,37 +32,41 @@ def small_hf_config(pattern: str = "ME*-", **overrides) -> NemotronHConfig:
     return NemotronHConfig(**fields)
 
 
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Overwrite every parameter and buffer with random values of a sensible scale."""
+def randomize_(model, seed: int = 0) -> None:
+    """Overwrite every parameter and buffer of a torch module with random values of a sensible scale."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if not tensor.is_floating_point():
-            continue
-        shape = tensor.shape
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "A_log":
-            value = torch.rand(shape, generator=gen) * 2.0 - 1.0
-        elif leaf == "dt_bias":
-            value = torch.rand(shape, generator=gen) * 5.0 - 4.0
-        elif leaf == "D":
-            value = torch.randn(shape, generator=gen)
-        elif leaf == "e_score_correction_bias":
-            value = torch.randn(shape, generator=gen) * 0.1
-        elif "norm" in name and tensor.ndim == 1:
-            value = 1.0 + 0.3 * torch.randn(shape, generator=gen)
-        elif leaf == "bias":
-            value = 0.1 * torch.randn(shape, generator=gen)
-        elif tensor.ndim >= 2:
-            fan_in = shape[-1] if "conv1d" not in name else shape[-1]
-            value = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
-        else:
-            value = torch.randn(shape, generator=gen)
-        tensor.copy_(value.to(tensor.dtype))
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if not tensor.is_floating_point():
+                continue
+            shape = tensor.shape
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "A_log":
+                value = torch.rand(shape, generator=gen) * 2.0 - 1.0
+            elif leaf == "dt_bias":
+                value = torch.rand(shape, generator=gen) * 5.0 - 4.0
+            elif leaf == "D":
+                value = torch.randn(shape, generator=gen)
+            elif leaf == "e_score_correction_bias":
+                value = torch.randn(shape, generator=gen) * 0.1
+            elif "norm" in name and tensor.ndim == 1:
+                value = 1.0 + 0.3 * torch.randn(shape, generator=gen)
+            elif leaf == "bias":
+                value = 0.1 * torch.randn(shape, generator=gen)
+            elif tensor.ndim >= 2:
+                value = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])  # last axis = fan-in
+            else:
+                value = torch.randn(shape, generator=gen)
+            tensor.copy_(value.to(tensor.dtype))
 
 
-def make_checkpoint(directory, pattern: str = "ME*-", seed: int = 0, **overrides) -> NemotronHForCausalLM:
-    """Build, randomise and save a reference model; returns it (float32, eval mode)."""
+def make_checkpoint(directory, pattern: str = "ME*-", seed: int = 0, **overrides):
+    """Build, randomise and save a reference NemotronHForCausalLM; returns it (float32, eval mode)."""
+    import torch
+    from transformers import NemotronHForCausalLM
+
     torch.manual_seed(seed)
     model = NemotronHForCausalLM(small_hf_config(pattern, **overrides)).float().eval()
     randomize_(model, seed)
@@ -69,8 +74,11 @@ def make_checkpoint(directory, pattern: str = "ME*-", seed: int = 0, **overrides
     return model
 
 
-@torch.no_grad()
-def reference_logits(model: NemotronHForCausalLM, ids, attention_mask=None):
+def reference_logits(model, ids, attention_mask=None):
+    """The reference model's float32 logits (numpy) for token ids and an optional attention mask."""
+    import torch
+
     ids_t = torch.as_tensor(ids, dtype=torch.long)
     mask = None if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.long)
-    return model(input_ids=ids_t, attention_mask=mask, use_cache=False).logits.float().numpy()
+    with torch.no_grad():
+        return model(input_ids=ids_t, attention_mask=mask, use_cache=False).logits.float().numpy()

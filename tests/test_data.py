@@ -1,7 +1,10 @@
 """Training data: tokenizer ids and round trip, packing, seeded order, exact resume, process slices, errors."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -19,6 +22,7 @@ from nemojax.train.tokenizer import (
     train_tokenizer,
 )
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS_ID = NAMED_SPECIAL_IDS["</s>"]
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -243,14 +247,23 @@ def test_chat_mask_covers_exactly_the_assistant_tokens(tmp_path):
     np.testing.assert_array_equal(batch["loss_mask"][0], mask[1:])
 
 
+def _stdlib_files_in_a_new_process(max_bytes: int, cwd) -> list[str]:
+    """corpus.stdlib_files in another interpreter, with another hash seed and working directory."""
+    code = f"import json; from nemojax.train import corpus; print(json.dumps(corpus.stdlib_files({max_bytes})))"
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, check=True)
+    return json.loads(run.stdout)
+
+
 def test_stdlib_default_is_deterministic_and_split(tmp_path):
     cfg = data.default_data_config()
     cfg.max_corpus_bytes = 150_000
     cfg.vocab_size = 400
     data.validate_data_config(cfg)
     files = corpus.stdlib_files(150_000)
-    assert files == sorted(files) and files == corpus.stdlib_files(150_000)
+    assert files == sorted(files) and files == _stdlib_files_in_a_new_process(150_000, tmp_path)
     assert all(f.endswith(".py") and "site-packages" not in f for f in files)
+    assert 0 < sum(os.path.getsize(os.path.join(corpus.stdlib_root(), f)) for f in files) <= 150_000
     train, heldout = data._split(cfg)
     assert train and heldout and len(train) + len(heldout) == len(files)
     assert train[0].text.strip() and train[0].key.startswith("stdlib/")

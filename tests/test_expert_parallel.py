@@ -10,7 +10,8 @@ import pytest
 from nemojax import sharding
 from nemojax.model.layers import relu2
 from nemojax.model.moe import dropless_experts
-from nemojax.ops.expert_parallel import expert_capacity, expert_matmul, expert_parallel_moe
+from nemojax.ops.expert_banks import expert_matmul, use_expert_matmul
+from nemojax.ops.expert_parallel import expert_capacity, expert_parallel_moe
 
 TOKENS, E, WIDTH, F, K = 32, 8, 6, 4, 3
 
@@ -43,9 +44,9 @@ def test_each_device_multiplies_only_its_routed_rows_and_matches_one_device():
         return expert_matmul(x_mk, w_ekn, group_sizes)
 
     def ep(x, w, up, down):
-        return expert_parallel_moe(x, ids, w, up, down, relu2, matmul=recording_matmul)
+        return expert_parallel_moe(x, ids, w, up, down, relu2)
 
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh), use_expert_matmul(recording_matmul):
         (y, stats) = jax.jit(ep)(x, w, up, down)
         jax.block_until_ready(y)
         got = jax.jit(jax.value_and_grad(lambda *a: _loss(lambda *b: ep(*b)[0], *a), argnums=(0, 1, 2, 3)))(

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from hf_reference import make_checkpoint
 
 import nemojax
@@ -58,6 +57,7 @@ def mixed_requests(max_new=MAX_NEW):
     return [request(i, p, max_new, **s) for i, (p, s) in enumerate(zip(prompts, settings, strict=True))]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("pattern,overrides", [("ME*-", {}), ("M*EM", {"moe_latent_size": None, "n_group": 1})])
 def test_greedy_equals_transformers_generate(tmp_path, pattern, overrides):
     """A batch of equal-length prompts and single prompts of different lengths (one and two prefill
@@ -65,6 +65,8 @@ def test_greedy_equals_transformers_generate(tmp_path, pattern, overrides):
 
     transformers' cached Mamba decoding does not clamp dt at time_step_min (its full forward does),
     so the checkpoint uses a negligible time_step_min for the two to agree."""
+    import torch
+
     reference = make_checkpoint(tmp_path, pattern, seed=len(pattern) + len(overrides), time_step_min=1e-6,
                                 **overrides)
     model, variables = nemojax.load_pretrained(tmp_path, dtype="float32", param_dtype="float32")

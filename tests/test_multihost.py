@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from small_runs import SMALL_MODEL_ARGS
 
 from nemojax.train.metrics import read_metrics
 
@@ -24,16 +25,12 @@ RUN = [
     "--config", os.path.join(REPO, "configs", "tiny.py"), "--compilation-cache", "",
     "--config.model.hybrid_override_pattern=M*E", "--config.model.num_nextn_predict_layers=0",
     "--config.model.mtp_hybrid_override_pattern=",
-    "--config.model.vocab_size=512", "--config.model.hidden_size=64", "--config.model.num_attention_heads=2",
-    "--config.model.num_key_value_heads=1", "--config.model.head_dim=32", "--config.model.mamba_num_heads=4",
-    "--config.model.mamba_head_dim=16", "--config.model.ssm_state_size=16", "--config.model.chunk_size=32",
-    "--config.model.intermediate_size=128", "--config.model.n_routed_experts=8",
-    "--config.model.num_experts_per_tok=2", "--config.model.moe_intermediate_size=32",
-    "--config.model.moe_shared_expert_intermediate_size=64", "--config.model.moe_latent_size=32",
-    "--config.data.vocab_size=512", "--config.data.max_corpus_bytes=200000", "--config.batch_size=8",
+    *SMALL_MODEL_ARGS, "--config.batch_size=8",
     "--config.seq_len=32", f"--config.num_steps={STEPS}", "--config.log_every=1", "--config.eval_every=100",
     "--config.eval_batches=1", "--config.checkpoint_every=100",
     "--config.data.shards=2",  # the same batches for 1 and 2 processes; each of 2 tokenises its half
+    # no warm-up and a large rate, so that 3 steps lower the loss on any Python's standard library
+    "--config.optimizer.warmup_steps=1", "--config.optimizer.learning_rate=1e-2",
 ]
 MESH = ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.expert=2"]
 

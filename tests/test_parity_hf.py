@@ -8,6 +8,8 @@ from hf_reference import make_checkpoint, reference_logits
 import nemojax
 from nemojax.errors import CheckpointError
 
+pytestmark = pytest.mark.torch
+
 
 def rel_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))

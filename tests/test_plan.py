@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from nemojax.config import resolve_model_config
-from nemojax.ops.expert_parallel import use_expert_matmul
+from nemojax.ops.expert_banks import use_expert_matmul
 from nemojax.planning import activations, count_parameters, matmuls
 from nemojax.planning.caches import cache_bytes_per_device
 from nemojax.planning.layout import build_mesh
@@ -85,7 +85,8 @@ def test_weight_formats_per_value():
     mtp_expert_values = c.mtp_layer_types.count("moe") * c.n_routed_experts * 2 * c.moe_latent_size \
         * c.moe_intermediate_size
     assert bf16["routed_experts"] == 2 * (main_expert_values + mtp_expert_values)
-    scales = 4 * 2 * c.n_routed_experts
+    # Per expert and projection two float32 scalars: weight_scale_2 (NVFP4) or weight_scale (FP8), and input_scale.
+    scales = 8 * 2 * c.n_routed_experts
     assert fp4["routed_experts"] == main_expert_values * 9 // 16 + 2 * mtp_expert_values \
         + c.layer_types.count("moe") * scales
     assert fp8["routed_experts"] == main_expert_values + mtp_expert_values + (c.layer_types.count("moe") + 1) * scales

@@ -217,10 +217,13 @@ def _lm_loss(model, params, buffers, ids):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]))
 
 
+LEARNING_RATE = 1e-2
+
+
 def test_training_step_on_mesh_equals_single_device(setup):
     cfg, variables, ids = setup
     model = NemotronH(cfg)
-    tx = optax.adamw(1e-2, weight_decay=0.1)
+    tx = optax.adamw(LEARNING_RATE, weight_decay=0.1)
 
     @jax.jit
     def step(params, opt_state, buffers, ids):
@@ -237,9 +240,13 @@ def test_training_step_on_mesh_equals_single_device(setup):
         got = step(placed["params"], opt_state, placed["buffers"],
                    jax.device_put(ids, sharding.batch_sharding(mesh, BATCH)))
     assert _rel_err(got[0], expected[0]) < 1e-5
-    for name, a, b in zip(("grads", "params"), got[1:3], expected[1:3], strict=True):
-        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-            assert np.allclose(x, y, rtol=1e-4, atol=1e-6 * max(1.0, float(np.max(np.abs(y))))), (name, path)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(expected[1]), strict=True):
+        assert np.allclose(x, y, rtol=1e-4, atol=1e-6 * max(1.0, float(np.max(np.abs(y))))), ("grads", path)
+    # AdamW's first update is lr * g / (|g| + 1e-8) per element: a gradient of ~1e-9 that differs in its
+    # last digits (summation order) moves its update by a visible fraction of lr, so the new parameters
+    # are compared against the update's scale, lr, not their own magnitude.
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got[2]), jax.tree.leaves(expected[2]), strict=True):
+        assert np.allclose(x, y, rtol=0, atol=1e-3 * LEARNING_RATE), ("params", path)
     # the optimizer state (FSDP) and the updated params keep the parameters' shardings
     mu = got[3][0].mu
     for p, m, new in zip(jax.tree.leaves(placed["params"]), jax.tree.leaves(mu), jax.tree.leaves(got[2]),

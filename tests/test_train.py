@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_runs import SMALL_MODEL_ARGS
 
 from nemojax.checkpoint.hf import save_pretrained
 from nemojax.checkpoint.orbax import latest_step, load_model, save_model
@@ -27,14 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
 NUM_STEPS = 24
 # The tiny config's layer pattern (every layer kind and the MTP block) at smaller widths.
-SMALL = [
-    "--config.model.vocab_size=512", "--config.model.hidden_size=64", "--config.model.num_attention_heads=2",
-    "--config.model.num_key_value_heads=1", "--config.model.head_dim=32", "--config.model.mamba_num_heads=4",
-    "--config.model.mamba_head_dim=16", "--config.model.ssm_state_size=16", "--config.model.chunk_size=32",
-    "--config.model.intermediate_size=128", "--config.model.n_routed_experts=8",
-    "--config.model.num_experts_per_tok=2", "--config.model.moe_intermediate_size=32",
-    "--config.model.moe_shared_expert_intermediate_size=64", "--config.model.moe_latent_size=32",
-    "--config.data.vocab_size=512", "--config.data.max_corpus_bytes=200000",
+SMALL = SMALL_MODEL_ARGS + [
     "--config.batch_size=4", "--config.seq_len=64", f"--config.num_steps={NUM_STEPS}", "--config.log_every=1",
     "--config.eval_every=8", "--config.eval_batches=2", "--config.checkpoint_every=8",
     "--config.optimizer.learning_rate=3e-3", "--config.optimizer.warmup_steps=4",
@@ -62,7 +56,7 @@ def test_loss_falls_and_run_outputs(uninterrupted):
     assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))
     first, last = np.mean([r["lm_loss"] for r in records[:4]]), np.mean([r["lm_loss"] for r in records[-4:]])
     assert first > np.log(512) - 0.3  # starts near uniform
-    assert last < first - 1.0, (first, last)
+    assert last < first - 0.5, (first, last)  # about 1 nat on Python 3.11's and 3.12's standard library
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(evals) == 3 and evals[-1] < evals[0]
     for key in ("loss", "lm_loss", "mtp_loss", "lr", "grad_norm", "tokens_per_second", "expert_load"):

@@ -5,7 +5,8 @@ Three directory shapes hold a model, and `load_model` reads all of them:
   `variables/` (an Orbax tree {"params", "buffers"} in the model's in-memory layout: per layer, or
   stacked per layer kind when `model.scan_layers`), written by `save_model`;
 - a training workdir: `config.json` (same "model" key, plus the run config) and
-  `checkpoints/<step>/variables/`, the latest finalised step is read;
+  `checkpoints/<step>/variables/`: the latest finalised step is read, or, when it cannot be restored,
+  the newest one before it that can (reported with a `NemojaxWarning` naming the step);
 - one training step directory `WORKDIR/checkpoints/<step>`.
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
 half-written checkpoint is never found here.
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from nemojax.config import ModelConfig, dtype_name, from_dict
-from nemojax.errors import CheckpointError
+from nemojax.errors import CheckpointError, NemojaxWarning
 from nemojax.model import NemotronH, abstract_variables
 from nemojax.model.stacking import to_layout
 from nemojax.sharding.placement import variable_shardings
@@ -67,9 +69,12 @@ def _read_payload(directory: str) -> dict[str, Any]:
             payload = json.load(f)
     except FileNotFoundError as e:
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}") from e
-    except json.JSONDecodeError as e:
+    except IsADirectoryError as e:
+        raise CheckpointError(f"{path} is a directory, not a config file") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if payload.get("format") != "nemojax" or "model" not in payload:
+    if not isinstance(payload, dict) or payload.get("format") != "nemojax" or not isinstance(payload.get("model"),
+                                                                                              dict):
         raise CheckpointError(f"{path} is not a nemojax config (no \"format\": \"nemojax\" and \"model\")")
     return payload
 
@@ -83,13 +88,19 @@ def is_nemojax_dir(directory: str) -> bool:
         return False
 
 
-def latest_step(checkpoints_dir: str) -> int | None:
-    """The newest finalised step under `checkpoints_dir` (temporary, unfinished saves are ignored)."""
+def finished_steps(checkpoints_dir: str) -> list[int]:
+    """The finalised steps under `checkpoints_dir`, newest first (temporary, unfinished saves are ignored)."""
     if not os.path.isdir(checkpoints_dir):
-        return None
-    steps = [int(name) for name in os.listdir(checkpoints_dir)
-             if name.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, name, VARIABLES_ITEM))]
-    return max(steps) if steps else None
+        return []
+    return sorted((int(name) for name in os.listdir(checkpoints_dir)
+                   if name.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, name, VARIABLES_ITEM))),
+                  reverse=True)
+
+
+def latest_step(checkpoints_dir: str) -> int | None:
+    """The newest finalised step under `checkpoints_dir`."""
+    steps = finished_steps(checkpoints_dir)
+    return steps[0] if steps else None
 
 
 def _config_dir(directory: str) -> str:
@@ -100,17 +111,29 @@ def _config_dir(directory: str) -> str:
     return directory
 
 
-def variables_path(directory: str) -> str:
-    """The `variables/` Orbax tree of a model directory, step directory or workdir (latest step)."""
+def variables_paths(directory: str) -> list[str]:
+    """The `variables/` Orbax trees to try, in order: a model or step directory's own, or a workdir's
+    finished steps, newest first."""
     directory = os.path.abspath(os.fspath(directory))
     direct = os.path.join(directory, VARIABLES_ITEM)
     if os.path.isdir(direct):
-        return direct
-    step = latest_step(os.path.join(directory, CHECKPOINTS_DIR))
-    if step is None:
+        return [direct]
+    steps = finished_steps(os.path.join(directory, CHECKPOINTS_DIR))
+    if not steps:
         raise CheckpointError(f"{directory}: neither a {VARIABLES_ITEM}/ tree nor a finished checkpoint under "
                               f"{CHECKPOINTS_DIR}/")
-    return os.path.join(directory, CHECKPOINTS_DIR, str(step), VARIABLES_ITEM)
+    return [os.path.join(directory, CHECKPOINTS_DIR, str(step), VARIABLES_ITEM) for step in steps]
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a model directory, a training workdir or a step directory (nothing else is read)."""
+    directory = os.path.abspath(os.fspath(path))
+    return from_dict(read_config(_config_dir(directory))["model"])
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether a restore failed for lack of memory (the checkpoint itself may be fine)."""
+    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error)
 
 
 def abstract_target(config: ModelConfig, shardings: Any | None = None) -> dict:
@@ -145,17 +168,27 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, param_dtype: s
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: no such checkpoint directory")
     overrides = {k: dtype_name(v) for k, v in (("compute_dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
-    config = from_dict(read_config(_config_dir(directory))["model"]).replace(**overrides)
+    config = read_model_config(directory).replace(**overrides)
     shardings = None
     if mesh is not None:
         shardings = variable_shardings(config, mesh)
-    target = abstract_target(config, shardings)
-    source = variables_path(directory)
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(source, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{source}: cannot restore the model variables ({e})") from e
+    target = {"buffers": {}, **abstract_target(config, shardings)}  # a model without MoE layers has no buffers
+    failures = []
+    for source in variables_paths(directory):
+        try:
+            with ocp.StandardCheckpointer() as checkpointer:
+                restored = checkpointer.restore(source, target)
+        except Exception as e:  # whatever the reader raises, this tree cannot be used ...
+            if out_of_memory(e):  # ... unless the machine, not the checkpoint, is at fault
+                raise
+            failures.append(f"{source} ({type(e).__name__}: {str(e)[:300]})")
+            continue
+        if failures:
+            warnings.warn(f"skipped unreadable checkpoints: {'; '.join(failures)}; using {source}", NemojaxWarning,
+                          stacklevel=2)
+        break
+    else:
+        raise CheckpointError("cannot restore the model variables: " + "; ".join(failures))
     variables = {"params": restored["params"], "buffers": restored["buffers"]}
     if scan_layers is not None and scan_layers != config.scan_layers:
         config = config.replace(scan_layers=scan_layers)

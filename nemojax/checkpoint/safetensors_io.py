@@ -1,12 +1,14 @@
 """Minimal safetensors reader/writer over numpy memory maps.
 
 The `safetensors` package's numpy path cannot hold bfloat16 or float8; `ml_dtypes` can, and a memory
-map lets a loader read only the slices a device needs.
+map lets a loader read only the slices a device needs. Every header entry is checked against the file's
+size when it is opened, so a truncated or corrupt file is a CheckpointError naming the file and tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -25,15 +27,66 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
 def _read_header(path: str) -> tuple[dict, int]:
+    """The tensor entries of a file's header (checked against the file's size) and where its data starts."""
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
+            file_size = os.fstat(f.fileno()).st_size
+            if size > min(MAX_HEADER_BYTES, file_size - 8):
+                raise ValueError(f"header length {size} exceeds the file ({file_size} bytes)")
             header = json.loads(f.read(size))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, struct.error, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: __metadata__ is not a JSON object")
+    for key, meta in header.items():
+        _check_entry(path, key, meta, file_size - 8 - size)
     return header, 8 + size
+
+
+def _check_entry(path: str, key: str, meta: object, data_bytes: int) -> None:
+    """CheckpointError naming the tensor unless its dtype, shape and byte range are consistent and in the file."""
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {key}: {reason}")
+
+    if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= set(meta):
+        raise bad("expected an object with dtype, shape and data_offsets")
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in _DTYPES:
+        raise bad(f"unsupported dtype {meta['dtype']!r}")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise bad(f"data_offsets {offsets!r} are not a range within the file's {data_bytes} data bytes (the file "
+                  "may be truncated)")
+    expected = math.prod(shape) * _DTYPES[meta["dtype"]].itemsize
+    if offsets[1] - offsets[0] != expected:
+        raise bad(f"holds {offsets[1] - offsets[0]} bytes, but {meta['dtype']} {shape} needs {expected}")
+
+
+def _index_files(index: str) -> list[str]:
+    """The shard files an index.json lists (names inside its directory)."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except (OSError, ValueError, RecursionError, AttributeError) as e:
+        raise CheckpointError(f"{index}: not a readable index ({e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: expected a \"weight_map\" object of tensor name -> shard file")
+    files = sorted(set(weight_map.values()))
+    outside = [f for f in files if os.path.basename(f) != f or f in ("", ".", "..")]
+    if outside:
+        raise CheckpointError(f"{index}: shard {outside[0]!r} is not a file name in the checkpoint directory")
+    return files
 
 
 class SafetensorsDir:
@@ -43,8 +96,7 @@ class SafetensorsDir:
         self.directory = os.fspath(directory)
         index = os.path.join(self.directory, "model.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = _index_files(index)
         else:
             files = sorted(f for f in os.listdir(self.directory) if f.endswith(".safetensors"))
         if not files:
@@ -56,8 +108,6 @@ class SafetensorsDir:
                 raise CheckpointError(f"{path}: listed in the index but missing")
             header, data_start = _read_header(path)
             for key, meta in header.items():
-                if meta["dtype"] not in _DTYPES:
-                    raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {meta['dtype']}")
                 self._entries[key] = (path, _DTYPES[meta["dtype"]], tuple(meta["shape"]),
                                       data_start + meta["data_offsets"][0])
 
@@ -78,7 +128,7 @@ class SafetensorsDir:
         path, dtype, shape, offset = self._entries[key]
         if int(np.prod(shape)) == 0:
             return np.zeros(shape, dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape or (1,)).reshape(shape)
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
@@ -88,7 +138,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     offset = 0
     arrays = []
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
+        arr = np.ascontiguousarray(tensors[key]).reshape(np.shape(tensors[key]))  # keeps scalars 0-d
         if arr.dtype not in _NAMES:
             raise CheckpointError(f"tensor {key}: dtype {arr.dtype} cannot be written to safetensors")
         header[key] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),

@@ -1,16 +1,21 @@
 """Generate completions for a file of prompts.
 
-    python serve.py --checkpoint PATH --prompts IN.jsonl --output OUT.jsonl [--max-new-tokens N]
+    python serve.py --checkpoint PATH --prompts IN.jsonl --output OUT.jsonl [--resume] [--max-new-tokens N]
         [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S] [--stop STR ...] [--ignore-eos]
         [--batch-size B] [--speculative mtp --num-draft-tokens K] [--reasoning on|off|medium|low]
         [--thinking-budget N] [--stats STATS.json] [--mesh data=..,fsdp=..,tensor=..,expert=..]
 
 PATH is a Hugging Face directory (published layout), a nemojax model directory, or a train.py
-workdir (latest checkpoint and its tokenizer). Input lines: {"prompt": ...}, {"messages": [...]}
-or {"input_ids": [...]}, each optionally overriding max_new_tokens, temperature, top_k, top_p,
-min_p, seed, stop, ignore_eos, reasoning, thinking_budget. Output: one line per input line, in
-order: {"output_ids", "text", "finish_reason"}, or {"error"} for a line that cannot be served.
-An unreadable checkpoint or prompt file exits with status 2.
+workdir (latest checkpoint that restores, and its tokenizer). Input lines (split on "\n" only): {"prompt": ...},
+{"messages": [...]} or {"input_ids": [...]}, each optionally overriding max_new_tokens, temperature,
+top_k, top_p, min_p, seed, stop, ignore_eos, reasoning, thinking_budget (any other field is an error).
+Output: exactly one line per input line, in order: {"output_ids", "text", "finish_reason"}, or
+{"error": "line N: ..."} for a line that cannot be served (blank lines included).
+
+Records are written as their batch finishes, to OUT.jsonl.partial, which is moved to OUT.jsonl at the
+end; after an interruption (Ctrl-C, a kill, a full disk) rerun the same command with --resume to serve
+only the lines not yet answered. Bad flags, an unreadable checkpoint or prompt file, or an output path
+that cannot be written exit with status 2 before any work.
 
 `--mesh` shards the model and the caches over the devices (sizes multiply to the device count, one
 may be -1 for the rest; the default fsdp=-1 uses every device of every process). Several hosts: start
@@ -21,9 +26,15 @@ one process per host with the same arguments plus `--coordinator-address/--num-p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 import sys
+
+from nemojax.cli.common import int_in, report_errors
+
+MAX_DRAFT_TOKENS = 16
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,20 +45,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompts", required=True, help="JSONL file of prompts")
     p.add_argument("--output", required=True, help="JSONL file of completions (one line per prompt line)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: keep the records in OUTPUT.partial (or OUTPUT) and serve "
+                        "the lines after them")
+    p.add_argument("--max-new-tokens", type=int_in(1), default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-k", type=int_in(0), default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (need a tokenizer)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence ids")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per prefill step")
+    p.add_argument("--batch-size", type=int_in(1), default=8)
+    p.add_argument("--prefill-chunk", type=int_in(1), default=256, help="prompt tokens per prefill step")
     p.add_argument("--speculative", choices=["mtp"], default=None)
-    p.add_argument("--num-draft-tokens", type=int, default=3)
+    p.add_argument("--num-draft-tokens", type=int_in(1, MAX_DRAFT_TOKENS), default=3)
     p.add_argument("--reasoning", choices=REASONING_MODES, default="on")
-    p.add_argument("--thinking-budget", type=int, default=None, help="force </think> after N thinking tokens")
+    p.add_argument("--thinking-budget", type=int_in(0), default=None, help="force </think> after N thinking tokens")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--stats", default=None, help="write throughput statistics (JSON) here")
     p.add_argument("--mesh", default="fsdp=-1",
@@ -59,59 +73,134 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from nemojax.errors import NemojaxError
-
     try:
-        return run(args)
-    except NemojaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_errors(lambda: run(args))
+    except KeyboardInterrupt:
+        partial = args.output + ".partial"
+        kept = f": the finished records are kept in {partial}; rerun with --resume" if os.path.exists(partial) else ""
+        print(f"interrupted{kept}", file=sys.stderr)
+        return 130
+
+
+def check_inputs(args: argparse.Namespace) -> int | None:
+    """Everything about the flags and files that can be checked before loading anything; returns the
+    number of lines in the prompts file (None for a pipe)."""
+    from nemojax.config import FLOAT_DTYPES, dtype_name
+    from nemojax.errors import CheckpointError, ConfigError
+    from nemojax.generate.jsonl import check_writable, count_lines
+    from nemojax.generate.loading import tokenizer_dir
+    from nemojax.generate.requests import check_settings
+
+    check_settings(dataclasses.asdict(defaults_of(args)), ConfigError, lambda field: "--" + field.replace("_", "-"))
+    if args.dtype is not None and dtype_name(args.dtype) not in FLOAT_DTYPES:
+        raise ConfigError(f"--dtype {args.dtype}: expected one of {FLOAT_DTYPES}")
+    if not os.path.isdir(args.checkpoint):
+        raise CheckpointError(f"--checkpoint {args.checkpoint}: no such checkpoint directory")
+    if args.stop and tokenizer_dir(args.checkpoint) is None:
+        raise ConfigError(f"--stop needs a tokenizer and {args.checkpoint} has none (no tokenizer.json)")
+    lines = count_lines(args.prompts)
+    if os.path.realpath(args.output) == os.path.realpath(args.prompts):
+        raise ConfigError(f"--output {args.output} is the prompts file; give another path")
+    if args.stats is not None:
+        check_writable(args.stats, "--stats")
+        if os.path.realpath(args.stats) == os.path.realpath(args.output):
+            raise ConfigError("--stats and --output name the same file")
+    return lines
+
+
+def defaults_of(args: argparse.Namespace):
+    from nemojax.generate import Defaults
+
+    return Defaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+                    ignore_eos=args.ignore_eos, thinking_budget=args.thinking_budget, reasoning=args.reasoning)
 
 
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from nemojax.distributed import initialize
-    from nemojax.errors import ConfigError, DataError
-    from nemojax.generate import Defaults, Engine
-    from nemojax.generate.loading import end_of_turn_ids, load_checkpoint, load_encoder
-    from nemojax.generate.serving import serve
-    from nemojax.generate.stats import stats_record
+    from nemojax.distributed import agree, initialize
+    from nemojax.errors import ConfigError, NemojaxError, OutputError
+    from nemojax.generate.jsonl import JsonlOutput
+    from nemojax.generate.loading import load_encoder
     from nemojax.sharding import make_mesh, parse_mesh, resolve_mesh_shape
 
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.prefill_chunk < 1:
-        raise ConfigError("--batch-size, --max-new-tokens and --prefill-chunk must be positive")
-    if args.speculative and args.num_draft_tokens < 1:
-        raise ConfigError("--num-draft-tokens must be at least 1")
-    try:
-        with open(args.prompts) as f:
-            lines = [line for line in f.read().splitlines() if line.strip()]
-    except OSError as e:
-        raise DataError(f"cannot read prompts {args.prompts}: {e}") from e
+    total = check_inputs(args)
+    encoder, tokenizer = load_encoder(args.checkpoint)  # a bad tokenizer or chat template fails before any work
     mesh_shape = parse_mesh(args.mesh)
     initialize(args)
     mesh_shape = resolve_mesh_shape(mesh_shape, jax.device_count())
     single = math.prod(mesh_shape.values()) == 1 and jax.process_count() == 1
     mesh = None if single else make_mesh(**mesh_shape)
+
+    # Process 0 writes; every process learns how many lines are already answered (-1: it could not open).
+    writer, failure = None, None
+    if jax.process_index() == 0:
+        try:
+            writer = JsonlOutput(args.output, resume=args.resume)
+        except NemojaxError as e:
+            failure = e
+    answered = agree(-1 if failure is not None else writer.answered if writer is not None else 0)
+    if failure is not None:
+        raise failure
+    if answered < 0:
+        raise OutputError("process 0 could not open the output file (see its message)")
+    try:
+        if total is not None and answered > total:
+            raise ConfigError(f"--resume: {args.output} already holds {answered} records but {args.prompts} has "
+                              f"only {total} lines; it is the output of another prompt file")
+
+        def flush() -> None:  # after each batch: records to disk, and every process stops if process 0 cannot
+            problem = None
+            if writer is not None:
+                try:
+                    writer.flush()
+                except OutputError as e:
+                    problem = e
+            if not agree(int(problem is None)):
+                raise problem or OutputError("process 0 could not write the output file (see its message)")
+
+        stats = None
+        if total is None or answered < total:
+            emit = writer.write if writer is not None else None
+            stats = serve_lines(args, mesh, (encoder, tokenizer), total, answered, emit, flush,
+                                jax.process_index() == 0)
+        if writer is not None:
+            writer.commit()
+    finally:
+        if writer is not None:
+            writer.close()
+    if args.stats and stats is not None and writer is not None:
+        try:
+            with open(args.stats, "w") as f:
+                json.dump(stats, f, indent=2)
+        except OSError as e:
+            raise OutputError(f"--stats {args.stats}: cannot write ({e.strerror or e})") from e
+    return 0
+
+
+def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | None, answered: int, emit, flush,
+                main_process: bool) -> dict:
+    """Load the checkpoint and serve the lines after the first `answered` with `encoding` (encoder,
+    tokenizer): `emit(record)` per line (None: not the writing process), `flush()` after each batch.
+    Returns the throughput statistics."""
+    from tqdm import tqdm
+
+    from nemojax.generate import Engine
+    from nemojax.generate.jsonl import read_lines
+    from nemojax.generate.loading import end_of_turn_ids, load_checkpoint
+    from nemojax.generate.serving import serve_stream
+    from nemojax.generate.stats import stats_record
+
+    encoder, tokenizer = encoding
     model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh)
-    encoder, tokenizer = load_encoder(args.checkpoint)
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
                     think_end_id=encoder.think_end_id, prefill_chunk=args.prefill_chunk,
                     num_draft_tokens=args.num_draft_tokens if args.speculative else 0, mesh=mesh)
-    defaults = Defaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
-                        ignore_eos=args.ignore_eos, thinking_budget=args.thinking_budget, reasoning=args.reasoning)
-    progress = not args.no_progress and jax.process_index() == 0
-    records = serve(lines, engine, encoder, tokenizer, defaults, args.batch_size, progress=progress)
-    if jax.process_index() != 0:  # several hosts run the same program; one writes
-        return 0
-    with open(args.output, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    if args.stats:
-        with open(args.stats, "w") as f:
-            json.dump(stats_record(engine.stats, engine.k), f, indent=2)
-    return 0
+    with tqdm(total=total, initial=answered, disable=args.no_progress or not main_process, unit="line") as bar:
+        serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
+                     args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar)
+    return stats_record(engine.stats, engine.k)
 
 
 if __name__ == "__main__":

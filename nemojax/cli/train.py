@@ -5,9 +5,11 @@
 
 --config is a packaged config name (tiny, nano, super, ultra) or an ml-collections config file.
 
-Any config field is overridable as --config.field=value (nested: --config.optimizer.learning_rate=1e-3).
-Rerunning with the same --workdir resumes from its newest checkpoint. Bad input exits with status 2,
-a run stopped by repeated non-finite steps with status 1.
+Any config field is overridable as --config.field=value (nested: --config.optimizer.learning_rate=1e-3);
+an unknown field is an error. Rerunning with the same --workdir resumes from its newest checkpoint that
+restores (an unreadable one is reported by step and set aside). SIGTERM or Ctrl-C saves a checkpoint at the
+next step and exits with status 128 + the signal number (143, 130); rerun to continue. Bad input exits
+with status 2 before any work, a run stopped by repeated non-finite steps with status 1.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import sys
 
 import jax
 
+from nemojax.cli.common import int_in, report_errors
 from nemojax.distributed import add_distributed_flags, initialize
-from nemojax.errors import NemojaxError
 from nemojax.train.loop import TrainingDiverged, train
 from nemojax.train.run_config import load_run_config
+from nemojax.train.stopping import TrainingStopped
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -34,25 +37,29 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     add_distributed_flags(parser)
     parser.add_argument("--compilation-cache", default=os.path.expanduser("~/.cache/nemojax/jax"),
                         help="persistent XLA compilation cache, so restarts skip compiling ('' disables)")
-    parser.add_argument("--stop-at", type=int, default=None,
+    parser.add_argument("--stop-at", type=int_in(1), default=None,
                         help="end this session after STEP with a checkpoint (rerun to continue)")
     return parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    return report_errors(lambda: run(args, overrides))
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    cfg = load_run_config(args.config, overrides)
+    initialize(args)
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     try:
-        initialize(args)
-        if args.compilation_cache:
-            jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
-        cfg = load_run_config(args.config, overrides)
         last = train(cfg, args.workdir, init_from=args.init_from, stop_at=args.stop_at)
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
-    except NemojaxError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
     if not last:
         print(f"{args.workdir} has already reached step {cfg.num_steps}; nothing to train")
         return 0

@@ -46,10 +46,18 @@ def load_config_file(spec: str | os.PathLike) -> Any:
 
 def resolve_model_config(spec: str | os.PathLike, **overrides: Any) -> ModelConfig:
     """A ModelConfig from a packaged config name ("tiny", "nano", ...), a `*.py` config file, a
-    config.json file, or a directory holding one."""
+    config.json file, a Hugging Face directory, or a nemojax model directory, training workdir or step
+    directory."""
+    from nemojax.checkpoint import orbax  # the checkpoint package imports this one
+
     spec = os.fspath(spec)
     if spec in packaged_config_names() or spec.endswith(".py"):
-        return from_hf_config(load_config_file(spec).model.to_dict(), **overrides)
+        loaded = load_config_file(spec)
+        if not hasattr(loaded, "model") or not hasattr(loaded.model, "to_dict"):
+            raise ConfigError(f"{spec}: get_config() has no `model` block")
+        return from_hf_config(loaded.model.to_dict(), **overrides)
+    if os.path.isdir(spec) and orbax.is_nemojax_dir(spec):
+        return orbax.read_model_config(spec).replace(**overrides)
     if os.path.isdir(spec) or spec.endswith(".json"):
         return from_hf_config(spec, **overrides)
     raise ConfigError(f"unknown model config {spec!r}: expected one of {packaged_config_names()}, a *.py "

@@ -3,14 +3,18 @@
 Accepted: `hybrid_override_pattern`, `layers_block_type` with the old `mamba/attention` or new
 `linear_attention/full_attention` names, `num_hidden_layers: null`, the MTP pattern fields,
 `time_step_limit` / `mamba_dt_limit` and the other `mamba_*` aliases. A field left out takes the
-ModelConfig default (the transformers default). Validation names the bad field.
+ModelConfig default (the transformers default). Validation names the bad field. Published configs carry
+fields the model does not use (`rope_theta`, `use_cache`, ...): those are known and pass silently; any
+other field is ignored with a `NemojaxWarning` naming it, never dropped without a word.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +25,7 @@ from nemojax.config.model_config import (
     ModelConfig,
     kinds_to_pattern,
 )
-from nemojax.errors import ConfigError
+from nemojax.errors import ConfigError, NemojaxWarning
 
 _BLOCK_TYPE_NAMES = {
     "mamba": "mamba",
@@ -45,30 +49,60 @@ _PASSED_THROUGH = ("vocab_size", "hidden_size", "num_attention_heads", "mamba_nu
                    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                    "moe_shared_expert_intermediate_size", "moe_latent_size", "n_group", "topk_group",
                    "max_position_embeddings")
+# Fields this module reads, and fields of published configs (transformers' NemotronHConfig and its base
+# class) that do not change the model here.
+READ_FIELDS = frozenset((*_PASSED_THROUGH, *(a for names in _ALIASES.values() for a in names), *NEMOJAX_FIELDS,
+                         "hybrid_override_pattern", "layers_block_type", "layer_types", "num_hidden_layers",
+                         "mtp_hybrid_override_pattern", "mtp_layers_block_type", "num_nextn_predict_layers",
+                         "num_key_value_heads", "head_dim", "use_conv_bias", "time_step_limit", "mamba_dt_limit",
+                         "norm_topk_prob", "routed_scaling_factor", "layer_norm_epsilon", "bos_token_id",
+                         "eos_token_id", "pad_token_id", "use_bias", "mlp_bias", "attention_bias", "mamba_proj_bias",
+                         "tie_word_embeddings", "mlp_hidden_act", "mamba_hidden_act", "n_shared_experts",
+                         "torch_dtype", "dtype"))
+UNUSED_FIELDS = frozenset((
+    "architectures", "model_type", "transformers_version", "_name_or_path", "auto_map", "quantization_config",
+    "use_cache", "num_logits_to_keep", "attention_dropout", "hidden_dropout", "sliding_window", "use_mamba_kernels",
+    "expand", "time_step_min", "time_step_max", "time_step_floor", "mamba_ssm_cache_dtype", "output_router_logits",
+    "moe_shared_expert_overlap", "initializer_range", "residual_in_fp32", "rescale_prenorm_residual", "rope_theta",
+    "partial_rotary_factor", "rope_scaling", "output_hidden_states", "output_attentions", "return_dict",
+    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class",
+    "torchscript", "pruned_heads", "tie_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "task_specific_params", "finetuning_task", "prefix", "sep_token_id",
+    "decoder_start_token_id"))
+KNOWN_FIELDS = READ_FIELDS | UNUSED_FIELDS
+
+
+def unknown_field_message(names: Sequence[str]) -> str:
+    """`'hiden_size' (did you mean 'hidden_size'?)`, for each name."""
+    hints = []
+    for name in names:
+        close = difflib.get_close_matches(name, sorted(READ_FIELDS), n=1, cutoff=0.8)
+        hints.append(repr(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(hints)
 
 
 def parse_pattern(pattern: str, field: str = "hybrid_override_pattern") -> tuple[str, ...]:
     """Turn `"MEM*E-"` into layer kinds; an unknown letter names its position."""
-    kinds = []
-    for i, letter in enumerate(pattern):
-        if letter not in PATTERN_LETTERS:
-            raise ConfigError(f"config field `{field}`: unknown layer letter {letter!r} at position {i} "
-                              f"(expected one of {sorted(PATTERN_LETTERS)})")
-        kinds.append(PATTERN_LETTERS[letter])
-    return tuple(kinds)
+    if not isinstance(pattern, str):
+        raise ConfigError(f"config field `{field}`: expected a string such as \"M*E\", got {pattern!r}")
+    return _layer_kinds_from(pattern, PATTERN_LETTERS, field, "layer letter", "position")
 
 
 def parse_block_types(names: Sequence[str], field: str = "layers_block_type") -> tuple[str, ...]:
     """Turn published block-type names (old or new spelling) into layer kinds."""
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise ConfigError(f"config field `{field}`: expected a list of layer names, got {type(names).__name__}")
-    kinds = []
-    for i, name in enumerate(names):
-        if name not in _BLOCK_TYPE_NAMES:
-            raise ConfigError(f"config field `{field}`: unknown layer type {name!r} at index {i} "
-                              f"(expected one of {sorted(_BLOCK_TYPE_NAMES)})")
-        kinds.append(_BLOCK_TYPE_NAMES[name])
-    return tuple(kinds)
+    return _layer_kinds_from(names, _BLOCK_TYPE_NAMES, field, "layer type", "index")
+
+
+def _layer_kinds_from(items: Sequence[str], table: Mapping[str, str], field: str, what: str,
+                      place: str) -> tuple[str, ...]:
+    """Each item looked up in `table`; the first unknown one is a ConfigError naming the field and its place."""
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or item not in table:
+            raise ConfigError(f"config field `{field}`: unknown {what} {item!r} at {place} {i} "
+                              f"(expected one of {sorted(table)})")
+    return tuple(table[item] for item in items)
 
 
 def _layer_kinds(hf: Mapping[str, Any]) -> tuple[str, ...]:
@@ -81,14 +115,14 @@ def _layer_kinds(hf: Mapping[str, Any]) -> tuple[str, ...]:
     else:
         raise ConfigError("config has neither `hybrid_override_pattern` nor `layers_block_type`")
     n = hf.get("num_hidden_layers")
-    if n is not None and n != len(kinds):
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n != len(kinds)):
         raise ConfigError(f"config field `num_hidden_layers`: {n} disagrees with the {len(kinds)} layers "
                           "of the layer pattern")
     return kinds
 
 
 def _mtp_kinds(hf: Mapping[str, Any]) -> tuple[str, ...]:
-    if int(hf.get("num_nextn_predict_layers") or 0) == 0:
+    if _mtp_layers(hf) == 0:
         return ()
     if hf.get("mtp_hybrid_override_pattern"):
         return parse_pattern(hf["mtp_hybrid_override_pattern"], "mtp_hybrid_override_pattern")
@@ -138,7 +172,26 @@ def _number(hf: Mapping[str, Any], name: str, kind: type) -> Any:
 
 def _token_id(hf: Mapping[str, Any], name: str) -> int:
     value = hf.get(name)
-    return _DEFAULTS[name] if value is None else _number(hf, name, int)
+    return _DEFAULTS[name] if value is None else _integer(value, name)
+
+
+def _integer(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"config field `{name}`: expected an integer, got {value!r}")
+    return value
+
+
+def _mtp_layers(hf: Mapping[str, Any]) -> int:
+    value = hf.get("num_nextn_predict_layers")
+    return 0 if value is None else _integer(value, "num_nextn_predict_layers")
+
+
+def _eos_ids(hf: Mapping[str, Any]) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id", _DEFAULTS["eos_token_id"])
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    if not eos:
+        raise ConfigError("config field `eos_token_id`: expected an integer or a non-empty list of integers")
+    return tuple(_integer(i, "eos_token_id") for i in eos)
 
 
 def read_hf_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -153,7 +206,7 @@ def read_hf_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, A
             hf = json.load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"no config file at {path}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ConfigError(f"{path} is not a readable JSON config: {e}") from e
     if not isinstance(hf, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(hf).__name__}")
@@ -173,33 +226,42 @@ def from_hf_config(source: str | os.PathLike | Mapping[str, Any], **overrides: A
     carry them too, as the configs/*.py files do); a `dtype` key is the storage dtype and is not read.
     """
     hf = read_hf_config(source)
+    _warn_unknown(hf, source)
     _unsupported(hf)
     for name in ("vocab_size", "hidden_size"):
         if hf.get(name) is None:
             raise ConfigError(f"config field `{name}` is missing")
-    eos = hf.get("eos_token_id", _DEFAULTS["eos_token_id"])
-    eos = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
     fields: dict[str, Any] = {name: _field(hf, name) for name in _PASSED_THROUGH}
     heads = fields["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads", _DEFAULTS["num_key_value_heads"])
+    head_dim = hf.get("head_dim")
     fields.update(
         layer_types=_layer_kinds(hf),
         num_key_value_heads=heads if kv_heads is None else kv_heads,  # transformers: None means MHA
-        head_dim=hf.get("head_dim") or _DEFAULTS["head_dim"],
+        head_dim=_DEFAULTS["head_dim"] if head_dim is None else head_dim,
         use_conv_bias=bool(_field(hf, "use_conv_bias")),
         time_step_limit=_time_step_limit(hf),
         norm_topk_prob=bool(_field(hf, "norm_topk_prob")),
         routed_scaling_factor=_number(hf, "routed_scaling_factor", float),
         mtp_layer_types=_mtp_kinds(hf),
-        num_nextn_predict_layers=int(hf.get("num_nextn_predict_layers") or 0),
+        num_nextn_predict_layers=_mtp_layers(hf),
         layer_norm_epsilon=_number(hf, "layer_norm_epsilon", float),
         bos_token_id=_token_id(hf, "bos_token_id"),
-        eos_token_id=eos,
+        eos_token_id=_eos_ids(hf),
         pad_token_id=_token_id(hf, "pad_token_id"),
     )
     fields.update({k: hf[k] for k in NEMOJAX_FIELDS if k in hf})
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def _warn_unknown(hf: Mapping[str, Any], source: Any) -> None:
+    unknown = sorted(k for k in hf if k not in KNOWN_FIELDS)
+    if unknown:
+        where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "model config"
+        where = os.path.join(where, "config.json") if os.path.isdir(where) else where
+        warnings.warn(f"{where}: ignoring unknown config field {unknown_field_message(unknown)}", NemojaxWarning,
+                      stacklevel=3)
 
 
 def to_hf_dict(config: ModelConfig) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,10 +22,18 @@ LAYER_KINDS = ("mamba", "attention", "moe", "mlp")
 PATTERN_LETTERS = {"M": "mamba", "*": "attention", "E": "moe", "-": "mlp"}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
+WEIGHT_FORMATS = ("nvfp4", "fp8")
+KV_CACHE_QUANT = ("none", "fp8")
+TRAIN_QUANT = ("none", "nvfp4")
+# "pallas": the Pallas GPU kernels, "reference": the pure-JAX ops, "auto": kernels on a GPU only
+# (nemojax.ops.dispatch).
+KERNEL_CHOICES = ("auto", "pallas", "reference")
 # Fields that are nemojax choices, not part of a published config.json.
-NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_layers", "moe_capacity_factor")
+NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels", "scan_layers", "moe_capacity_factor",
+                  "weight_formats", "kv_cache_quant", "train_quant", "train_quant_keep")
 # `scan_layers=None` resolves to True from this depth on (the published models: 52-108 layers).
 SCAN_LAYERS_FROM = 16
+INT32_MAX = 2**31 - 1  # token ids, positions and sizes reach the device as int32
 
 
 def dtype_name(dtype: Any) -> str:
@@ -81,12 +90,23 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
     remat: str = "none"
+    kernels: str = "auto"
     # Run the main stack as one `lax.scan` over layers (parameters and caches stacked per layer kind,
     # see nemojax/model/scanned.py). None: on for models of SCAN_LAYERS_FROM layers or more.
     scan_layers: bool | None = None
     # Expert-parallel MoE buffers: None = dropless; else each expert takes at most
     # ceil(factor * tokens * k / E) copies of a device group's tokens (see nemojax/ops/expert_parallel.py).
     moe_capacity_factor: float | None = None
+    # Quantized weights (a ModelOpt checkpoint): (weight key, "nvfp4" | "fp8") for every quantized linear;
+    # the key is the module path joined by "/", with the projection name for stacked experts
+    # ("backbone/layers_1/mixer/experts/up_proj"). Absent modules keep param_dtype.
+    weight_formats: tuple[tuple[str, str], ...] = ()
+    # "fp8": attention layers hold the checkpoint's k_scale / v_scale (FP8 KV-cache scales).
+    kv_cache_quant: str = "none"
+    # "nvfp4": linears train with the NVFP4 recipe (`nemojax.quant.training`), except the weight keys
+    # matching a `train_quant_keep` pattern (fnmatch), which stay in the compute dtype.
+    train_quant: str = "none"
+    train_quant_keep: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("param_dtype", "compute_dtype"):
@@ -95,6 +115,9 @@ class ModelConfig:
                 object.__setattr__(self, name, dtype_name(value))
         if self.scan_layers is None:
             object.__setattr__(self, "scan_layers", len(self.layer_types) >= SCAN_LAYERS_FROM)
+        # JSON (nemojax checkpoints) gives lists: store hashable tuples.
+        object.__setattr__(self, "weight_formats", tuple(sorted((str(k), str(v)) for k, v in self.weight_formats)))
+        object.__setattr__(self, "train_quant_keep", tuple(self.train_quant_keep))
         _validate(self)
 
     # Derived sizes -------------------------------------------------------------------------
@@ -124,14 +147,26 @@ class ModelConfig:
     def pattern(self) -> str:
         return kinds_to_pattern(self.layer_types)
 
+    def weight_format(self, key: str) -> str | None:
+        """"nvfp4" | "fp8" for a quantized weight key (see `weight_formats`), None for param_dtype weights."""
+        return dict(self.weight_formats).get(key)
+
+    def kind_weight_format(self, kind: str, rest: str) -> str | None:
+        """The format of weight `rest` (e.g. "mixer/in_proj") in every main-stack layer of `kind`: what a
+        scanned stack, one module per kind, holds (validation makes sure the layers agree)."""
+        formats = {self.weight_format(f"backbone/layers_{i}/{rest}") for i, k in enumerate(self.layer_types)
+                   if k == kind}
+        return formats.pop() if len(formats) == 1 else None
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as JSON-ready values (the inverse of `from_dict`)."""
         out = dataclasses.asdict(self)
-        for name in ("layer_types", "mtp_layer_types", "eos_token_id", "time_step_limit"):
+        for name in ("layer_types", "mtp_layer_types", "eos_token_id", "time_step_limit", "train_quant_keep"):
             out[name] = list(out[name])
+        out["weight_formats"] = [list(item) for item in out["weight_formats"]]
         return out
 
 
@@ -157,6 +192,23 @@ def from_dict(d: Mapping[str, Any]) -> ModelConfig:
     return ModelConfig(**d)
 
 
+def nonuniform_formats(layer_types: tuple[str, ...], weight_formats) -> list[str]:
+    """The weights whose format differs between main-stack layers of one kind (scanned layers cannot
+    hold them: a kind's layers share one stacked leaf)."""
+    by_weight: dict[tuple[str, str], dict[int, str]] = {}
+    for key, fmt in weight_formats:
+        match = re.fullmatch(r"backbone/layers_(\d+)/(.+)", key)
+        if match and int(match[1]) < len(layer_types):
+            by_weight.setdefault((layer_types[int(match[1])], match[2]), {})[int(match[1])] = fmt
+    problems = []
+    for (kind, rest), per_layer in sorted(by_weight.items()):
+        count = layer_types.count(kind)
+        if len(set(per_layer.values())) > 1 or len(per_layer) != count:
+            problems.append(f"{rest} of the {kind} layers: {len(per_layer)} of {count} quantized, formats "
+                            f"{sorted(set(per_layer.values()))}")
+    return problems
+
+
 def _require(cond: bool, field: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"config field `{field}`: {message}")
@@ -169,8 +221,19 @@ def _validate(c: ModelConfig) -> None:
                  "moe_intermediate_size", "moe_shared_expert_intermediate_size", "n_group", "topk_group",
                  "max_position_embeddings"):
         value = getattr(c, name)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
-                 f"must be a positive integer, got {value!r}")
+        _require(isinstance(value, int) and not isinstance(value, bool) and 0 < value <= INT32_MAX, name,
+                 f"must be a positive integer up to {INT32_MAX}, got {value!r}")
+    for name in ("bos_token_id", "pad_token_id"):
+        value = getattr(c, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                 f"must be a token id (an integer >= 0), got {value!r}")
+    _require(len(c.eos_token_id) > 0 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                             for i in c.eos_token_id), "eos_token_id",
+             f"must be token ids (integers >= 0), got {c.eos_token_id!r}")
+    for name in ("routed_scaling_factor", "layer_norm_epsilon"):
+        value = getattr(c, name)
+        _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0, name,
+                 f"must be a finite number > 0, got {value!r}")
     _require(len(c.layer_types) > 0, "layer_types", "the model needs at least one layer")
     for field, kinds in (("layer_types", c.layer_types), ("mtp_layer_types", c.mtp_layer_types)):
         bad = [k for k in kinds if k not in LAYER_KINDS]
@@ -187,7 +250,7 @@ def _validate(c: ModelConfig) -> None:
              "group-limited routing scores each group by its top-2 experts; groups need >= 2 experts")
     _require(c.num_experts_per_tok <= per_group * c.topk_group, "num_experts_per_tok",
              f"{c.num_experts_per_tok} exceeds the experts reachable in topk_group={c.topk_group} groups")
-    _require(c.moe_latent_size is None or (isinstance(c.moe_latent_size, int) and c.moe_latent_size > 0),
+    _require(c.moe_latent_size is None or (isinstance(c.moe_latent_size, int) and 0 < c.moe_latent_size <= INT32_MAX),
              "moe_latent_size", f"must be a positive integer or null, got {c.moe_latent_size!r}")
     lo, hi = c.time_step_limit
     _require(0.0 <= lo <= hi, "time_step_limit", f"expected 0 <= low <= high, got {c.time_step_limit}")
@@ -199,7 +262,16 @@ def _validate(c: ModelConfig) -> None:
         value = getattr(c, name)
         _require(value in FLOAT_DTYPES, name, f"expected one of {FLOAT_DTYPES}, got {value!r}")
     _require(c.remat in REMAT_POLICIES, "remat", f"expected one of {REMAT_POLICIES}, got {c.remat!r}")
+    _require(c.kernels in KERNEL_CHOICES, "kernels", f"expected one of {KERNEL_CHOICES}, got {c.kernels!r}")
     _require(isinstance(c.scan_layers, bool), "scan_layers", f"expected true, false or null, got {c.scan_layers!r}")
     _require(c.moe_capacity_factor is None or (isinstance(c.moe_capacity_factor, int | float)
                                                and c.moe_capacity_factor > 0),
              "moe_capacity_factor", f"expected a positive number or null, got {c.moe_capacity_factor!r}")
+    bad_formats = sorted({f for _, f in c.weight_formats} - set(WEIGHT_FORMATS))
+    _require(not bad_formats, "weight_formats", f"unknown formats {bad_formats}; expected {WEIGHT_FORMATS}")
+    _require(c.kv_cache_quant in KV_CACHE_QUANT, "kv_cache_quant",
+             f"expected one of {KV_CACHE_QUANT}, got {c.kv_cache_quant!r}")
+    _require(c.train_quant in TRAIN_QUANT, "train_quant", f"expected one of {TRAIN_QUANT}, got {c.train_quant!r}")
+    mixed = nonuniform_formats(c.layer_types, c.weight_formats) if c.scan_layers else []
+    _require(not mixed, "weight_formats", "scanned layers (scan_layers=true) need one format per weight across "
+             f"the layers of a kind; use scan_layers=false for {mixed}")

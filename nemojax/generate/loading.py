@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from nemojax.chat import EFFORT_SUFFIX, IM_END, THINK_END, THINK_START, render_messages, validate_messages
 from nemojax.checkpoint import orbax
 from nemojax.checkpoint.hf import load_pretrained
-from nemojax.errors import CheckpointError, DataError
+from nemojax.errors import CheckpointError, DataError, NemojaxError
 from nemojax.generate.requests import Encoder
 from nemojax.model import NemotronH
 
@@ -36,7 +36,7 @@ def load_checkpoint(path: str, dtype: str | None = None, mesh: Mesh | None = Non
         if orbax.is_nemojax_dir(path):
             return orbax.load_model(path, dtype=dtype, mesh=mesh)
         return load_pretrained(path, dtype=dtype, mesh=mesh)
-    except CheckpointError:
+    except NemojaxError:
         raise
     except Exception as e:  # any reader failure (corrupt JSON, truncated tensors, ...) is a bad checkpoint
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
@@ -61,7 +61,10 @@ def load_encoder(path: str) -> tuple[Encoder, Tokenizer | None]:
     except Exception as e:  # the tokenizers library raises a bare Exception on malformed files
         raise CheckpointError(f"{directory}/{TOKENIZER_FILE}: cannot read the tokenizer ({e})") from e
     template = _chat_template(directory)
-    render = render_messages_for(template) if template else _render_chatml
+    try:
+        render = render_messages_for(template) if template else _render_chatml
+    except jinja2.TemplateError as e:
+        raise CheckpointError(f"{directory}/{TOKENIZER_CONFIG_FILE}: the chat template does not parse ({e})") from e
     return (Encoder(lambda text: tokenizer.encode(text).ids, render,
                     (tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END))), tokenizer)
 

@@ -8,18 +8,22 @@ per-line overrides of the command-line sampling settings. Anything wrong with a 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nemojax.chat import REASONING_MODES, THINK_END, THINK_START
-from nemojax.errors import DataError
+from nemojax.config import INT32_MAX
+from nemojax.errors import DataError, NemojaxError
 
 _OVERRIDES: dict[str, tuple[type, ...]] = {
     "max_new_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
     "min_p": (int, float), "seed": (int,), "stop": (str, list), "ignore_eos": (bool,),
     "thinking_budget": (int, type(None)), "reasoning": (str,),
 }
+LINE_FIELDS = ("prompt", "messages", "input_ids", *_OVERRIDES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +72,25 @@ class Encoder:
 
 def parse_line(line: str, index: int, defaults: Defaults, encoder: Encoder, vocab_size: int,
                max_context: int) -> Request:
-    """One input line -> Request; DataError with a readable reason when the line cannot be served."""
+    """One input line (0-based physical `index`) -> Request; DataError naming the field when it cannot be
+    served (the caller adds the line number)."""
+    if not line.strip():
+        raise DataError("blank line (every input line needs a prompt)")
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"line {index + 1} is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise DataError("not valid JSON: nested too deeply") from e
+    except ValueError as e:  # JSONDecodeError, or an integer with too many digits
+        raise DataError(f"not valid JSON: {e}") from e
     if not isinstance(record, dict):
-        raise DataError(f"line {index + 1} must be a JSON object, got {type(record).__name__}")
+        raise DataError(f"must be a JSON object, got {type(record).__name__}")
+    unknown = sorted(set(record) - set(LINE_FIELDS))
+    if unknown:
+        raise DataError(_unknown_fields(unknown))
     settings = _settings(record, defaults)
+    check_settings(settings)
+    if settings["stop"] and encoder.encode is None:
+        raise DataError("stop strings need a tokenizer and the checkpoint has none")
     ids = _prompt_ids(record, settings["reasoning"], encoder)
     if not ids:
         raise DataError("empty prompt")
@@ -84,9 +99,6 @@ def parse_line(line: str, index: int, defaults: Defaults, encoder: Encoder, voca
         raise DataError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     if len(ids) >= max_context:
         raise DataError(f"prompt has {len(ids)} tokens; the context holds {max_context}")
-    if settings["max_new_tokens"] < 1:
-        raise DataError(f"max_new_tokens must be at least 1, got {settings['max_new_tokens']}")
-    _check_sampling(settings)
     budget = settings["thinking_budget"] if _ends_inside_thinking(ids, encoder) else None
     stop = settings["stop"]
     return Request(
@@ -98,6 +110,14 @@ def parse_line(line: str, index: int, defaults: Defaults, encoder: Encoder, voca
         thinking_budget=budget)
 
 
+def _unknown_fields(unknown: Sequence[str]) -> str:
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, LINE_FIELDS, n=1, cutoff=0.8)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown field {', '.join(hints)}; a line may hold {', '.join(LINE_FIELDS)}"
+
+
 def _settings(record: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
     settings = dataclasses.asdict(defaults)
     for name, types in _OVERRIDES.items():
@@ -107,24 +127,38 @@ def _settings(record: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise DataError(f"{name} must be {' or '.join(t.__name__ for t in types)}, got {value!r}")
         settings[name] = value
-    if isinstance(settings["stop"], list) and not all(isinstance(s, str) and s for s in settings["stop"]):
-        raise DataError(f"stop must be a string or a list of non-empty strings, got {settings['stop']!r}")
-    if settings["reasoning"] not in REASONING_MODES:
-        raise DataError(f"reasoning must be one of {REASONING_MODES}, got {settings['reasoning']!r}")
     return settings
 
 
-def _check_sampling(s: dict[str, Any]) -> None:
-    if s["temperature"] < 0:
-        raise DataError(f"temperature must be >= 0, got {s['temperature']}")
-    if s["top_k"] < 0:
-        raise DataError(f"top_k must be >= 0 (0 disables it), got {s['top_k']}")
-    if not 0 < s["top_p"] <= 1:
-        raise DataError(f"top_p must be in (0, 1], got {s['top_p']}")
-    if not 0 <= s["min_p"] <= 1:
-        raise DataError(f"min_p must be in [0, 1], got {s['min_p']}")
-    if s["thinking_budget"] is not None and s["thinking_budget"] < 0:
-        raise DataError(f"thinking_budget must be >= 0, got {s['thinking_budget']}")
+def check_settings(s: dict[str, Any], error: type[NemojaxError] = DataError,
+                   name: Callable[[str], str] = str) -> None:
+    """Raise `error` naming the first setting out of range (`name` turns a field into what the user wrote,
+    e.g. a command-line flag). Integers that reach the device must fit in int32."""
+    def require(ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            raise error(f"{name(field)} must be {expected}, got {s[field]!r}")
+
+    require(s["max_new_tokens"] >= 1, "max_new_tokens", "at least 1")
+    require(_within(s["temperature"], 0, math.inf), "temperature", "a finite number >= 0 (0 is greedy)")
+    require(0 <= s["top_k"] <= INT32_MAX, "top_k", f"in [0, {INT32_MAX}] (0 disables it)")
+    require(_within(s["top_p"], 0, 1) and s["top_p"] > 0, "top_p", "in (0, 1]")
+    require(_within(s["min_p"], 0, 1), "min_p", "in [0, 1]")
+    budget = s["thinking_budget"]
+    require(budget is None or 0 <= budget <= INT32_MAX, "thinking_budget", f"in [0, {INT32_MAX}] or null")
+    stop = s["stop"]
+    stops = [stop] if isinstance(stop, str) else stop
+    require(isinstance(stops, (list, tuple)) and all(isinstance(x, str) and x for x in stops), "stop",
+            "a non-empty string or a list of non-empty strings")
+    require(s["reasoning"] in REASONING_MODES, "reasoning", f"one of {REASONING_MODES}")
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    """low <= value <= high for a finite value (an integer too large for a float is out of range)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(number) and low <= number <= high
 
 
 def _prompt_ids(record: dict[str, Any], reasoning: str, encoder: Encoder) -> list[int]:
@@ -142,8 +176,15 @@ def _prompt_ids(record: dict[str, Any], reasoning: str, encoder: Encoder) -> lis
     if kind == "prompt":
         if not isinstance(record["prompt"], str):
             raise DataError("prompt must be a string")
-        return encoder.encode(record["prompt"]) if record["prompt"] else []
-    return encoder.encode(encoder.render(record["messages"], reasoning))
+        text = record["prompt"]
+    else:
+        text = encoder.render(record["messages"], reasoning)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{kind} holds an unpaired surrogate ({text[e.start]!r} at character {e.start}); "
+                        "it is not text") from e
+    return encoder.encode(text) if text else []
 
 
 def _ends_inside_thinking(ids: Sequence[int], encoder: Encoder) -> bool:
@@ -154,4 +195,4 @@ def _ends_inside_thinking(ids: Sequence[int], encoder: Encoder) -> bool:
     return last.get(encoder.think_start_id, -1) > last.get(encoder.think_end_id, -1)
 
 
-__all__ = ["Defaults", "Request", "Encoder", "parse_line", "THINK_START", "THINK_END"]
+__all__ = ["Defaults", "Request", "Encoder", "parse_line", "check_settings", "LINE_FIELDS", "THINK_START", "THINK_END"]

@@ -1,14 +1,16 @@
-"""A file of prompt lines in, one output record per line out (in input order), through the engine.
+"""Prompt lines in, one output record per line out, in input order, each as soon as its batch finishes.
 
-Lines are parsed first; a bad line gets `{"error": ...}` and the rest are served. Good requests
-are sorted by prompt length so a batch pads little, served in batches, and their completions are
-decoded to text with stop strings applied (the text ends before the first stop string; the ids end
-with the token that completed it).
+A bad line gets `{"error": "line N: ..."}` (N its physical line) and the rest are served. Good lines are
+batched in input order (a batch holds the next `batch_size` good lines), so when a batch finishes, every
+line up to its last one is answered and their records are emitted at once: a consumer that writes each
+record out (serve.py) holds at most one batch in memory and loses at most one batch when stopped.
+Completions are decoded to text with stop strings applied (the text ends before the first stop string;
+the ids end with the token that completed it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -16,46 +18,78 @@ from tqdm import tqdm
 
 from nemojax.errors import DataError
 from nemojax.generate.engine import Completion, Engine
+from nemojax.generate.jsonl import Line
 from nemojax.generate.requests import Defaults, Encoder, Request, parse_line
 
+Record = dict[str, Any]
 
-def parse_lines(lines: Sequence[str], defaults: Defaults, encoder: Encoder, vocab_size: int, max_context: int
-                ) -> list[Request | dict[str, Any]]:
-    """Each line as a Request, or as its error record."""
-    parsed: list[Request | dict[str, Any]] = []
-    for index, line in enumerate(lines):
-        try:
-            parsed.append(parse_line(line, index, defaults, encoder, vocab_size, max_context))
-        except DataError as e:
-            parsed.append({"error": str(e)})
-    return parsed
+
+def parse(line: Line, defaults: Defaults, encoder: Encoder, vocab_size: int, max_context: int) -> Request | Record:
+    """A line as a Request, or as its error record naming the line."""
+    try:
+        if line.problem is not None:
+            raise DataError(line.problem)
+        return parse_line(line.text, line.number - 1, defaults, encoder, vocab_size, max_context)
+    except DataError as e:
+        return {"error": f"line {line.number}: {e}"}
+
+
+def serve_stream(lines: Iterable[Line], engine: Engine, encoder: Encoder, tokenizer: Tokenizer | None,
+                 defaults: Defaults, batch_size: int, emit: Callable[[Record], None],
+                 after_batch: Callable[[], None] = lambda: None, progress: tqdm | None = None,
+                 segment_steps: int = 32) -> None:
+    """Generate for every line: `emit(record)` once per line, in input order; `after_batch()` after each
+    batch's records (a writer flushes there) and at the end."""
+    config = engine.config
+    queue: list[Request | Record] = []  # the lines since the last batch, in order
+
+    def run_batch() -> None:
+        batch = [item for item in queue if isinstance(item, Request)]
+        done = dict(zip((r.index for r in batch), _generate(batch, engine, tokenizer, segment_steps), strict=True))
+        for item in queue:
+            emit(done[item.index] if isinstance(item, Request) else item)
+        if progress is not None:
+            progress.update(len(queue))
+        queue.clear()
+        after_batch()
+
+    for line in lines:
+        item = parse(line, defaults, encoder, config.vocab_size, config.max_position_embeddings)
+        if isinstance(item, dict) and not queue:  # nothing before it is pending: answer it now
+            emit(item)
+            if progress is not None:
+                progress.update(1)
+            continue
+        queue.append(item)
+        if sum(isinstance(i, Request) for i in queue) == batch_size:
+            run_batch()
+    if queue:
+        run_batch()
+    after_batch()
+
+
+def _generate(batch: Sequence[Request], engine: Engine, tokenizer: Tokenizer | None,
+              segment_steps: int) -> list[Record]:
+    """One batch through the engine: a record per request, in order."""
+    if not batch:
+        return []
+    stops = [StopStrings(r.stop, tokenizer) for r in batch]
+    stop_check = _stop_check(stops) if any(s.active for s in stops) else None
+    completions = engine.generate(batch, stop_check=stop_check, segment_steps=segment_steps)
+    return [_record(c, stop, tokenizer, engine.eos_ids) for c, stop in zip(completions, stops, strict=True)]
 
 
 def serve(lines: Sequence[str], engine: Engine, encoder: Encoder, tokenizer: Tokenizer | None, defaults: Defaults,
-          batch_size: int, progress: bool = True, segment_steps: int = 32) -> list[dict[str, Any]]:
-    """Generate for every line; returns one record per line, in input order."""
-    parsed = parse_lines(lines, defaults, encoder, engine.config.vocab_size, engine.config.max_position_embeddings)
-    records: list[dict[str, Any] | None] = [p if isinstance(p, dict) else None for p in parsed]
-    requests = sorted((p for p in parsed if isinstance(p, Request)), key=lambda r: len(r.prompt_ids))
-    with tqdm(total=len(lines), disable=not progress, unit="prompt") as bar:
-        bar.update(len(lines) - len(requests))
-        for batch in _batches(requests, batch_size):
-            stops = [StopStrings(r.stop, tokenizer) for r in batch]
-            stop_check = _stop_check(stops) if any(s.active for s in stops) else None
-            completions = engine.generate(batch, stop_check=stop_check, segment_steps=segment_steps)
-            for request, completion, stop in zip(batch, completions, stops, strict=True):
-                records[request.index] = _record(completion, stop, tokenizer, engine.eos_ids)
-            bar.update(len(batch))
-    return records  # type: ignore[return-value]
+          batch_size: int, segment_steps: int = 32) -> list[Record]:
+    """In memory: one record per line (numbered from 1), in order."""
+    records: list[Record] = []
+    serve_stream((Line(n, text) for n, text in enumerate(lines, start=1)), engine, encoder, tokenizer, defaults,
+                 batch_size, records.append, segment_steps=segment_steps)
+    return records
 
 
 def _stop_check(stops: Sequence[StopStrings]):
     return lambda row, ids: stops[row].find(ids) is not None
-
-
-def _batches(requests: Sequence[Request], batch_size: int) -> Iterable[list[Request]]:
-    for start in range(0, len(requests), batch_size):
-        yield list(requests[start:start + batch_size])
 
 
 def _record(completion: Completion, stop: StopStrings, tokenizer: Tokenizer | None,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from nemojax import sharding
 from nemojax.config import ModelConfig
-from nemojax.model.layers import Linear, default_init, dtype_of
+from nemojax.model.layers import Linear, default_init, dtype_of, scale_param
 from nemojax.ops.attention import gqa_attention
 
 KVCache = dict[str, jax.Array]
@@ -64,9 +64,12 @@ class Attention(nn.Module):
         dtype, pdtype = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
         b, t, _ = x_btd.shape
         hd = c.head_dim
-        q = Linear(c.num_attention_heads * hd, ("embed", "heads"), dtype, pdtype, name="q_proj")(x_btd)
-        k = Linear(c.num_key_value_heads * hd, ("embed", "kv_heads"), dtype, pdtype, name="k_proj")(x_btd)
-        v = Linear(c.num_key_value_heads * hd, ("embed", "kv_heads"), dtype, pdtype, name="v_proj")(x_btd)
+        if c.kv_cache_quant == "fp8":  # the checkpoint's FP8 KV-cache scales, kept (the cache stays in `dtype`)
+            scale_param(self, "k_scale")
+            scale_param(self, "v_scale")
+        q = Linear(c.num_attention_heads * hd, ("embed", "heads"), dtype, pdtype, config=c, name="q_proj")(x_btd)
+        k = Linear(c.num_key_value_heads * hd, ("embed", "kv_heads"), dtype, pdtype, config=c, name="k_proj")(x_btd)
+        v = Linear(c.num_key_value_heads * hd, ("embed", "kv_heads"), dtype, pdtype, config=c, name="v_proj")(x_btd)
         q = q.reshape(b, t, c.num_attention_heads, hd)
         k = k.reshape(b, t, c.num_key_value_heads, hd)
         v = v.reshape(b, t, c.num_key_value_heads, hd)
@@ -82,6 +85,6 @@ class Attention(nn.Module):
         out = gqa_attention(q, k, v, causal_valid_bs=valid, query_offset=offset)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
-        out = Linear(c.hidden_size, ("heads", "embed"), dtype, pdtype, out_init, name="o_proj")(
+        out = Linear(c.hidden_size, ("heads", "embed"), dtype, pdtype, out_init, config=c, name="o_proj")(
             out.reshape(b, t, c.num_attention_heads * hd))
         return out, new_cache

@@ -92,7 +92,7 @@ class MTPLayer(nn.Module):
         if self.first:
             e = RMSNorm(c.layer_norm_epsilon, pdtype, name="enorm")(e_btd)
             h = RMSNorm(c.layer_norm_epsilon, pdtype, name="hnorm")(x_btd)
-            x_btd = Linear(c.hidden_size, ("mtp_concat", "embed"), dtype, pdtype, name="eh_proj")(
+            x_btd = Linear(c.hidden_size, ("mtp_concat", "embed"), dtype, pdtype, config=c, name="eh_proj")(
                 jnp.concatenate([e, h], axis=-1))
         x_btd, cache = block_class(c)(c, self.kind, name="block")(x_btd, valid_bt, cache, index, False)
         if self.last:
@@ -122,7 +122,8 @@ class NemotronH(nn.Module):
     def setup(self) -> None:
         c = self.config
         self.backbone = Backbone(c)
-        self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype_of(c.compute_dtype), dtype_of(c.param_dtype))
+        self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), dtype_of(c.compute_dtype), dtype_of(c.param_dtype),
+                              config=c)
         if c.has_mtp:
             self.mtp = MTPBlock(c)
 

@@ -27,7 +27,7 @@ import numpy as np
 from nemojax import sharding
 from nemojax.config import ModelConfig
 from nemojax.model.layers import GatedGroupRMSNorm, Linear, default_init, dtype_of
-from nemojax.ops import ssd
+from nemojax.ops import dispatch, ssd
 
 MambaCache = dict[str, jax.Array]
 
@@ -112,7 +112,7 @@ class MambaMixer(nn.Module):
 
         inner_g, conv_g = c.mamba_inner // g, c.mamba_conv_dim // g  # per-group widths
         proj = Linear(c.mamba_inner + c.mamba_conv_dim + h, ("embed", "mamba_proj"), dtype, pdtype,
-                      name="in_proj")(x_btd)
+                      config=c, name="in_proj")(x_btd)
         proj = sharding.constrain(proj.reshape(b, t, g, -1), ("batch", "length", "mamba_groups", None))
         z, xbc, dt_raw = jnp.split(proj, [inner_g, inner_g + conv_g], axis=-1)
         z, xbc, dt_raw = z.reshape(b, t, -1), xbc.reshape(b, t, -1), dt_raw.reshape(b, t, h)
@@ -147,16 +147,16 @@ class MambaMixer(nn.Module):
             full = jnp.concatenate([prefix.astype(conv_in.dtype), conv_in], axis=1)
             new_conv = jnp.stack([full[:, i + 1:i + c.conv_kernel] for i in range(t)], axis=1)
         elif cache is not None and t == 1:
-            y, state = ssd.ssd_step(initial, x_bthp[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0])
+            y, state = dispatch.ssd_step(initial, x_bthp[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0], kernels=c.kernels)
             y = y[:, None]
         else:
-            y, state = ssd.ssd_chunked(x_bthp, dt, a, bm, cm, c.chunk_size, initial)
+            y, state = dispatch.ssd_chunked(x_bthp, dt, a, bm, cm, c.chunk_size, initial, kernels=c.kernels)
         y = y + d_skip.astype(jnp.float32)[:, None] * x_bthp.astype(jnp.float32)
         y = sharding.constrain(y.reshape(b, t, g, c.mamba_inner // g), ("batch", "length", "mamba_groups", None))
         y = y.reshape(b, t, c.mamba_inner)
         y = GatedGroupRMSNorm(g, c.layer_norm_epsilon, pdtype, name="norm")(y, z)
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
-        out = Linear(c.hidden_size, ("mamba_inner", "embed"), dtype, pdtype, out_init, name="out_proj")(
+        out = Linear(c.hidden_size, ("mamba_inner", "embed"), dtype, pdtype, out_init, config=c, name="out_proj")(
             y.astype(dtype))
         new_cache = None if cache is None else {"conv": new_conv.astype(cache["conv"].dtype), "ssm": state}
         return out, new_cache

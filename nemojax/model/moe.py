@@ -4,29 +4,34 @@ computed in a latent space, plus a shared expert on the full-width input.
 The router runs in float32. `e_score_correction_bias` lives in the `buffers` collection: it only
 chooses experts (it never weights them) and is updated by load balancing, not by gradients.
 Routed experts are dropless: token copies are sorted by expert and go through one grouped matmul
-per projection (`nemojax.ops.grouped_matmul`), never every expert on every token. Expert-parallel
-(an "expert" mesh axis) they may be bounded by `moe_capacity_factor` (dropped copies are counted).
+per projection (`nemojax.ops.expert_banks.bank_matmul`, for float, FP8 or NVFP4 experts), never every
+expert on every token. Expert-parallel (an "expert" mesh axis) they may be bounded by
+`moe_capacity_factor` (dropped copies are counted).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from nemojax.config import ModelConfig
-from nemojax.model.layers import Linear, default_init, dtype_of, relu2
-from nemojax.model.mlp import MLP
-from nemojax.ops.expert_parallel import (
-    Matmul,
-    current_expert_matmul,
-    expert_matmul,
-    expert_parallel_moe,
-    uses_expert_parallelism,
+from nemojax.model.layers import (
+    Linear,
+    default_init,
+    dtype_of,
+    quant_rng,
+    relu2,
+    scale_param,
+    trains_quantized,
+    weight_format,
 )
+from nemojax.model.mlp import MLP
+from nemojax.ops.expert_banks import Bank, as_bank, bank_matmul, num_experts
+from nemojax.ops.expert_parallel import expert_parallel_moe, uses_expert_parallelism
+from nemojax.quant.nvfp4 import BLOCK
 
 
 def route(scores_te: jax.Array, bias_e: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -50,20 +55,18 @@ def route(scores_te: jax.Array, bias_e: jax.Array, config: ModelConfig) -> tuple
     return ids.astype(jnp.int32), weights * c.routed_scaling_factor
 
 
-def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up_efn: Any, down_enf: Any,
-                     matmul: Matmul = expert_matmul) -> jax.Array:
+def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Bank | jax.Array,
+                     down: Bank | jax.Array) -> jax.Array:
     """sum_k weights[t,k] * down[e](relu²(up[e](x[t]))) with e = ids[t,k]; exact and dropless.
-
-    `matmul(x_mk, w, group_sizes)` is the grouped matmul (default: `expert_matmul`, float32 results).
-    """
+    `up` / `down`: expert banks of any storage format (a bare array is a float bank)."""
+    up, down = as_bank(up), as_bank(down)
     t, k = ids_tk.shape
-    num_experts = jax.tree.leaves(up_efn)[0].shape[0]
     flat_ids = ids_tk.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     token = order // k
-    group_sizes = jnp.bincount(flat_ids, length=num_experts)
-    h = relu2(matmul(x_td[token], up_efn, group_sizes)).astype(x_td.dtype)
-    y = matmul(h, down_enf, group_sizes)
+    group_sizes = jnp.bincount(flat_ids, length=num_experts(up))
+    h = relu2(bank_matmul(x_td[token], up, group_sizes))
+    y = bank_matmul(h, down, group_sizes)
     y = y.astype(jnp.float32) * weights_tk.reshape(-1)[order][:, None]
     return jnp.zeros((t, y.shape[-1]), jnp.float32).at[token].add(y)
 
@@ -93,29 +96,57 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts' stacked weights: up [E, width, f], down [E, f, width].
+    """The routed experts' stacked weights: up [E, width, f], down [E, f, width] in the parameter dtype,
+    or, for a projection the config lists in `weight_formats`, the ModelOpt tensors stacked per expert
+    (FP8: `<proj>` float8_e4m3fn in the same layout plus `<proj>_weight_scale` [E]; NVFP4:
+    `<proj>_weight` uint8 [E, out, in/2], `<proj>_weight_scale` [E, out, in/16], `<proj>_weight_scale_2`
+    [E]; both with `<proj>_input_scale` [E]). Every format runs through one grouped matmul per projection;
+    float experts train with the NVFP4 recipe when the config says so.
 
     With an expert axis > 1 on the context mesh the experts run expert-parallel (`nemojax.ops.expert_parallel`).
     """
 
     config: ModelConfig
 
+    def _bank(self, proj: str, k: int, n: int, axes: tuple[str, str], init) -> Bank:
+        """The expert bank of projection `proj` (in width k, out width n) in its configured format."""
+        c = self.config
+        e, fmt = c.n_routed_experts, weight_format(c, self, proj)
+        zeros = nn.initializers.zeros
+        if fmt is None:
+            kernel = self.param(proj, nn.with_logical_partitioning(init, ("experts",) + axes), (e, k, n),
+                                dtype_of(c.param_dtype))
+            if trains_quantized(c, self, proj):
+                return {"kernel": kernel, "train_rng": quant_rng(self)}
+            return {"kernel": kernel}
+        scale_param(self, f"{proj}_input_scale", (e,), ("experts",))
+        if fmt == "fp8":
+            kernel = self.param(proj, nn.with_logical_partitioning(zeros, ("experts",) + axes), (e, k, n),
+                                jnp.float8_e4m3fn)
+            return {"kernel": kernel, "weight_scale": scale_param(self, f"{proj}_weight_scale", (e,), ("experts",))}
+        out_in = ("experts",) + axes[::-1]
+        ones = nn.initializers.ones
+        return {
+            "weight": self.param(f"{proj}_weight", nn.with_logical_partitioning(zeros, out_in), (e, n, k // 2),
+                                 jnp.uint8),
+            "weight_scale": self.param(f"{proj}_weight_scale", nn.with_logical_partitioning(ones, out_in),
+                                       (e, n, k // BLOCK), jnp.float8_e4m3fn),
+            "weight_scale_2": scale_param(self, f"{proj}_weight_scale_2", (e,), ("experts",)),
+        }
+
     @nn.compact
     def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(routed output [t, width] float32, token copies dropped for capacity)."""
         c = self.config
         e, w, f = c.n_routed_experts, c.moe_expert_width, c.moe_intermediate_size
-        pdtype = dtype_of(c.param_dtype)
-        up_axes, down_axes = ("experts", "expert_embed", "expert_mlp"), ("experts", "expert_mlp", "expert_embed")
         down_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
-        up = self.param("up_proj", nn.with_logical_partitioning(default_init(), up_axes), (e, w, f), pdtype)
-        down = self.param("down_proj", nn.with_logical_partitioning(down_init, down_axes), (e, f, w), pdtype)
-        matmul = current_expert_matmul()
+        up = self._bank("up_proj", w, f, ("expert_embed", "expert_mlp"), default_init())
+        down = self._bank("down_proj", f, w, ("expert_mlp", "expert_embed"), down_init)
         if uses_expert_parallelism(jax.sharding.get_abstract_mesh(), e):
-            y, stats = expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, relu2, matmul=matmul,
+            y, stats = expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, relu2,
                                            capacity_factor=c.moe_capacity_factor)
             return y, stats.dropped_rows
-        return dropless_experts(x_td, ids_tk, weights_tk, up, down, matmul), jnp.zeros((), jnp.int32)
+        return dropless_experts(x_td, ids_tk, weights_tk, up, down), jnp.zeros((), jnp.int32)
 
 
 class MoE(nn.Module):
@@ -130,7 +161,8 @@ class MoE(nn.Module):
         ids, weights, scores = Router(c, name="gate")(x_td)
         routed_in = x_td
         if c.moe_latent_size is not None:
-            routed_in = Linear(c.moe_latent_size, ("embed", "latent"), dtype, pdtype, name="fc1_latent_proj")(x_td)
+            routed_in = Linear(c.moe_latent_size, ("embed", "latent"), dtype, pdtype, config=c,
+                               name="fc1_latent_proj")(x_td)
         routed, dropped = Experts(c, name="experts")(routed_in.astype(dtype), ids, weights)
         routed = routed.astype(dtype)
         self.record({"expert_load": jnp.bincount(ids.reshape(-1), length=c.n_routed_experts),
@@ -138,7 +170,7 @@ class MoE(nn.Module):
                                                    c.n_routed_experts),
                      "dropped_rows": dropped})
         if c.moe_latent_size is not None:
-            routed = Linear(d, ("latent", "embed"), dtype, pdtype, name="fc2_latent_proj")(routed)
+            routed = Linear(d, ("latent", "embed"), dtype, pdtype, config=c, name="fc2_latent_proj")(routed)
         shared = MLP(c, c.moe_shared_expert_intermediate_size, name="shared_experts")(x_td)
         return (routed + shared).reshape(b, t, d)
 

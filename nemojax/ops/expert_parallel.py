@@ -19,28 +19,25 @@ land on one device: the buffer holds that many rows per gathered token (the wors
 With a capacity factor each local expert takes at most ceil(cf * T * k / E) copies (GShard's
 expert capacity, first come first served in token order) and the rest are dropped and counted.
 
-The grouped matmul is a parameter (`matmul(x_mk, w, group_sizes_e)`), so packed-weight kernels plug
-in: a weight that is a pytree (codes, per-expert scales, ...) is sharded leaf by leaf on its leading
-expert axis (and not over "tensor").
+The experts are expert banks of any storage format (`nemojax.ops.expert_banks`: float, FP8, NVFP4),
+multiplied with `bank_matmul`; a bank's arrays shard on their leading expert axis, and the feature
+dimension over "tensor" when it splits evenly.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from nemojax.ops.grouped_matmul import grouped_matmul
+from nemojax.ops.expert_banks import Bank, as_bank, bank_matmul, bank_specs, num_experts, splits_features
 from nemojax.sharding import context_mesh
 
 TOKEN_AXES = ("data", "fsdp", "expert")
-Matmul = Callable[[jax.Array, Any, jax.Array], jax.Array]
 
 
 class ExpertStats(NamedTuple):
@@ -49,31 +46,6 @@ class ExpertStats(NamedTuple):
 
     routed_rows: jax.Array
     dropped_rows: jax.Array
-
-
-def expert_matmul(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
-    """The default expert matmul: weights cast to the activations' dtype, float32 results (so the
-    weight gradient leaves the matmul in float32 and is reduced across devices in float32)."""
-    return grouped_matmul(x_mk, w_ekn.astype(x_mk.dtype), group_sizes_e, preferred_element_type=jnp.float32)
-
-
-_EXPERT_MATMUL: contextvars.ContextVar[Matmul] = contextvars.ContextVar("expert_matmul", default=expert_matmul)
-
-
-@contextlib.contextmanager
-def use_expert_matmul(matmul: Matmul) -> Iterator[Matmul]:
-    """Make `matmul` the routed experts' grouped matmul for the models traced in this context (the
-    planner compiles the GPU path this way; a packed-weight kernel can plug in the same way)."""
-    token = _EXPERT_MATMUL.set(matmul)
-    try:
-        yield matmul
-    finally:
-        _EXPERT_MATMUL.reset(token)
-
-
-def current_expert_matmul() -> Matmul:
-    """The grouped matmul set by `use_expert_matmul` (default `expert_matmul`)."""
-    return _EXPERT_MATMUL.get()
 
 
 def uses_expert_parallelism(mesh: Mesh | AbstractMesh | None, num_experts: int) -> bool:
@@ -113,15 +85,16 @@ def _buffer_order(key_c: jax.Array, num_local: int, rows: int, capacity: int | N
     return order[:rows], sizes, (jnp.sum(counts) - jnp.sum(sizes)).astype(jnp.int32)
 
 
-def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Array, up: Any, down: Any,
-                  activation: Callable[[jax.Array], jax.Array], matmul: Matmul = expert_matmul,
-                  capacity: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Array, up: Bank, down: Bank,
+                  activation: Callable[[jax.Array], jax.Array], capacity: int | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """sum over copies routed to this device's experts (ids in [0, E_local)); other ids contribute 0.
+    `up` / `down` are expert banks (`nemojax.ops.expert_banks`) of the local experts.
 
     Returns (y [m, width] float32, rows multiplied (sum of the group sizes), copies dropped).
     """
     m, k = local_ids_mk.shape
-    num_local = jax.tree.leaves(up)[0].shape[0]
+    num_local = num_experts(up)
     is_local = (local_ids_mk >= 0) & (local_ids_mk < num_local)
     key = jnp.where(is_local, local_ids_mk, num_local).reshape(-1)
     rows = m * min(k, num_local) if capacity is None else min(m * min(k, num_local), num_local * capacity)
@@ -129,8 +102,8 @@ def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Arra
     routed = jnp.sum(group_sizes)
     real = jnp.arange(rows) < routed  # rows past the routed ones are padding: not in any group
     token = order // k
-    h = activation(matmul(x_md[token], up, group_sizes)).astype(x_md.dtype)
-    y = matmul(h, down, group_sizes).astype(jnp.float32)
+    h = activation(bank_matmul(x_md[token], up, group_sizes))
+    y = bank_matmul(h, down, group_sizes).astype(jnp.float32)
     y = jnp.where(real[:, None], y * weights_mk.reshape(-1)[order][:, None], 0.0)
     return jnp.zeros((m, y.shape[-1]), jnp.float32).at[token].add(y), routed.astype(jnp.int32), dropped
 
@@ -153,42 +126,29 @@ def _gather_tokens_bwd(_, g_td):
 _gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
 
 
-def _is_plain(w: Any) -> bool:
-    """A single weight array (not a pytree of packed codes and scales)."""
-    leaves = jax.tree.leaves(w)
-    return len(leaves) == 1 and leaves[0] is w
-
-
-def _weight_spec(w: Any, tensor: str | None, tensor_dim: int) -> Any:
-    """Experts over "expert"; a plain weight's intermediate dim over `tensor`; packed (pytree) weights
-    leaf by leaf on their leading expert axis only."""
-    if _is_plain(w):
-        spec = ["expert"] + [None] * (w.ndim - 1)
-        spec[tensor_dim] = tensor
-        return PartitionSpec(*spec)
-    return jax.tree.map(lambda leaf: PartitionSpec("expert", *[None] * (leaf.ndim - 1)), w)
-
-
-def expert_parallel_moe(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Any, down: Any,
-                        activation: Callable[[jax.Array], jax.Array], mesh: Mesh | AbstractMesh | None = None,
-                        *, matmul: Matmul = expert_matmul, capacity_factor: float | None = None
+def expert_parallel_moe(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Bank | jax.Array,
+                        down: Bank | jax.Array, activation: Callable[[jax.Array], jax.Array],
+                        mesh: Mesh | AbstractMesh | None = None, *, capacity_factor: float | None = None
                         ) -> tuple[jax.Array, ExpertStats]:
     """Routed experts with experts spread over the mesh's "expert" axis; equals `dropless_experts`
-    when dropless. Uses the context mesh (`nemojax.sharding.use_mesh`) by default.
+    when dropless. `up` / `down`: expert banks of any storage format (a bare array is a float bank).
+    Uses the context mesh (`nemojax.sharding.use_mesh`) by default.
 
     Returns (y [t, width] float32, ExpertStats).
     """
+    up, down = as_bank(up), as_bank(down)
     mesh = context_mesh() if mesh is None else mesh
     shape = dict(mesh.shape)
     t, k = ids_tk.shape
-    num_experts = jax.tree.leaves(up)[0].shape[0]
     token_axes = _divisible_axes(TOKEN_AXES, t, shape)
     gathered = "expert" in token_axes
-    tensor = "tensor" if _is_plain(up) and shape.get("tensor", 1) > 1 and up.shape[2] % shape["tensor"] == 0 else None
+    parts = shape.get("tensor", 1)
+    splits = parts > 1 and splits_features(up, "out", parts) and splits_features(down, "in", parts)
+    tensor = "tensor" if splits else None
     rows = PartitionSpec(token_axes or None, None)
     row_axes = tuple(a for a in token_axes if a != "expert")  # devices holding different tokens, same experts
     group_tokens = t // math.prod(shape[a] for a in row_axes)
-    capacity = None if capacity_factor is None else expert_capacity(group_tokens, k, num_experts, capacity_factor)
+    capacity = None if capacity_factor is None else expert_capacity(group_tokens, k, num_experts(up), capacity_factor)
 
     def per_device(x, ids, weights, up, down):
         if gathered:
@@ -198,8 +158,8 @@ def expert_parallel_moe(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Arra
             # Explicitly varying: gathering rows of an expert-invariant x by expert-varying indices
             # otherwise gives wrong gradients for x (seen with jax 0.10.2).
             x, weights = jax.lax.pcast((x, weights), "expert", to="varying")
-        first = jax.lax.axis_index("expert") * jax.tree.leaves(up)[0].shape[0]
-        y, routed, dropped = local_experts(x, ids - first, weights, up, down, activation, matmul, capacity)
+        first = jax.lax.axis_index("expert") * num_experts(up)
+        y, routed, dropped = local_experts(x, ids - first, weights, up, down, activation, capacity)
         if tensor:
             y = jax.lax.psum(y, tensor)
         if row_axes:
@@ -213,15 +173,16 @@ def expert_parallel_moe(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Arra
 
     y, routed, dropped = jax.shard_map(
         per_device, mesh=mesh,
-        in_specs=(rows, rows, rows, _weight_spec(up, tensor, 2), _weight_spec(down, tensor, 1)),
+        in_specs=(rows, rows, rows, bank_specs(up, "expert", "out", tensor), bank_specs(down, "expert", "in", tensor)),
         out_specs=(rows, PartitionSpec("expert"), PartitionSpec()),
     )(x_td, ids_tk, weights_tk, up, down)
     return y, ExpertStats(routed, dropped)
 
 
-def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Any, down: Any,
-                            activation: Callable[[jax.Array], jax.Array], mesh: Mesh | AbstractMesh | None = None,
-                            *, matmul: Matmul = expert_matmul, capacity_factor: float | None = None) -> jax.Array:
+def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Bank | jax.Array,
+                            down: Bank | jax.Array, activation: Callable[[jax.Array], jax.Array],
+                            mesh: Mesh | AbstractMesh | None = None, *, capacity_factor: float | None = None
+                            ) -> jax.Array:
     """`expert_parallel_moe` without the statistics: [t, width] float32."""
-    return expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, activation, mesh, matmul=matmul,
+    return expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, activation, mesh,
                                capacity_factor=capacity_factor)[0]

@@ -15,8 +15,12 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 
+from nemojax.config import ModelConfig
 from nemojax.errors import ConfigError
 from nemojax.sharding import MESH_AXES, make_mesh, sized_spec
+
+MAX_DEVICES = 1 << 20
+MAX_COMPILED_DEVICES = 4096  # the activation compiles simulate one CPU device per mesh device
 
 
 def mesh_devices(mesh_shape: Mapping[str, int]) -> int:
@@ -27,6 +31,27 @@ def mesh_text(mesh_shape: Mapping[str, int]) -> str:
     """The non-trivial axes, e.g. "tensor=4,expert=2" (or "single device")."""
     used = [f"{a}={s}" for a, s in mesh_shape.items() if s > 1]
     return ",".join(used) or "single device"
+
+
+def check_mesh_for_model(mesh_shape: Mapping[str, int], config: ModelConfig, batch: int, compile: bool) -> None:
+    """ConfigError when an axis has more shards than the model (or batch) has units to split, or the mesh
+    is too large to plan; checked before any device is simulated."""
+    limits = {
+        "tensor": (max(config.num_attention_heads, config.mamba_num_heads), "attention or Mamba heads"),
+        "expert": (config.n_routed_experts, "routed experts"),
+        "fsdp": (config.hidden_size, "hidden units (fsdp splits the hidden dimension)"),
+        "data": (batch, "sequences in --batch (data splits only the batch)"),
+    }
+    for axis, (units, what) in limits.items():
+        if mesh_shape[axis] > units:
+            raise ConfigError(f"--mesh {axis}={mesh_shape[axis]}: the model has only {units} {what}; "
+                              f"more {axis} shards than that cannot be used")
+    devices = mesh_devices(mesh_shape)
+    if devices > MAX_DEVICES:
+        raise ConfigError(f"--mesh {mesh_text(mesh_shape)}: {devices} devices; plans go up to {MAX_DEVICES}")
+    if compile and devices > MAX_COMPILED_DEVICES:
+        raise ConfigError(f"--mesh {mesh_text(mesh_shape)}: {devices} devices; the activation compiles simulate "
+                          f"one CPU device each and go up to {MAX_COMPILED_DEVICES}: add --no-compile")
 
 
 def use_fake_cpu_devices(count: int) -> None:

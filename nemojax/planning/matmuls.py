@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nemojax.ops.expert_parallel import Matmul, expert_matmul
+from nemojax.ops.expert_banks import Matmul, expert_matmul
 
 GROUPED_MATMUL_CHOICES = ("kernel", "ragged-dot", "cpu-tiled")
 

@@ -11,7 +11,7 @@ import jax
 
 from nemojax.config import ModelConfig
 from nemojax.errors import ConfigError
-from nemojax.ops.expert_parallel import use_expert_matmul
+from nemojax.ops.expert_banks import use_expert_matmul
 from nemojax.planning import activations
 from nemojax.planning.caches import cache_bytes_per_device
 from nemojax.planning.counts import count_parameters

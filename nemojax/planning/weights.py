@@ -1,13 +1,18 @@
-"""Weight bytes per device for a storage format, after sharding each leaf through the rule table.
+"""Weight bytes per device for a storage format: the variables `load_pretrained` builds for a checkpoint
+in that format, each leaf sharded through the rule table.
 
-Formats:
+Formats (what a checkpoint in that format holds, see `nemojax.quant`):
 - `bf16`: every parameter at its model dtype with `param_dtype=bfloat16` (the MoE router kernels
   stay float32, as the model keeps them).
-- `fp8`: every linear weight (the MoE router and lm_head excepted) at 1 byte plus one float32
-  scale per tensor (per expert for stacked experts); norms, conv, embeddings, lm_head as in bf16.
-- `nvfp4-experts`: the main model's routed experts at 4.5 bits per value (a 4-bit E2M1 code, one
-  E4M3 scale per 16 values along the input dim) plus one float32 scale per expert; the rest as in
+- `fp8`: ModelOpt FP8 for every linear (routed experts one module each; the MoE routers and lm_head
+  excepted; the `fp8` PTQ recipe): 1 byte per value plus float32 `weight_scale` and `input_scale` per tensor (per expert
+  for stacked experts); norms, conv, embeddings, lm_head as in bf16.
+- `nvfp4-experts`: the main model's routed experts in NVFP4 (4-bit codes, one E4M3 scale per 16
+  values along the input dim, float32 `weight_scale_2` and `input_scale` per expert); the rest as in
   bf16 (the MTP block stays bf16, as in the published NVFP4 release).
+- `nvfp4`: every linear in NVFP4 (routers and lm_head excepted), the rest as in bf16.
+- `release`: the published Super/Ultra mix (`nemojax.quant.recipes`): NVFP4 routed experts, FP8
+  shared experts and Mamba in/out projections, FP8 KV-cache scales, the rest bf16.
 The routers' `e_score_correction_bias` buffers (float32) are reported apart, under `buffers`.
 """
 
@@ -21,15 +26,15 @@ from typing import Any
 import jax
 import numpy as np
 
+from nemojax.checkpoint.hf import quant_fields, quantizable_modules
 from nemojax.config import ModelConfig
 from nemojax.model import abstract_variables
-from nemojax.planning.counts import is_mtp, is_routed_expert, leaf_paths, per_layer
+from nemojax.planning.counts import is_routed_expert, leaf_paths, per_layer
 from nemojax.planning.layout import abstract_mesh
+from nemojax.quant.recipes import recipe_scheme
 from nemojax.sharding.placement import variable_shardings
 
-WEIGHT_FORMATS = ("bf16", "fp8", "nvfp4-experts")
-FP32_SCALE_BYTES = 4
-NVFP4_BLOCK = 16
+WEIGHT_FORMATS = ("bf16", "fp8", "nvfp4-experts", "nvfp4", "release")
 
 
 def serving_config(config: ModelConfig) -> ModelConfig:
@@ -58,20 +63,13 @@ def sharded_leaves(config: ModelConfig, mesh_items: tuple[tuple[str, int], ...])
     return out
 
 
-def _is_linear(path: str) -> bool:
-    return path.endswith("/kernel") and not path.endswith("/mixer/gate/kernel") and not path.startswith("lm_head/")
-
-
-def _stored_bytes(path: str, leaf: jax.ShapeDtypeStruct, shape: tuple[int, ...], fmt: str) -> int:
-    """Bytes of a (local) block of shape `shape` of this leaf, stored in format `fmt`."""
-    values = math.prod(shape)
-    if fmt == "nvfp4-experts" and is_routed_expert(path) and not is_mtp(path):
-        return (values + 1) // 2 + -(-values // NVFP4_BLOCK) + shape[0] * FP32_SCALE_BYTES
-    if fmt == "fp8" and is_routed_expert(path):
-        return values + shape[0] * FP32_SCALE_BYTES
-    if fmt == "fp8" and _is_linear(path):
-        return values + FP32_SCALE_BYTES
-    return values * np.dtype(leaf.dtype).itemsize
+def stored_config(config: ModelConfig, fmt: str) -> ModelConfig:
+    """The serving config of a checkpoint of `config` stored in `fmt`, as `load_pretrained` builds it."""
+    config = serving_config(config)
+    if fmt == "bf16":
+        return config
+    scheme = recipe_scheme(fmt, quantizable_modules(config))
+    return config.replace(**quant_fields(config, scheme, f"--weights {fmt}"))
 
 
 def weight_bytes_per_device(config: ModelConfig, mesh_shape: Mapping[str, int], fmt: str) -> dict[str, int]:
@@ -79,12 +77,10 @@ def weight_bytes_per_device(config: ModelConfig, mesh_shape: Mapping[str, int], 
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weight format {fmt!r}: expected one of {WEIGHT_FORMATS}")
     out = {"routed_experts": 0, "other": 0, "buffers": 0}
-    for collection, path, leaf, sharding in sharded_leaves(serving_config(config), tuple(mesh_shape.items())):
-        shape = sharding.shard_shape(leaf.shape)
-        if collection == "buffers":
-            out["buffers"] += math.prod(shape) * np.dtype(leaf.dtype).itemsize
-        else:
-            out["routed_experts" if is_routed_expert(path) else "other"] += _stored_bytes(path, leaf, shape, fmt)
+    for collection, path, leaf, sharding in sharded_leaves(stored_config(config, fmt), tuple(mesh_shape.items())):
+        stored = math.prod(sharding.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        group = "buffers" if collection == "buffers" else "routed_experts" if is_routed_expert(path) else "other"
+        out[group] += stored
     return out
 
 

@@ -3,7 +3,8 @@
 A document is a list of text pieces flagged True where the loss is trained (all of a plain text;
 only the assistant replies of a chat). Files are read once per process and kept in memory. Every
 problem with the data (missing path, unreadable file, bad JSON line) raises DataError naming the
-file and line, before any model is compiled.
+file and line, before any model is compiled. JSONL files are split into lines on "\n" only (a
+U+2028 or U+0085 inside a JSON string is text, not a line end), so line numbers are physical.
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _read_file(path: str, data_format: str) -> list[Document]:
     if data_format == "text":
         return [Document(path, ((text, True),))] if text else []
     documents = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
             documents.append(_parse_record(line, data_format, f"{path}:{line_number}"))
     return documents
@@ -152,30 +153,48 @@ def _sniff_format(path: str, text: str) -> str:
     """jsonl files whose first record has `messages` are chat; other jsonl files are `text` records."""
     if not path.endswith(JSONL_SUFFIXES):
         return "text"
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    number, first = next(((n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()), (1, ""))
     try:
         record = json.loads(first) if first else {}
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}:1: not valid JSON ({error.msg})") from error
+    except (ValueError, RecursionError) as error:
+        raise DataError(f"{path}:{number}: not valid JSON ({_json_problem(error)})") from error
     return "chat" if isinstance(record, dict) and "messages" in record else "jsonl"
 
 
 def _parse_record(line: str, data_format: str, where: str) -> Document:
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from error
+    except (ValueError, RecursionError) as error:
+        raise DataError(f"{where}: not valid JSON ({_json_problem(error)})") from error
     if data_format == "jsonl":
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f"{where}: expected an object with a string 'text' field")
-        return Document(where, ((record["text"], True),))
+        return Document(where, ((_text(record["text"], where), True),))
     if not isinstance(record, dict) or "messages" not in record:
         raise DataError(f"{where}: expected an object with a 'messages' list")
     try:
         segments = render_segments(record["messages"], reasoning=record.get("reasoning", "on"))
     except Exception as error:  # DataError for bad messages, ConfigError for a bad reasoning mode
         raise DataError(f"{where}: {error}") from error
-    return Document(where, tuple(segments))
+    return Document(where, tuple((_text(text, where), trained) for text, trained in segments))
+
+
+def _text(text: str, where: str) -> str:
+    """`text`, unless it holds an unpaired surrogate (valid JSON, but not text a tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{where}: an unpaired surrogate {text[error.start]!r} at character {error.start} "
+                        "is not text") from error
+    return text
+
+
+def _json_problem(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at column {error.colno}"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error)
 
 
 def _read_text(path: str, errors: str = "strict") -> str:
@@ -191,7 +210,8 @@ def _read_text(path: str, errors: str = "strict") -> str:
 def _split_lone_document(document: Document, heldout_fraction: float) -> tuple[list[Document], list[Document]]:
     if len(document.segments) != 1:
         raise DataError(f"a held-out split needs at least two documents; {document.key} is the only one")
-    lines = document.text.splitlines(keepends=True)
+    lines = document.text.split("\n")
+    lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
     cut = min(max(round(len(lines) * (1 - heldout_fraction)), 1), len(lines) - 1)
     if cut < 1:
         raise DataError(f"{document.key} is a single line: too short to split into train and held-out parts")

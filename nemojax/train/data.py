@@ -53,10 +53,15 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 def validate_data_config(cfg: Mapping[str, Any]) -> None:
     """Read and check every data file and field now, so a bad path fails before any compile."""
+    shards = cfg.get("shards", 0)
+    if not isinstance(shards, int) or isinstance(shards, bool) or not 0 <= shards <= 2**31 - 1:
+        raise DataError(f"data.shards must be an integer >= 0 (0: one per process), got {shards!r}")
     if not 0 <= cfg["heldout_fraction"] < 1:
         raise DataError(f"data.heldout_fraction must be in [0, 1), got {cfg['heldout_fraction']}")
     if cfg["tokenizer_path"] and not os.path.exists(cfg["tokenizer_path"]):
         raise DataError(f"data.tokenizer_path not found: {cfg['tokenizer_path']}")
+    if cfg["tokenizer_path"]:
+        load_tokenizer(cfg["tokenizer_path"])  # an unreadable file fails now, not after the workdir is set up
     if not cfg["tokenizer_path"] and cfg["vocab_size"] < NUM_RESERVED_IDS + 256:
         raise DataError(f"data.vocab_size must be at least {NUM_RESERVED_IDS + 256} (reserved ids and 256 bytes)")
     _split(cfg)

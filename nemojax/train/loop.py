@@ -8,8 +8,10 @@ and continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import signal
 import time
 from typing import Any
 
@@ -24,29 +26,22 @@ from nemojax.checkpoint.hf import load_pretrained
 from nemojax.config import ModelConfig, from_dict
 from nemojax.errors import CheckpointError, ConfigError, NemojaxError
 from nemojax.model import NemotronH
+from nemojax.quant.master_weights import dequantize_variables
 from nemojax.sharding import use_mesh
 from nemojax.train.checkpointing import TrainCheckpoints
 from nemojax.train.data import TokenBatches, build_tokenizer, heldout_batches, validate_data_config
+from nemojax.train.memory import check_training_fits
 from nemojax.train.metrics import MetricsLog, plot_loss_curve
 from nemojax.train.placement import build_mesh, process_slice, put_batch, with_shardings
 from nemojax.train.programs import build_programs
-from nemojax.train.run_config import model_config
+from nemojax.train.run_config import check_run_config, model_config, training_numerics
 from nemojax.train.step import TrainState
+from nemojax.train.stopping import StopSignals, TrainingStopped
 from nemojax.train.tokenizer import TOKENIZER_FILENAME, save_tokenizer
 
 
 class TrainingDiverged(NemojaxError):
     """Too many non-finite steps in a row; the message names the last good checkpoint."""
-
-
-def _check_run_config(cfg: ml_collections.ConfigDict) -> None:
-    for name in ("num_steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_every",
-                 "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
-        if int(cfg[name]) < (0 if name in ("num_steps", "max_bad_steps") else 1):
-            raise ConfigError(f"config field `{name}`: must be positive, got {cfg[name]}")
-    if cfg.batch_size % cfg.grad_accum_steps:
-        raise ConfigError(f"config field `batch_size`: {cfg.batch_size} is not divisible by "
-                          f"grad_accum_steps={cfg.grad_accum_steps}")
 
 
 def _init_source(path: str) -> str:
@@ -70,25 +65,49 @@ def _load_init(path: str, source: str, cfg: ml_collections.ConfigDict, dtype: st
     else:
         model, variables = load_pretrained(path, dtype=dtype, param_dtype=cfg.param_dtype, mesh=mesh,
                                            scan_layers=scan)
-    return model.config.replace(remat=cfg.remat), variables
+    config = model.config
+    if config.weight_formats or config.kv_cache_quant != "none":
+        formats = collections.Counter(fmt for _, fmt in config.weight_formats)
+        config, variables = dequantize_variables(config, variables)
+        if jax.process_index() == 0:
+            print(f"--init-from {path}: quantized weights ({', '.join(f'{n} {f.upper()}' for f, n in formats.items())}"
+                  f" weight tensors) dequantised to {cfg.param_dtype} master weights for fine-tuning")
+    return config.replace(**training_numerics(cfg, config)), variables
 
 
 def _same_architecture(a: ModelConfig, b: ModelConfig) -> bool:
-    keep = dict(compute_dtype="float32", param_dtype="float32", remat="none", scan_layers=False)
+    keep = dict(compute_dtype="float32", param_dtype="float32", remat="none", scan_layers=False, train_quant="none",
+                train_quant_keep=())
     return a.replace(**keep) == b.replace(**keep)
+
+
+def _make_workdir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--workdir {path} is a file; give a directory (it is created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--workdir {path}: cannot create it ({e.strerror or e})") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {path} is not writable")
 
 
 class TrainingRun:
     """Everything a run needs before its first step: data, tokenizer, model, mesh and train state."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = None):
-        _check_run_config(cfg)
+        # Bad input fails here, before the workdir is created and Orbax starts its background threads.
+        check_run_config(cfg)
+        configured = model_config(cfg)
         validate_data_config(cfg.data)
-        # A bad --init-from fails here, before Orbax starts its background threads.
         init_source = _init_source(init_from) if init_from else None
+        if not workdir:
+            raise ConfigError("--workdir is empty; give a directory (it is created if missing)")
         self.cfg, self.workdir = cfg, os.path.abspath(workdir)
         self.mesh = build_mesh(cfg.mesh)
-        os.makedirs(self.workdir, exist_ok=True)
+        if init_from is None:
+            check_training_fits(configured, cfg)
+        _make_workdir(self.workdir)
         self.checkpoints = TrainCheckpoints(self.workdir, int(cfg.keep_checkpoints))
         try:
             self._set_up(init_from, init_source)
@@ -106,7 +125,7 @@ class TrainingRun:
                 raise ConfigError(f"{self.workdir} holds checkpoints of a different model than the config; "
                                   "use a new --workdir")
             config = saved.replace(compute_dtype=config.compute_dtype, param_dtype=config.param_dtype,
-                                   remat=config.remat)
+                                   **training_numerics(cfg, saved))
         elif init_from:
             config, variables = _load_init(init_from, init_source, cfg, config.compute_dtype, self.mesh)
             tokenizer_file = os.path.join(init_from, "tokenizer.json")
@@ -127,8 +146,7 @@ class TrainingRun:
                                     seed=cfg.seed, **slices)
         self.eval_set = heldout_batches(cfg.data, self.tokenizer, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                                         num_batches=cfg.eval_batches, **slices)
-        self.state = self._initial_state(resume_step, variables)
-        self.start_step = resume_step or 0
+        self.state, self.start_step = self._initial_state(resume_step, variables)
         self.metrics = MetricsLog(self.workdir, self.start_step)
 
     def mesh_context(self) -> contextlib.AbstractContextManager:
@@ -138,16 +156,17 @@ class TrainingRun:
     def put(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return put_batch(local_batch, self.mesh, int(self.cfg.batch_size))
 
-    def _initial_state(self, resume_step: int | None, variables: dict | None) -> TrainState:
-        """Restored (resume), built around loaded variables (fine-tune), or freshly initialised."""
+    def _initial_state(self, resume_step: int | None, variables: dict | None) -> tuple[TrainState, int]:
+        """(state, its step): restored (resume: the newest checkpoint that restores), built around loaded
+        variables (fine-tune), or freshly initialised."""
         programs = self.programs
         if resume_step is not None:
             target = with_shardings(programs.abstract_state, programs.shardings)
-            state, data_state = self.checkpoints.restore(resume_step, target)
+            step, state, data_state = self.checkpoints.restore_newest(target)
             self.batches.restore(data_state)
-            return state
+            return state, step
         with self.mesh_context():
-            return programs.fresh_state() if variables is None else programs.state_from(variables)
+            return (programs.fresh_state() if variables is None else programs.state_from(variables)), 0
 
     def evaluate(self, eval_fn: Any) -> float | None:
         """Mean masked LM loss over the fixed held-out batches (None when there are none)."""
@@ -212,14 +231,30 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
     """Train (or resume) into `workdir`; returns the last metrics record.
 
     `stop_at` ends this session after that step with a checkpoint (the schedule still spans
-    num_steps), for time-sliced jobs; rerunning resumes. Metrics of step s are read while step
-    s+1 runs, so the host never stalls the device except at evaluations and checkpoints.
+    num_steps), for time-sliced jobs; rerunning resumes. SIGTERM or SIGINT does the same at the next
+    step (on every process alike) and then raises TrainingStopped. Metrics of step s are read while
+    step s+1 runs, so the host never stalls the device except at evaluations and checkpoints.
     """
-    run = TrainingRun(cfg, workdir, init_from)
+    with StopSignals(mesh=None) as signals:
+        run = TrainingRun(cfg, workdir, init_from)
+        signals.mesh = run.mesh
+        last, stopped_at = _run_steps(run, signals, stop_at)
+    if stopped_at is not None:
+        signum = signals.received or signal.SIGTERM
+        how = signal.Signals(signum).name if signals.received else "a signal to another process"
+        raise TrainingStopped(f"stopped by {how} after step {stopped_at}, with a checkpoint in "
+                              f"{run.checkpoints.directory}; rerun the same command to continue", signum)
+    return last
+
+
+def _run_steps(run: TrainingRun, signals: StopSignals, stop_at: int | None) -> tuple[dict[str, Any], int | None]:
+    """The step loop: (last metrics record, the step a signal stopped it at, or None)."""
+    cfg = run.cfg
     step_fn, eval_fn = run.programs.train_step, run.programs.eval_step
     num_steps = int(cfg.num_steps)
     last_step = num_steps if stop_at is None else min(num_steps, stop_at)
     record = _Recorder(run)
+    stopped_at = None
     try:
         with run.mesh_context():
             pending = None
@@ -228,16 +263,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, init_from: str | None = 
                 if pending is not None:
                     record(*pending)
                 pending = (step, metrics)
+                stop = signals.should_stop()
                 evaluate_now = step % cfg.eval_every == 0 or step == num_steps
-                if evaluate_now or step % cfg.checkpoint_every == 0 or step == last_step:
+                if stop or evaluate_now or step % cfg.checkpoint_every == 0 or step == last_step:
                     record(step, metrics, run.evaluate(eval_fn) if evaluate_now else None)
                     pending = None
                     run.checkpoints.save(step, run.state, run.batches.state())
                     record.restart_clock()
+                if stop:
+                    stopped_at = step
+                    break
     finally:
         record.progress.close()
         run.checkpoints.wait()
         run.checkpoints.close()
     if record.main:
         plot_loss_curve(run.workdir)
-    return record.last
+    return record.last, stopped_at

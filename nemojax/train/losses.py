@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import flatten_dict
 
+from nemojax.model.layers import QUANT_RNG
+
 Batch = dict[str, jax.Array]
 Path = tuple[str, ...]
 LOSS_CHUNK_TOKENS = 1024  # default tokens (over the global batch) whose logits exist at once
@@ -29,16 +31,22 @@ def masked_xent_sum(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.A
     return jnp.sum(xent * mask_bt.astype(jnp.float32))
 
 
-def chunked_xent_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden_btd: jax.Array, targets_bt: jax.Array,
-                     mask_bt: jax.Array, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> jax.Array:
-    """`masked_xent_sum(logits_fn(hidden), ...)` a few positions at a time: each chunk's [b, c, V] float32
+def loss_chunk_positions(rows: int, positions: int, chunk_tokens: int) -> int:
+    """Positions per chunk of `chunked_xent_sum`: rows * c <= chunk_tokens, at least 1, at most all."""
+    return max(1, min(positions, chunk_tokens // rows))
+
+
+def chunked_xent_sum(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], hidden_btd: jax.Array,
+                     targets_bt: jax.Array, mask_bt: jax.Array, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> jax.Array:
+    """`masked_xent_sum(logits of hidden, ...)` a few positions at a time: each chunk's [b, c, V] float32
     logits exist only inside its step (a scan) and are recomputed for its backward (`jax.checkpoint`), so
     neither pass holds the [b, t, V] logits. Same value and gradient as the full computation.
 
+    `logits_fn(h_bcd, chunk_index)` gives one chunk's logits (the index lets it vary a random key).
     `chunk_tokens` bounds b * c (the positions per chunk c is at least 1); padded positions have mask 0.
     """
     b, t, d = hidden_btd.shape
-    c = max(1, min(t, chunk_tokens // b))
+    c = loss_chunk_positions(b, t, chunk_tokens)
     n = -(-t // c)
     pad = ((0, 0), (0, n * c - t))
 
@@ -47,14 +55,14 @@ def chunked_xent_sum(logits_fn: Callable[[jax.Array], jax.Array], hidden_btd: ja
         return x.reshape((b, n, c) + x.shape[2:]).swapaxes(0, 1)
 
     @jax.checkpoint
-    def one(h_bcd, y_bc, m_bc):
-        return masked_xent_sum(logits_fn(h_bcd), y_bc, m_bc)
+    def one(h_bcd, y_bc, m_bc, chunk):
+        return masked_xent_sum(logits_fn(h_bcd, chunk), y_bc, m_bc)
 
     def step(total, xs):
         return total + one(*xs), None
 
     total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), (chunks(hidden_btd), chunks(targets_bt),
-                                                              chunks(mask_bt)))
+                                                              chunks(mask_bt), jnp.arange(n)))
     return total
 
 
@@ -79,25 +87,35 @@ def moe_intermediates(intermediates: Any) -> tuple[dict[Path, jax.Array], jax.Ar
 
 
 def model_losses(model: nn.Module, params: Any, buffers: Any, batch: Batch, denominators: tuple[jax.Array, jax.Array],
-                 mtp_weight: float, aux_weight: float, chunk_tokens: int = LOSS_CHUNK_TOKENS
-                 ) -> tuple[jax.Array, dict[str, Any]]:
+                 mtp_weight: float, aux_weight: float, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                 rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
     """Total loss = LM + mtp_weight * MTP + aux_weight * aux, and its parts (plus expert loads and dropped
-    copies) as aux data. The lm_head runs in chunks of `chunk_tokens` (`chunked_xent_sum`)."""
+    copies) as aux data. The lm_head runs in chunks of `chunk_tokens` (`chunked_xent_sum`). `rng` feeds
+    the NVFP4 training recipe's stochastic rounding (`nemojax.model.layers.QUANT_RNG`): one key for the
+    backbone, one for the MTP block, one per lm_head chunk."""
     variables = {"params": params, "buffers": buffers}
     lm_den, mtp_den = denominators
     inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
 
-    def logits_fn(hidden_btd: jax.Array) -> jax.Array:
-        return model.apply(variables, hidden_btd, method="logits")
+    def rngs(*path: int) -> dict[str, Any]:
+        if rng is None:
+            return {}
+        key = rng
+        for i in path:
+            key = jax.random.fold_in(key, i)
+        return {"rngs": {QUANT_RNG: key}}
 
-    (hidden, _), inter = model.apply(variables, inputs, method="hidden_states", mutable=["intermediates"])
-    lm_loss = chunked_xent_sum(logits_fn, hidden, targets, mask, chunk_tokens) / lm_den
+    def head(stream: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+        return lambda h_bcd, chunk: model.apply(variables, h_bcd, method="logits", **rngs(stream, chunk))
+
+    (hidden, _), inter = model.apply(variables, inputs, method="hidden_states", mutable=["intermediates"], **rngs())
+    lm_loss = chunked_xent_sum(head(2), hidden, targets, mask, chunk_tokens) / lm_den
     loads, aux_loss, dropped = moe_intermediates(inter.get("intermediates", {}))
     mtp_loss = jnp.zeros((), jnp.float32)
     if model.config.has_mtp and mtp_weight > 0:
         (mtp_hidden, _), mtp_inter = model.apply(variables, hidden[:, :-1], inputs[:, 1:], method="mtp_hidden",
-                                                 mutable=["intermediates"])
-        mtp_loss = chunked_xent_sum(logits_fn, mtp_hidden, targets[:, 1:], mask[:, 1:], chunk_tokens) / mtp_den
+                                                 mutable=["intermediates"], **rngs(1))
+        mtp_loss = chunked_xent_sum(head(3), mtp_hidden, targets[:, 1:], mask[:, 1:], chunk_tokens) / mtp_den
         mtp_loads, mtp_aux, mtp_dropped = moe_intermediates(mtp_inter.get("intermediates", {}))
         loads.update(mtp_loads)
         aux_loss, dropped = aux_loss + mtp_aux, dropped + mtp_dropped

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
@@ -43,11 +44,17 @@ class MetricsLog:
 
 
 def plot_loss_curve(workdir: str) -> str | None:
-    """Write DIR/loss_curve.png (train loss parts and held-out loss against step); None without records."""
+    """Write DIR/loss_curve.png (train loss parts and held-out loss against step); None without records,
+    and None with a message on stderr where matplotlib (the `plot` extra) is not installed."""
     records = read_metrics(os.path.join(workdir, METRICS_FILE))
     if not records:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"{LOSS_CURVE_FILE} not written: matplotlib is not installed (pip install 'nemojax[plot]'); "
+              f"the losses are in {os.path.join(workdir, METRICS_FILE)}", file=sys.stderr)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

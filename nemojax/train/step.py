@@ -61,16 +61,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_
         denominators = token_counts(batch)
         grad_fn = jax.value_and_grad(model_losses, argnums=1, has_aux=True)
         micro_batches = _split_micro(batch, accum)
+        # The NVFP4 training recipe's random stream: new keys every step and micro-batch.
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
-        def micro_grads(micro: Batch):
-            return grad_fn(model, params, buffers, micro, denominators, mtp_weight, aux_weight / accum, chunk)
+        def micro_grads(micro: Batch, index: jax.Array):
+            return grad_fn(model, params, buffers, micro, denominators, mtp_weight, aux_weight / accum, chunk,
+                           jax.random.fold_in(step_key, index))
 
-        def accumulate(total, micro):
-            return jax.tree.map(jnp.add, total, micro_grads(micro)), None
+        def accumulate(total, micro_and_index):
+            return jax.tree.map(jnp.add, total, micro_grads(*micro_and_index)), None
 
-        shapes = jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], micro_batches))
+        shapes = jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], micro_batches), jnp.int32(0))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        ((loss, parts), grads), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+        ((loss, parts), grads), _ = jax.lax.scan(accumulate, zeros, (micro_batches, jnp.arange(accum)))
         parts = dict(parts, aux_loss=parts["aux_loss"] / accum)
 
         grad_norm = optax.tree.norm(grads)
@@ -104,7 +107,7 @@ def make_eval_step(model: nn.Module, chunk_tokens: int = LOSS_CHUNK_TOKENS
     def eval_step(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
         variables = {"params": state["params"], "buffers": state["buffers"]}
         hidden, _ = model.apply(variables, batch["inputs"], method="hidden_states")
-        xent = chunked_xent_sum(lambda h: model.apply(variables, h, method="logits"), hidden, batch["targets"],
+        xent = chunked_xent_sum(lambda h, _: model.apply(variables, h, method="logits"), hidden, batch["targets"],
                                 batch["loss_mask"], chunk_tokens)
         return xent, jnp.sum(batch["loss_mask"])
     return eval_step
