@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nemojax.config import from_hf_config
 from nemojax.errors import ConfigError
@@ -202,3 +203,29 @@ def test_run_config_overrides_are_typed():
         load_run_config(TINY, ["--config.optimizer.learning_rat=1"])
     with pytest.raises(ConfigError, match="num_steps"):
         load_run_config(TINY, ["--config.num_steps=many"])
+
+
+def test_model_without_experts_trains_on_a_mesh():
+    """A model with no MoE layer has no `buffers` collection: its train state still gets a sharding per
+    leaf on a mesh (once a KeyError), and a step runs there with the loss of one device."""
+    from nemojax.sharding import make_mesh
+    from nemojax.train.programs import build_programs
+    from nemojax.train.run_config import default_run_config
+
+    config = from_hf_config(dict(MICRO, hybrid_override_pattern="M*-", mtp_hybrid_override_pattern="",
+                                 num_nextn_predict_layers=0))
+    cfg = default_run_config()
+    cfg.num_steps = 2
+    batch = {"inputs": jnp.zeros((4, 8), jnp.int32), "targets": jnp.ones((4, 8), jnp.int32),
+             "loss_mask": jnp.ones((4, 8))}
+    mesh = make_mesh(fsdp=2, tensor=2, data=2)
+    programs = build_programs(cfg, config, mesh)
+    assert programs.abstract_state["buffers"] == {}
+    assert jax.tree.structure(programs.shardings) == jax.tree.structure(programs.abstract_state)
+    state = programs.fresh_state()
+    kernel = state["params"]["backbone"]["layers_2"]["mixer"]["up_proj"]["kernel"]
+    assert kernel.sharding.mesh == mesh and kernel.addressable_shards[0].data.shape != kernel.shape
+    want = jax.jit(lambda p: model_losses(NemotronH(config), p, {}, batch, token_counts(batch), 0.3, 0.0)[0])(
+        jax.device_get(state["params"]))
+    _, metrics = programs.train_step(state, jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp")))))
+    np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)

@@ -2,8 +2,8 @@
 an impossible size (a hidden size of a million, a batch of a billion tokens) is refused by name instead of
 exhausting the machine. Only what certainly exists at once is counted (the parameters, AdamW's two
 moments, the gradients when they are clipped by their global norm, and the float32 logits of one loss
-chunk, `nemojax.train.losses.chunked_xent_sum`), against the accelerators' memory, or for CPU devices the host memory available now;
-`nemojax.plan` gives the full per-device plan."""
+chunk, `nemojax.train.losses.chunked_xent_sum`), against the accelerators' memory, or for CPU devices the
+host memory available now; `nemojax.plan` gives the full per-device plan."""
 
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ def state_shardings(abstract_state: dict, config: ModelConfig, tx: optax.Gradien
     opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state["opt_state"],
                                       variables["params"], transform_non_params=lambda _: replicated)
     out = jax.tree.map(lambda _: replicated, abstract_state)
-    return dict(out, params=variables["params"], buffers=variables["buffers"], opt_state=opt_state)
+    # A model without MoE layers has no "buffers" collection (the state holds an empty dict for it).
+    return dict(out, params=variables["params"], buffers=variables.get("buffers", {}), opt_state=opt_state)
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
