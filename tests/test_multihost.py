@@ -1,9 +1,9 @@
 """Several hosts: train.py run as 2 processes x 4 CPU devices, joined by jax.distributed (gloo), each
 process tokenising only its data shard and loading its rows of the global batch, logs the same losses
-as 1 process x 8 devices on the same (data, tensor, expert) = (2, 2, 2) mesh (and on the default mesh,
-no mesh flags): sharded params, expert parallelism, AdamW, the
-balance loss and the multi-process checkpoint all take part. serve.py the same way, on a sharded
-checkpoint. Plus the flag checks and global batches."""
+as 1 process x 8 devices, both without mesh flags (the default mesh, fsdp over every device) and on a
+(data, tensor, expert) = (2, 2, 2) mesh: sharded params, expert parallelism, AdamW, the balance loss
+and the multi-process checkpoint all take part. serve.py the same way, on a sharded checkpoint. Plus
+the flag checks and global batches."""
 
 import argparse
 import json
@@ -65,11 +65,12 @@ def _shared_tokenizer(directory: str) -> str:
 
 
 def test_train_py_two_processes_match_one_process(tmp_path):
-    """Also without mesh flags: 2 processes x 4 devices then train on the default mesh (fsdp=8 over both)."""
+    """1 process x 8 devices without mesh flags (fsdp=8) = 2 processes x 4 devices on a (2, 2, 2) mesh
+    = 2 processes x 4 devices without mesh flags (fsdp=8 over both)."""
     one, two, default = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "default")
     tokenizer = f"--config.data.tokenizer_path={_shared_tokenizer(str(tmp_path))}"
     port, default_port = _free_port(), _free_port()
-    runs = [_train(one, 8, tokenizer)] + [_train(two, 4, tokenizer, *_joined(i, port)) for i in range(2)]
+    runs = [_train(one, 8, tokenizer, mesh=False)] + [_train(two, 4, tokenizer, *_joined(i, port)) for i in range(2)]
     for run in runs:
         _finish(run)  # a (2, 2, 2) mesh on 4 local devices only works if the processes joined
     for run in [_train(default, 4, tokenizer, *_joined(i, default_port), mesh=False) for i in range(2)]:
@@ -93,7 +94,8 @@ def _serve(checkpoint: str, prompts: str, output: str, devices: int, *extra: str
 
 def test_serve_py_two_processes_match_one_process(tmp_path):
     """serve.py on 2 processes x 4 devices (sharded weights and caches, expert parallelism) writes the
-    same completions as 1 process x 8 devices; also without --mesh (the default: fsdp over all 8)."""
+    same completions as 1 process x 8 devices without --mesh (the default: fsdp over all 8); so do 2
+    processes x 4 devices without --mesh."""
     import jax
 
     from nemojax.checkpoint.orbax import save_model
@@ -114,7 +116,7 @@ def test_serve_py_two_processes_match_one_process(tmp_path):
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     one, two, default = (str(tmp_path / f"{name}.jsonl") for name in ("one", "two", "default"))
     port, default_port = _free_port(), _free_port()
-    runs = [_serve(checkpoint, str(prompts), one, 8)] + [
+    runs = [_serve(checkpoint, str(prompts), one, 8, mesh=False)] + [
         _serve(checkpoint, str(prompts), two, 4, *_joined(i, port)) for i in range(2)]
     for run in runs:
         _finish(run)

@@ -29,6 +29,7 @@ def variable_shardings(config: ModelConfig, mesh: Mesh) -> dict:
 
 
 def shard_variables(variables: dict, config: ModelConfig, mesh: Mesh) -> dict:
-    """Model variables {"params", "buffers"} placed on `mesh` by `variable_shardings`."""
+    """Model variables {"params", "buffers"} placed on `mesh` by `variable_shardings` (a model without MoE
+    layers has no buffers: an empty "buffers" dict stays empty)."""
     shardings = variable_shardings(config, mesh)
-    return {k: jax.tree.map(place, v, shardings[k]) for k, v in variables.items()}
+    return {k: jax.tree.map(place, v, shardings.get(k, {})) for k, v in variables.items()}
