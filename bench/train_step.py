@@ -19,6 +19,8 @@ import numpy as np
 from nemojax.train.programs import build_programs
 from nemojax.train.run_config import load_run_config, model_config
 
+NO_STOP = np.zeros(1, bool)  # the train step's stop vote (nemojax.train.stopping)
+
 VARIANTS = (("float32", "none"), ("bfloat16", "none"), ("float32", "full"), ("bfloat16", "full"))
 
 
@@ -31,7 +33,7 @@ def prepare(config_path: str, dtype: str, remat: str) -> dict:
     batch = jax.device_put({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                             "loss_mask": np.ones((cfg.batch_size, cfg.seq_len), np.float32)})
     start = time.perf_counter()
-    state, metrics = programs.train_step(programs.fresh_state(), batch)
+    state, metrics = programs.train_step(programs.fresh_state(), batch, NO_STOP)
     jax.block_until_ready(metrics)
     return {"dtype": dtype, "remat": remat, "cfg": cfg, "step": programs.train_step, "state": state,
             "batch": batch, "first_step_s": time.perf_counter() - start, "times": []}
@@ -40,7 +42,7 @@ def prepare(config_path: str, dtype: str, remat: str) -> dict:
 def time_round(variant: dict, steps: int) -> None:
     start = time.perf_counter()
     for _ in range(steps):
-        variant["state"], metrics = variant["step"](variant["state"], variant["batch"])
+        variant["state"], metrics = variant["step"](variant["state"], variant["batch"], NO_STOP)
     jax.block_until_ready(metrics)
     variant["times"].append((time.perf_counter() - start) / steps)
 

@@ -1,6 +1,8 @@
 """The `kernels` config choice (nemojax/ops/dispatch.py): "reference" is today's pure-JAX path, "auto" picks
 it on CPU, and "pallas" runs the Mamba mixer through the Pallas kernels (in the GPU interpreter here)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,12 @@ import pytest
 
 from nemojax.config import from_hf_config
 from nemojax.errors import ConfigError
+from nemojax.model.layers import relu2
 from nemojax.model.mamba import MambaMixer, init_mamba_cache
+from nemojax.model.moe import dropless_experts
 from nemojax.ops import dispatch, ssd
+from nemojax.ops.expert_parallel import expert_parallel_experts
+from nemojax.quant import nvfp4
 from nemojax.sharding import make_mesh, use_mesh
 
 MAMBA = dict(vocab_size=50, hidden_size=32, hybrid_override_pattern="M", mamba_num_heads=4, mamba_head_dim=8,
@@ -98,3 +104,40 @@ def test_under_a_mesh_the_kernels_run_per_shard(monkeypatch):
         text = jax.jit(jax.grad(loss, argnums=range(6))).trace(*args, *step_args).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 3 and "sdy.manual_computation" in text
+
+
+def _nvfp4_bank(key, e: int, n: int, k: int) -> dict:
+    """An NVFP4 expert bank ([E, N, K] weights quantized by nemojax.quant.nvfp4) in the bank layout."""
+    packed, block_scale, global_scale = nvfp4.quantize(jax.random.normal(key, (e, n, k)))
+    return {"weight": packed, "weight_scale": block_scale, "weight_scale_2": global_scale}
+
+
+def _routing(t: int, k: int, e: int):
+    ks = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(ks[0], (t, 32)).astype(jnp.bfloat16)
+    ids = jax.vmap(lambda key: jax.random.permutation(key, e)[:k])(jax.random.split(ks[1], t)).astype(jnp.int32)
+    return x, ids, jax.random.uniform(ks[2], (t, k))
+
+
+def test_nvfp4_experts_run_through_the_fp4_kernel():
+    """NVFP4 routed experts with kernels="pallas" (the kernel in the GPU interpreter) equal the reference."""
+    up, down = _nvfp4_bank(jax.random.key(1), 4, 48, 32), _nvfp4_bank(jax.random.key(2), 4, 32, 48)
+    x, ids, weights = _routing(6, 2, 4)
+    run = lambda kernels: jax.jit(lambda *a: dropless_experts(*a, kernels=kernels))(x, ids, weights, up, down)
+    got, want = np.asarray(run("pallas")), np.asarray(run("reference"))
+    assert np.abs(want).max() > 0
+    assert np.max(np.abs(got - want)) <= 2e-2 * np.max(np.abs(want))  # bf16 outputs of the kernel
+
+
+def test_nvfp4_experts_lower_to_the_kernel_on_a_mesh(monkeypatch):
+    """Expert parallel (expert=2: the kernel per device on its experts' rows) and data=2 without an expert
+    axis (replicated operands) both compile the FP4 kernel for CUDA inside shard_map."""
+    monkeypatch.setattr(dispatch, "_interpret", lambda: False)
+    up, down = _nvfp4_bank(jax.random.key(1), 4, 48, 32), _nvfp4_bank(jax.random.key(2), 4, 32, 48)
+    x, ids, weights = _routing(8, 2, 4)
+    runs = (({"expert": 2}, functools.partial(expert_parallel_experts, activation=relu2, kernels="pallas")),
+            ({"data": 2}, functools.partial(dropless_experts, kernels="pallas")))
+    for axes, experts in runs:
+        with use_mesh(make_mesh(**axes, devices=jax.devices()[:2])):
+            text = jax.jit(experts).trace(x, ids, weights, up, down).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("mosaic_gpu") >= 2 and "sdy.manual_computation" in text, axes

@@ -84,6 +84,19 @@ def test_loss_curve_is_a_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_loss_curve_keeps_the_callers_matplotlib_backend(tmp_path):
+    """A notebook (inline backend) or script that trains keeps its backend: the plot does not switch it."""
+    import matplotlib  # the plot extra, installed in both test lanes
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        _write_metrics(tmp_path)
+        assert plot_loss_curve(str(tmp_path)) is not None
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
 def test_loss_curve_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch, capsys):
     _write_metrics(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError

@@ -93,3 +93,30 @@ def test_calibration_ranges_against_brute_force():
         got = (amax[f"{prefix}.up_proj"], amax[f"{prefix}.down_proj"])
         np.testing.assert_allclose(got, want.get(e, largest), rtol=1e-5)
     assert "backbone.layers.1.mixer.k_cache" in amax and "backbone.layers.1.mixer.q_proj" in amax
+
+
+def test_calibration_of_a_scanned_model_equals_unscanned():
+    """Scanned layers (the published depths) calibrate per layer, as the unrolled model does."""
+    import dataclasses
+
+    import jax
+
+    from nemojax.config import from_hf_config
+    from nemojax.model import NemotronH, init_variables
+    from nemojax.model.stacking import to_layout
+    from nemojax.quant.calibrate import calibrate
+
+    config = from_hf_config(dict(vocab_size=40, hidden_size=32, hybrid_override_pattern="E*M-" * 4,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, mamba_num_heads=4,
+                                 mamba_head_dim=8, ssm_state_size=8, n_groups=1, chunk_size=8,
+                                 intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+                                 compute_dtype="float32", scan_layers=True))
+    unrolled = dataclasses.replace(config, scan_layers=False)
+    variables = init_variables(unrolled, jax.random.key(0))
+    ids = [np.random.default_rng(0).integers(0, 40, (2, 9))]
+    want = calibrate(NemotronH(unrolled), variables, ids)
+    got = calibrate(NemotronH(config), to_layout(config, variables, stacked=True), ids)
+    assert len(got) == len(want) and "backbone.layers.15.mixer.down_proj" in got
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-6), name

@@ -19,14 +19,23 @@ import collections
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemojax.checkpoint.safetensors_io import SafetensorsDir, save_file
+from nemojax.checkpoint import orbax
+from nemojax.checkpoint.hf_shards import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ArrayLeaves,
+    output_tensors,
+    tensor_blocks,
+    write_shards,
+)
+from nemojax.checkpoint.placement import Path, Placement, leaf_reader, published_shape
+from nemojax.checkpoint.safetensors_io import SafetensorsDir
 from nemojax.config import ModelConfig, dtype_name, from_hf_config, read_hf_config, storage_dtype, to_hf_dict
 from nemojax.config.model_config import SCAN_LAYERS_FROM, nonuniform_formats
 from nemojax.errors import CheckpointError
@@ -36,30 +45,7 @@ from nemojax.model.stacking import LAYERS_NAME, stack_plan
 from nemojax.quant import modelopt
 from nemojax.sharding.placement import variable_shardings
 
-Path = tuple[str, ...]
 DTypeLike = str | np.dtype | type
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Where one published tensor goes: collection + path of the leaf, layout, expert index."""
-
-    collection: str
-    path: Path
-    layout: str  # "same" | "transpose" | "conv" | "expert" (stacked, transposed) | "expert_same" (stacked)
-    expert: int = -1
-    layer: int = -1  # row of a leaf stacked over layers (scanned layers); -1: not stacked
-    # order[j] = the published index (output row / channel) stored at nemojax index j; None = as published.
-    order: np.ndarray | None = dataclasses.field(default=None, compare=False)
-    # The ModelOpt format ("nvfp4" | "fp8") of the module a quantized weight or scale belongs to; such
-    # tensors are stored and held in their own dtype, never cast. None: a float tensor.
-    fmt: str | None = None
-    # Other names exporters give the same tensor (read if the main name is absent; saved under the main name).
-    aliases: tuple[str, ...] = ()
-
-    @property
-    def quantized(self) -> bool:
-        return self.fmt is not None
 
 
 _NVFP4_SCALES = ("weight_scale", "weight_scale_2", "input_scale")
@@ -183,20 +169,6 @@ def quantizable_modules(config: ModelConfig) -> list[str]:
             if p.layout in ("transpose", "expert") and not name.endswith(".mixer.gate.weight")]
 
 
-def _published_shape(placement: Placement, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if placement.layer >= 0:
-        leaf_shape = leaf_shape[1:]
-    if placement.layout == "transpose":
-        return leaf_shape[::-1]
-    if placement.layout == "conv":
-        return (leaf_shape[1], 1, leaf_shape[0])
-    if placement.layout == "expert":
-        return leaf_shape[1:][::-1]
-    if placement.layout == "expert_same":
-        return leaf_shape[1:]
-    return leaf_shape
-
-
 def _leaf(tree: Any, path: Path) -> Any:
     for key in path:
         tree = tree[key]
@@ -222,21 +194,22 @@ def _stored_names(st: SafetensorsDir, table: dict[str, Placement]) -> dict[str, 
 def _check_tensors(st: SafetensorsDir, table: dict[str, Placement], abstract: dict, stored: dict[str, str]) -> None:
     """One CheckpointError naming every missing, unexpected, mis-shaped and mis-typed tensor."""
     missing = sorted(k for k in table if k not in stored)
-    unexpected = sorted(set(st.keys()) - set(stored.values()))
+    unexpected = sorted(f"{k} (in {os.path.basename(st.file_of(k))})" for k in set(st.keys()) - set(stored.values()))
     misshaped, mistyped = [], []
     for name, placement in table.items():
         if name not in stored:
             continue
         leaf = _leaf(abstract[placement.collection], placement.path)
-        want, got = tuple(_published_shape(placement, leaf.shape)), tuple(st.shape(stored[name]))
+        want, got = tuple(published_shape(placement, leaf.shape)), tuple(st.shape(stored[name]))
+        where = f" (in {os.path.basename(st.file_of(stored[name]))})"
         if got != want and not (want == () and got == (1,)):  # some exporters write scalars as [1]
-            misshaped.append(f"{stored[name]}: {got}, expected {want}")
+            misshaped.append(f"{stored[name]}: {got}, expected {want}{where}")
         dtype = st.dtype(stored[name])
         if placement.quantized and dtype != leaf.dtype:
-            mistyped.append(f"{stored[name]}: {dtype}, expected {np.dtype(leaf.dtype)}")
+            mistyped.append(f"{stored[name]}: {dtype}, expected {np.dtype(leaf.dtype)}{where}")
         elif not placement.quantized and dtype.name not in _FLOAT_STORAGE:
             mistyped.append(f"{stored[name]}: {dtype}, expected a float tensor (quantized tensors need a ModelOpt "
-                            "quantization config that lists the module)")
+                            f"quantization config that lists the module){where}")
     problems = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
                          ("mis-typed", mistyped)):
@@ -246,58 +219,31 @@ def _check_tensors(st: SafetensorsDir, table: dict[str, Placement], abstract: di
         raise CheckpointError(f"{st.directory} does not match the model config:\n" + "\n".join(problems))
 
 
-def _slice_reader(st: SafetensorsDir, sources: list[tuple[str, Placement]],
-                  leaf_shape: tuple[int, ...]) -> Callable[[tuple], np.ndarray]:
-    """A function index -> numpy block of the leaf (shape `leaf_shape`), reading only the needed part of the
-    files (`sources`: (stored name, placement) of every published tensor of the leaf)."""
-    if sources[0][1].layer >= 0:  # stacked over layers: the first index picks the layers
-        by_layer: dict[int, list[tuple[str, Placement]]] = {}
-        for name, p in sources:
-            by_layer.setdefault(p.layer, []).append((name, p))
-        readers = [_layer_reader(st, by_layer[layer], leaf_shape[1:]) for layer in range(len(by_layer))]
-        return lambda index: np.stack([readers[layer](index[1:]) for layer in range(len(readers))[index[0]]])
-    return _layer_reader(st, sources, leaf_shape)
-
-
-def _layer_reader(st: SafetensorsDir, sources: list[tuple[str, Placement]],
-                  leaf_shape: tuple[int, ...]) -> Callable[[tuple], np.ndarray]:
-    layout = sources[0][1].layout
-    if layout in ("expert", "expert_same"):
-        by_expert = {p.expert: name for name, p in sources}
-        if layout == "expert":
-            return lambda index: np.stack([np.asarray(st.read(by_expert[e])[index[2], index[1]]).T
-                                           for e in range(len(by_expert))[index[0]]])
-        return lambda index: np.stack([np.asarray(st.read(by_expert[e]).reshape(leaf_shape[1:])[index[1:]])
-                                       for e in range(len(by_expert))[index[0]]])
-    name, order = sources[0][0], sources[0][1].order
-    # The published rows (output dim / channels) that a slice of the nemojax dim reads.
-    rows = (lambda s: s) if order is None else (lambda s: order[s])
-    if layout == "transpose":
-        return lambda index: np.asarray(st.read(name)[rows(index[1]), index[0]]).T
-    if layout == "conv":
-        return lambda index: np.asarray(st.read(name)[rows(index[1]), 0, index[0]]).T
-    if order is not None:  # the conv bias, NVFP4 weights and block scales: published rows reordered
-        return lambda index: np.asarray(st.read(name)[(rows(index[0]),) + tuple(index[1:])])
-    return lambda index: np.asarray(st.read(name).reshape(leaf_shape)[index])
+def checked_sources(st: SafetensorsDir, config: ModelConfig,
+                    abstract: dict) -> dict[tuple[str, Path], list[tuple[str, Placement]]]:
+    """(collection, leaf path) -> (stored name, placement) of each published tensor of that leaf, in table
+    order, after checking the files hold exactly the config's tensors (one CheckpointError naming them all)."""
+    table = published_tensors(config)
+    stored = _stored_names(st, table)
+    _check_tensors(st, table, abstract, stored)
+    grouped: dict[tuple[str, Path], list[tuple[str, Placement]]] = {}
+    for name, placement in table.items():
+        grouped.setdefault((placement.collection, placement.path), []).append((stored[name], placement))
+    return grouped
 
 
 def load_variables(directory: str, config: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> dict:
     """Read every published tensor into nemojax variables (sharded straight onto `mesh` if given)."""
     st = SafetensorsDir(directory)
-    table = published_tensors(config)
     abstract = abstract_variables(config)
-    stored = _stored_names(st, table)
-    _check_tensors(st, table, abstract, stored)
+    grouped = checked_sources(st, config, abstract)
     shardings = None
     if mesh is not None:
         shardings = variable_shardings(config, mesh)
-    grouped: dict[tuple[str, Path], list[tuple[str, Placement]]] = {}
-    for name, placement in table.items():
-        grouped.setdefault((placement.collection, placement.path), []).append((stored[name], placement))
     variables: dict = {}
     for (collection, path), sources in grouped.items():
         spec = _leaf(abstract[collection], path)
-        read = _slice_reader(st, sources, spec.shape)
+        read = leaf_reader(st, sources, spec.shape)
         full = tuple(slice(None) for _ in spec.shape)
         if shardings is None:
             value = jnp.asarray(read(full).astype(spec.dtype))
@@ -308,16 +254,10 @@ def load_variables(directory: str, config: ModelConfig, mesh: jax.sharding.Mesh 
     return variables
 
 
-def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, param_dtype: DTypeLike | None = None,
-                    mesh: jax.sharding.Mesh | None = None, scan_layers: bool | None = None) -> tuple[NemotronH, dict]:
-    """Load a checkpoint directory in the published layout, float or ModelOpt-quantized: (model, variables).
-
-    `param_dtype` defaults to the checkpoint's storage dtype, `dtype` (compute) to the parameter dtype;
-    both accept names or numpy/JAX dtypes. `scan_layers` None: scanned from 16 layers on (ModelConfig),
-    unless the quantization formats differ between layers of one kind. Missing, unexpected, mis-shaped or
-    mis-typed tensors raise one CheckpointError that lists them all (unsupported quantization configs
-    one that names every problem).
-    """
+def read_model_config(path: str | os.PathLike, dtype: DTypeLike | None = None, param_dtype: DTypeLike | None = None,
+                      scan_layers: bool | None = None) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory in the published layout (config.json and any ModelOpt
+    quantization config), with the dtypes and layer layout `load_pretrained` gives it."""
     directory = os.fspath(path)
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")
@@ -337,7 +277,26 @@ def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, par
     if scan_layers is None:  # the default depth rule, unless the formats differ between layers of a kind
         config = config.replace(scan_layers=len(config.layer_types) >= SCAN_LAYERS_FROM
                                 and not nonuniform_formats(config.layer_types, config.weight_formats))
-    return NemotronH(config), load_variables(directory, config, mesh)
+    return config
+
+
+def load_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, param_dtype: DTypeLike | None = None,
+                    mesh: jax.sharding.Mesh | None = None, scan_layers: bool | None = None) -> tuple[NemotronH, dict]:
+    """Load a checkpoint directory in the published layout, float or ModelOpt-quantized: (model, variables).
+
+    `param_dtype` defaults to the checkpoint's storage dtype, `dtype` (compute) to the parameter dtype;
+    both accept names or numpy/JAX dtypes. `scan_layers` None: scanned from 16 layers on (ModelConfig),
+    unless the quantization formats differ between layers of one kind. Missing, unexpected, mis-shaped or
+    mis-typed tensors raise one CheckpointError that lists them all (unsupported quantization configs
+    one that names every problem). A nemojax model directory (`python -m nemojax.convert hf-to-orbax`), training
+    workdir or step directory is read with `checkpoint.orbax.load_model` instead.
+    """
+    if orbax.is_nemojax_dir(os.fspath(path)):
+        return orbax.load_model(path, dtype=None if dtype is None else dtype_name(dtype),
+                                param_dtype=None if param_dtype is None else dtype_name(param_dtype), mesh=mesh,
+                                scan_layers=scan_layers)
+    config = read_model_config(path, dtype, param_dtype, scan_layers)
+    return NemotronH(config), load_variables(os.fspath(path), config, mesh)
 
 
 def quant_fields(config: ModelConfig, scheme: modelopt.QuantScheme, source: str) -> dict[str, Any]:
@@ -371,46 +330,47 @@ def quant_scheme(config: ModelConfig) -> modelopt.QuantScheme:
 def to_published(config: ModelConfig, variables: dict, dtype: DTypeLike | None = None) -> dict[str, np.ndarray]:
     """The published tensors (numpy) of nemojax variables; `dtype` casts floating tensors except fp32-kept ones
     and quantized ones (which keep their own dtypes)."""
-    out, fetched = {}, {}
-    for name, p in published_tensors(config).items():
-        if (p.collection, p.path) not in fetched:  # each leaf copied to the host once
-            fetched[p.collection, p.path] = np.asarray(jax.device_get(_leaf(variables[p.collection], p.path)))
-        leaf = fetched[p.collection, p.path]
-        if p.layer >= 0:
-            leaf = leaf[p.layer]
-        if p.layout == "transpose":
-            value = leaf.T
-        elif p.layout == "conv":
-            value = leaf.T[:, None, :]
-        elif p.layout == "expert":
-            value = leaf[p.expert].T
-        elif p.layout == "expert_same":
-            value = leaf[p.expert]
-        else:
-            value = leaf
-        if p.order is not None:  # back to the published order along the first (output / channel) dim
-            value = value[np.argsort(p.order)]
-        keep = p.quantized or p.collection == "buffers" or name.endswith("gate.weight")
-        if dtype is not None and not keep:
-            value = value.astype(jnp.dtype(dtype))
-        out[name] = np.ascontiguousarray(value).reshape(value.shape)  # keeps scalars 0-d
+    leaves = ArrayLeaves(variables)
+    out = {}
+    for tensor in output_tensors(published_tensors(config), leaves, None if dtype is None else dtype_name(dtype)):
+        blocks = list(tensor_blocks(tensor, leaves))
+        out[tensor.entry.name] = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
     return out
 
 
-def save_pretrained(path: str | os.PathLike, config: ModelConfig, variables: dict,
-                    dtype: DTypeLike | None = None) -> None:
-    """Write config.json and model.safetensors in the published layout (readable by transformers); a quantized
-    model also gets its ModelOpt quantization config (in config.json and hf_quant_config.json)."""
-    directory = os.fspath(path)
-    os.makedirs(directory, exist_ok=True)
-    dtype = None if dtype is None else dtype_name(dtype)
+def hf_config_dict(config: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+    """The config.json of a model in the published layout (with its ModelOpt quantization_config)."""
     hf = to_hf_dict(config)
     hf["torch_dtype"] = dtype or config.param_dtype
     scheme = quant_scheme(config)
     if scheme.quantized:
-        block = modelopt.scheme_to_config(scheme, quantizable_modules(config))
-        hf["quantization_config"] = {"quant_method": "modelopt", **block}
-        modelopt.write_quant_config(directory, block, "nemojax")
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    save_file(to_published(config, variables, dtype), os.path.join(directory, "model.safetensors"))
+        hf["quantization_config"] = {"quant_method": "modelopt", **quant_block(config)}
+    return hf
+
+
+def quant_block(config: ModelConfig) -> dict[str, Any]:
+    """The ModelOpt `quantization` block of a quantized config (hf_quant_config.json's, config.json's)."""
+    return modelopt.scheme_to_config(quant_scheme(config), quantizable_modules(config))
+
+
+def save_pretrained(path: str | os.PathLike, config: ModelConfig, variables: dict, dtype: DTypeLike | None = None,
+                    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """Write config.json and the safetensors in the published layout (readable by transformers): one
+    model.safetensors, or shards of at most `max_shard_size` bytes and an index. A quantized model also gets
+    its ModelOpt quantization config (in config.json and hf_quant_config.json).
+
+    The variables may be sharded, also over several hosts (call this on every process; process 0 writes):
+    tensors are gathered and written one block at a time, never the whole model on one host."""
+    directory = os.fspath(path)
+    dtype = None if dtype is None else dtype_name(dtype)
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(directory, exist_ok=True)
+        hf = hf_config_dict(config, dtype)
+        if "quantization_config" in hf:
+            modelopt.write_quant_config(directory, quant_block(config), "nemojax")
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+    leaves = ArrayLeaves(variables)
+    write_shards(directory, output_tensors(published_tensors(config), leaves, dtype), leaves, max_shard_size,
+                 is_writer=writer)

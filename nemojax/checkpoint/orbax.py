@@ -82,7 +82,7 @@ def _read_payload(directory: str) -> dict[str, Any]:
 def is_nemojax_dir(directory: str) -> bool:
     """True when `directory` (or, for a step directory, its workdir) carries a nemojax config.json."""
     try:
-        _read_payload(_config_dir(directory))
+        _read_payload(config_dir(directory))
         return True
     except CheckpointError:
         return False
@@ -103,7 +103,7 @@ def latest_step(checkpoints_dir: str) -> int | None:
     return steps[0] if steps else None
 
 
-def _config_dir(directory: str) -> str:
+def config_dir(directory: str) -> str:
     """Where config.json lives: the directory itself, or the workdir above a step directory."""
     parent = os.path.dirname(os.path.normpath(directory))
     if os.path.basename(os.path.normpath(directory)).isdigit() and os.path.basename(parent) == CHECKPOINTS_DIR:
@@ -128,7 +128,7 @@ def variables_paths(directory: str) -> list[str]:
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a model directory, a training workdir or a step directory (nothing else is read)."""
     directory = os.path.abspath(os.fspath(path))
-    return from_dict(read_config(_config_dir(directory))["model"])
+    return from_dict(read_config(config_dir(directory))["model"])
 
 
 def out_of_memory(error: BaseException) -> bool:

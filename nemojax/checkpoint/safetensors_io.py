@@ -7,11 +7,12 @@ size when it is opened, so a truncated or corrupt file is a CheckpointError nami
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -73,8 +74,8 @@ def _check_entry(path: str, key: str, meta: object, data_bytes: int) -> None:
         raise bad(f"holds {offsets[1] - offsets[0]} bytes, but {meta['dtype']} {shape} needs {expected}")
 
 
-def _index_files(index: str) -> list[str]:
-    """The shard files an index.json lists (names inside its directory)."""
+def _index_map(index: str) -> dict[str, str]:
+    """The weight_map of an index.json: tensor name -> shard file (a name inside its directory)."""
     try:
         with open(index, encoding="utf-8") as f:
             weight_map = json.load(f).get("weight_map")
@@ -82,11 +83,10 @@ def _index_files(index: str) -> list[str]:
         raise CheckpointError(f"{index}: not a readable index ({e})") from e
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: expected a \"weight_map\" object of tensor name -> shard file")
-    files = sorted(set(weight_map.values()))
-    outside = [f for f in files if os.path.basename(f) != f or f in ("", ".", "..")]
+    outside = sorted(f for f in set(weight_map.values()) if os.path.basename(f) != f or f in ("", ".", ".."))
     if outside:
         raise CheckpointError(f"{index}: shard {outside[0]!r} is not a file name in the checkpoint directory")
-    return files
+    return weight_map
 
 
 class SafetensorsDir:
@@ -95,21 +95,32 @@ class SafetensorsDir:
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.fspath(directory)
         index = os.path.join(self.directory, "model.safetensors.index.json")
+        weight_map: dict[str, str] = {}
         if os.path.isfile(index):
-            files = _index_files(index)
+            weight_map = _index_map(index)
+            files = sorted(set(weight_map.values()))
         else:
             files = sorted(f for f in os.listdir(self.directory) if f.endswith(".safetensors"))
         if not files:
             raise CheckpointError(f"{self.directory}: no *.safetensors files")
         self._entries: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
+        self.paths = [os.path.join(self.directory, name) for name in files]  # the safetensors files
         for name in files:
             path = os.path.join(self.directory, name)
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: listed in the index but missing")
             header, data_start = _read_header(path)
             for key, meta in header.items():
+                if key in self._entries:
+                    raise CheckpointError(f"tensor {key} is in both {self._entries[key][0]} and {path}")
                 self._entries[key] = (path, _DTYPES[meta["dtype"]], tuple(meta["shape"]),
                                       data_start + meta["data_offsets"][0])
+        absent = sorted(key for key, name in weight_map.items()
+                        if self._entries.get(key, ("",))[0] != os.path.join(self.directory, name))
+        if absent:
+            key = absent[0]
+            raise CheckpointError(f"{index}: tensor {key} is listed in {weight_map[key]}, which does not hold it"
+                                  + (f" ({len(absent) - 1} more such tensors)" if len(absent) > 1 else ""))
 
     def keys(self) -> Iterator[str]:
         return iter(self._entries)
@@ -123,6 +134,10 @@ class SafetensorsDir:
     def dtype(self, key: str) -> np.dtype:
         return self._entries[key][1]
 
+    def file_of(self, key: str) -> str:
+        """The path of the file holding tensor `key`."""
+        return self._entries[key][0]
+
     def read(self, key: str) -> np.ndarray:
         """A read-only memory-mapped view; slicing it reads only the touched bytes."""
         path, dtype, shape, offset = self._entries[key]
@@ -131,24 +146,54 @@ class SafetensorsDir:
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape or (1,)).reshape(shape)
 
 
-def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-              metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors (numpy, any dtype in the table, including bfloat16/float8) as one safetensors file."""
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """A tensor to be written: its name, dtype and shape (its bytes come later, in row blocks)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def write_streamed(path: str | os.PathLike, entries: Sequence[TensorEntry],
+                   blocks: Callable[[TensorEntry], Iterable[np.ndarray]],
+                   metadata: Mapping[str, str] | None = None) -> None:
+    """Write one safetensors file whose tensors arrive block by block: the header first (from `entries`),
+    then each tensor's bytes as `blocks(entry)` yields them (C-order pieces, such as row blocks), so no more
+    than one block is in memory. A tensor whose blocks do not add up to its size is a CheckpointError."""
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
-    arrays = []
-    for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key]).reshape(np.shape(tensors[key]))  # keeps scalars 0-d
-        if arr.dtype not in _NAMES:
-            raise CheckpointError(f"tensor {key}: dtype {arr.dtype} cannot be written to safetensors")
-        header[key] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
+    for entry in entries:
+        if np.dtype(entry.dtype) not in _NAMES:
+            raise CheckpointError(f"tensor {entry.name}: dtype {entry.dtype} cannot be written to safetensors")
+        header[entry.name] = {"dtype": _NAMES[np.dtype(entry.dtype)], "shape": list(entry.shape),
+                              "data_offsets": [offset, offset + entry.nbytes]}
+        offset += entry.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for arr in arrays:
-            f.write(arr.tobytes())
+        for entry in entries:
+            written = 0
+            for block in blocks(entry):
+                block = np.ascontiguousarray(block)
+                if block.dtype != np.dtype(entry.dtype):
+                    raise CheckpointError(f"tensor {entry.name}: a block of dtype {block.dtype}, "
+                                          f"expected {entry.dtype}")
+                f.write(block.reshape(-1).view(np.uint8).data)
+                written += block.nbytes
+            if written != entry.nbytes:
+                raise CheckpointError(f"{path}: tensor {entry.name}: {written} bytes written, {entry.nbytes} expected")
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+              metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors (numpy, any dtype in the table, including bfloat16/float8) as one safetensors file."""
+    arrays = {key: np.asarray(tensors[key]) for key in sorted(tensors)}
+    entries = [TensorEntry(key, arr.dtype, tuple(arr.shape)) for key, arr in arrays.items()]
+    write_streamed(path, entries, lambda entry: [arrays[entry.name]], metadata)

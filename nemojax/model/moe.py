@@ -56,17 +56,18 @@ def route(scores_te: jax.Array, bias_e: jax.Array, config: ModelConfig) -> tuple
 
 
 def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Bank | jax.Array,
-                     down: Bank | jax.Array) -> jax.Array:
+                     down: Bank | jax.Array, kernels: str = "auto") -> jax.Array:
     """sum_k weights[t,k] * down[e](relu²(up[e](x[t]))) with e = ids[t,k]; exact and dropless.
-    `up` / `down`: expert banks of any storage format (a bare array is a float bank)."""
+    `up` / `down`: expert banks of any storage format (a bare array is a float bank); `kernels`: the
+    config field choosing the NVFP4 matmul (`nemojax.ops.dispatch`)."""
     up, down = as_bank(up), as_bank(down)
     t, k = ids_tk.shape
     flat_ids = ids_tk.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat_ids, length=num_experts(up))
-    h = relu2(bank_matmul(x_td[token], up, group_sizes))
-    y = bank_matmul(h, down, group_sizes)
+    h = relu2(bank_matmul(x_td[token], up, group_sizes, kernels=kernels))
+    y = bank_matmul(h, down, group_sizes, kernels=kernels)
     y = y.astype(jnp.float32) * weights_tk.reshape(-1)[order][:, None]
     return jnp.zeros((t, y.shape[-1]), jnp.float32).at[token].add(y)
 
@@ -144,9 +145,9 @@ class Experts(nn.Module):
         down = self._bank("down_proj", f, w, ("expert_mlp", "expert_embed"), down_init)
         if uses_expert_parallelism(jax.sharding.get_abstract_mesh(), e):
             y, stats = expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, relu2,
-                                           capacity_factor=c.moe_capacity_factor)
+                                           capacity_factor=c.moe_capacity_factor, kernels=c.kernels)
             return y, stats.dropped_rows
-        return dropless_experts(x_td, ids_tk, weights_tk, up, down), jnp.zeros((), jnp.int32)
+        return dropless_experts(x_td, ids_tk, weights_tk, up, down, c.kernels), jnp.zeros((), jnp.int32)
 
 
 class MoE(nn.Module):

@@ -7,7 +7,8 @@ here take the reference ops' arguments plus `kernels=`.
 
 Under a device mesh (`nemojax.sharding.use_mesh`) a kernel runs inside `jax.shard_map`, split like
 the Mamba mixer's activations (batch over the batch axes, heads over "tensor" when it divides the
-groups), since XLA cannot partition a kernel's custom call by itself.
+groups), since XLA cannot partition a kernel's custom call by itself. The NVFP4 expert matmul runs per
+device inside expert parallelism's own shard_map; outside it, on replicated operands.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jax.sharding import PartitionSpec
 from nemojax.config import KERNEL_CHOICES
 from nemojax.errors import ConfigError
 from nemojax.ops import ssd
+from nemojax.ops.grouped_matmul_nvfp4 import grouped_matmul_nvfp4
 from nemojax.sharding import context_mesh, sized_spec
 
 
@@ -96,3 +98,22 @@ def step_per_shard(update: Callable, state_bhpn, x_bhp, dt_bh, a_h, b_bgn, c_bgn
                     (state, heads, heads[:2], ("mamba_heads",), heads, heads),
                     ((b, g, p, n), (b, g, p), (b, g), (g,), (b, g, n), (b, g, n)),
                     (heads, state), ((b, g, p), (b, g, p, n)))
+
+
+def nvfp4_grouped_matmul(x_mk, packed_enk, block_scale_enk, global_scale_e, group_sizes_e, *,
+                         kernels: str = "auto", per_shard: bool = False) -> jax.Array:
+    """`nemojax.ops.grouped_matmul_nvfp4.grouped_matmul_nvfp4` or `pallas_kernels.fp4_moe.grouped_matmul`.
+
+    `per_shard`: the caller already runs per device (expert parallelism's shard_map). Otherwise, under a
+    mesh of several devices, the kernel runs on replicated operands (without an expert axis every device
+    holds every expert and the rows routed to them)."""
+    args = (x_mk, packed_enk, block_scale_enk, global_scale_e, group_sizes_e)
+    if resolve(kernels) == "reference":
+        return grouped_matmul_nvfp4(*args)
+    from pallas_kernels.fp4_moe import grouped_matmul
+
+    matmul = lambda *a: (grouped_matmul(*a, interpret=_interpret()),)
+    if per_shard:
+        return matmul(*args)[0]
+    units = tuple(a.shape for a in args)
+    return _on_mesh(matmul, args, (None,) * 5, units, (None,), ((x_mk.shape[0], packed_enk.shape[1]),))[0]

@@ -8,7 +8,8 @@ A bank is a dict of per-expert arrays stacked on a leading expert axis (a bare a
           "weight_scale_2": float32 [E]}   (the ModelOpt layout: [out, in], packed along in)
 
 `bank_matmul` dispatches to the float expert matmul (`expert_matmul`, replaceable in a context with
-`use_expert_matmul`: the planner compiles GPU code this way), `grouped_fp8_matmul` or `grouped_matmul_nvfp4`;
+`use_expert_matmul`: the planner compiles GPU code this way), `grouped_fp8_matmul` or the NVFP4 grouped
+matmul (reference or Pallas kernel, `nemojax.ops.dispatch`);
 `bank_specs` gives each array's PartitionSpec for expert parallelism (experts over the expert axis,
 optionally the in or out feature dimension over another axis).
 """
@@ -24,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from nemojax.ops import dispatch
 from nemojax.ops.grouped_matmul import grouped_matmul
-from nemojax.ops.grouped_matmul_nvfp4 import grouped_matmul_nvfp4
 from nemojax.ops.quantized_matmul import grouped_fp8_matmul
 from nemojax.quant.nvfp4 import BLOCK
 from nemojax.quant.training import nvfp4_train_grouped_matmul
@@ -73,11 +74,14 @@ def bank_format(bank: Bank) -> str:
     return "fp8" if "weight_scale" in bank else "float"
 
 
-def bank_matmul(x_mk: jax.Array, bank: Bank, group_sizes_e: jax.Array) -> jax.Array:
-    """Rows sorted by expert times their expert's weight: [M, N] in x's dtype (zeros past the groups)."""
+def bank_matmul(x_mk: jax.Array, bank: Bank, group_sizes_e: jax.Array, *, kernels: str = "auto",
+                per_shard: bool = False) -> jax.Array:
+    """Rows sorted by expert times their expert's weight: [M, N] in x's dtype (zeros past the groups).
+    NVFP4 banks go through `nemojax.ops.dispatch` (`kernels`, `per_shard`: see there)."""
     fmt = bank_format(bank)
     if fmt == "nvfp4":
-        return grouped_matmul_nvfp4(x_mk, bank["weight"], bank["weight_scale"], bank["weight_scale_2"], group_sizes_e)
+        return dispatch.nvfp4_grouped_matmul(x_mk, bank["weight"], bank["weight_scale"], bank["weight_scale_2"],
+                                             group_sizes_e, kernels=kernels, per_shard=per_shard)
     if fmt == "fp8":
         return grouped_fp8_matmul(x_mk, bank["kernel"], bank["weight_scale"], group_sizes_e)
     if fmt == "nvfp4-train":

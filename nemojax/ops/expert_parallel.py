@@ -86,10 +86,11 @@ def _buffer_order(key_c: jax.Array, num_local: int, rows: int, capacity: int | N
 
 
 def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Array, up: Bank, down: Bank,
-                  activation: Callable[[jax.Array], jax.Array], capacity: int | None = None
-                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                  activation: Callable[[jax.Array], jax.Array], capacity: int | None = None,
+                  kernels: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """sum over copies routed to this device's experts (ids in [0, E_local)); other ids contribute 0.
-    `up` / `down` are expert banks (`nemojax.ops.expert_banks`) of the local experts.
+    `up` / `down` are expert banks (`nemojax.ops.expert_banks`) of the local experts; `kernels` chooses
+    the NVFP4 matmul (`nemojax.ops.dispatch`), which runs on this device's rows.
 
     Returns (y [m, width] float32, rows multiplied (sum of the group sizes), copies dropped).
     """
@@ -102,8 +103,8 @@ def local_experts(x_md: jax.Array, local_ids_mk: jax.Array, weights_mk: jax.Arra
     routed = jnp.sum(group_sizes)
     real = jnp.arange(rows) < routed  # rows past the routed ones are padding: not in any group
     token = order // k
-    h = activation(bank_matmul(x_md[token], up, group_sizes))
-    y = bank_matmul(h, down, group_sizes).astype(jnp.float32)
+    h = activation(bank_matmul(x_md[token], up, group_sizes, kernels=kernels, per_shard=True))
+    y = bank_matmul(h, down, group_sizes, kernels=kernels, per_shard=True).astype(jnp.float32)
     y = jnp.where(real[:, None], y * weights_mk.reshape(-1)[order][:, None], 0.0)
     return jnp.zeros((m, y.shape[-1]), jnp.float32).at[token].add(y), routed.astype(jnp.int32), dropped
 
@@ -128,11 +129,12 @@ _gather_tokens.defvjp(_gather_tokens_fwd, _gather_tokens_bwd)
 
 def expert_parallel_moe(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Bank | jax.Array,
                         down: Bank | jax.Array, activation: Callable[[jax.Array], jax.Array],
-                        mesh: Mesh | AbstractMesh | None = None, *, capacity_factor: float | None = None
-                        ) -> tuple[jax.Array, ExpertStats]:
+                        mesh: Mesh | AbstractMesh | None = None, *, capacity_factor: float | None = None,
+                        kernels: str = "auto") -> tuple[jax.Array, ExpertStats]:
     """Routed experts with experts spread over the mesh's "expert" axis; equals `dropless_experts`
-    when dropless. `up` / `down`: expert banks of any storage format (a bare array is a float bank).
-    Uses the context mesh (`nemojax.sharding.use_mesh`) by default.
+    when dropless. `up` / `down`: expert banks of any storage format (a bare array is a float bank);
+    `kernels` chooses the NVFP4 matmul (`nemojax.ops.dispatch`). Uses the context mesh
+    (`nemojax.sharding.use_mesh`) by default.
 
     Returns (y [t, width] float32, ExpertStats).
     """
@@ -159,7 +161,7 @@ def expert_parallel_moe(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Arra
             # otherwise gives wrong gradients for x (seen with jax 0.10.2).
             x, weights = jax.lax.pcast((x, weights), "expert", to="varying")
         first = jax.lax.axis_index("expert") * num_experts(up)
-        y, routed, dropped = local_experts(x, ids - first, weights, up, down, activation, capacity)
+        y, routed, dropped = local_experts(x, ids - first, weights, up, down, activation, capacity, kernels)
         if tensor:
             y = jax.lax.psum(y, tensor)
         if row_axes:
@@ -181,8 +183,8 @@ def expert_parallel_moe(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Arra
 
 def expert_parallel_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, up: Bank | jax.Array,
                             down: Bank | jax.Array, activation: Callable[[jax.Array], jax.Array],
-                            mesh: Mesh | AbstractMesh | None = None, *, capacity_factor: float | None = None
-                            ) -> jax.Array:
+                            mesh: Mesh | AbstractMesh | None = None, *, capacity_factor: float | None = None,
+                            kernels: str = "auto") -> jax.Array:
     """`expert_parallel_moe` without the statistics: [t, width] float32."""
     return expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, activation, mesh,
-                               capacity_factor=capacity_factor)[0]
+                               capacity_factor=capacity_factor, kernels=kernels)[0]

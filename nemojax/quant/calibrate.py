@@ -9,6 +9,7 @@ amax of its layer's experts. Keys are the published module names.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import flax.linen as nn
@@ -18,8 +19,10 @@ import numpy as np
 
 from nemojax.checkpoint.hf import published_tensors
 from nemojax.config import ModelConfig
+from nemojax.model import NemotronH
 from nemojax.model.layers import Linear, relu2
 from nemojax.model.moe import Experts
+from nemojax.model.stacking import to_layout
 from nemojax.ops.grouped_matmul import grouped_matmul
 
 Stats = dict[tuple[str, ...], jax.Array]
@@ -73,7 +76,13 @@ def _recorder(stats: Stats):
 def calibrate(model: nn.Module, variables: dict, batches: Iterable[np.ndarray]) -> dict[str, float]:
     """{module: input amax} for every linear (experts: "<layer>.experts.<e>.<proj>"), and
     {"<attention module>.k_cache" / ".v_cache": amax of the keys / values}, over `batches` of token ids
-    [b, t]. The MTP block sees the main model's hidden states and the next tokens, as in training."""
+    [b, t]. The MTP block sees the main model's hidden states and the next tokens, as in training.
+
+    A scanned model runs unscanned here: the interceptor records values per layer module, and a scan over
+    the layers traces each kind's module once for all of its layers."""
+    if model.config.scan_layers:
+        model = NemotronH(dataclasses.replace(model.config, scan_layers=False))
+        variables = to_layout(model.config, variables, stacked=False)
 
     def run(variables, ids):
         stats: Stats = {}

@@ -257,13 +257,13 @@ def _run_steps(run: TrainingRun, signals: StopSignals, stop_at: int | None) -> t
     stopped_at = None
     try:
         with run.mesh_context():
-            pending = None
+            pending, previous = None, None
             for step in range(run.start_step + 1, last_step + 1):
-                run.state, metrics = step_fn(run.state, run.put(next(run.batches)))
+                run.state, metrics = step_fn(run.state, run.put(next(run.batches)), signals.votes())
                 if pending is not None:
                     record(*pending)
-                pending = (step, metrics)
-                stop = signals.should_stop()
+                stop = signals.should_stop(previous)
+                pending, previous = (step, metrics), metrics
                 evaluate_now = step % cfg.eval_every == 0 or step == num_steps
                 if stop or evaluate_now or step % cfg.checkpoint_every == 0 or step == last_step:
                     record(step, metrics, run.evaluate(eval_fn) if evaluate_now else None)

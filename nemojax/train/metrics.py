@@ -51,15 +51,14 @@ def plot_loss_curve(workdir: str) -> str | None:
         return None
     try:
         import matplotlib
+        import matplotlib.figure  # a figure without pyplot: a notebook's or script's backend stays as it is
     except ImportError:
         print(f"{LOSS_CURVE_FILE} not written: matplotlib is not installed (pip install 'nemojax[plot]'); "
               f"the losses are in {os.path.join(workdir, METRICS_FILE)}", file=sys.stderr)
         return None
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = matplotlib.figure.Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for key, label in (("loss", "train loss"), ("lm_loss", "train LM loss"), ("eval_loss", "held-out LM loss")):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
@@ -70,5 +69,4 @@ def plot_loss_curve(workdir: str) -> str | None:
     ax.legend()
     path = os.path.join(workdir, LOSS_CURVE_FILE)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -33,7 +34,7 @@ class Programs(NamedTuple):
     schedule: optax.Schedule
     abstract_state: TrainState          # ShapeDtypeStructs
     shardings: TrainState               # one sharding per state leaf
-    train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # donates the state
+    train_step: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]  # donates the state
     eval_step: Callable[[TrainState, dict], Any]
     fresh_state: Callable[[], TrainState]
     state_from: Callable[[dict], TrainState]  # a fresh optimizer around given variables
@@ -64,8 +65,20 @@ def _build(config: ModelConfig, settings_json: str, mesh: Mesh | None) -> Progra
         schedule=schedule,
         abstract_state=abstract,
         shardings=shardings,
-        train_step=jax.jit(make_train_step(model, tx, settings, schedule), donate_argnums=0, **metrics_sharding),
+        train_step=jax.jit(_with_stop_votes(make_train_step(model, tx, settings, schedule)), donate_argnums=0,
+                           **metrics_sharding),
         eval_step=jax.jit(make_eval_step(model, int(settings.loss_chunk_tokens))),
         fresh_state=jax.jit(fresh, out_shardings=shardings),
         state_from=jax.jit(lambda variables: init_state(variables, tx, seed), out_shardings=shardings),
     )
+
+
+def _with_stop_votes(step: Callable) -> Callable:
+    """The train step taking the processes' stop votes (one bool per device) and returning `stop` = any
+    vote in its metrics: the agreement runs inside the step's program, ordered with its collectives."""
+
+    def step_with_votes(state: TrainState, batch: dict, votes: jax.Array) -> tuple[TrainState, dict]:
+        state, metrics = step(state, batch)
+        return state, {**metrics, "stop": jnp.any(votes)}
+
+    return step_with_votes

@@ -3,10 +3,12 @@ notes the signal; the loop asks `should_stop()` once per step and, when it says 
 that step and ends with `TrainingStopped`.
 
 With several processes every one must stop at the same step (saving a checkpoint is a collective), even
-if only one of them was signalled. Each `should_stop()` dispatches a tiny all-reduce over the mesh (was
-any process signalled?) and returns the result of the previous call's all-reduce: that one ran right
-after the previous step, which the loop has already waited for, so the agreement costs no extra wait and
-every process stops one step after the first signal anywhere. A second signal restores the signal's
+if only one of them was signalled. Each process passes its vote into the train step, which reduces the
+votes inside the step's own program and returns the result with the metrics; the loop reads it from the
+previous step's metrics (already waited for), so the agreement costs no extra wait and every process
+stops one step after the first signal anywhere. (A separate all-reduce program would be independent of
+the step running beside it, and on jax 0.12's CPU runtime the two programs' collectives can then
+interleave differently on each process and deadlock.) A second signal restores the signal's
 previous action (a second Ctrl-C interrupts at once).
 """
 
@@ -43,8 +45,6 @@ class StopSignals:
         self.mesh = mesh
         self.received: int | None = None
         self._previous: dict[int, object] = {}
-        self._pending: jax.Array | None = None
-        self._any = None
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -65,19 +65,21 @@ class StopSignals:
                              "stopping (send it again to stop at once)\n")
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
-    def should_stop(self) -> bool:
-        """Whether to save and stop after the step just dispatched; the same answer on every process."""
+    def votes(self) -> jax.Array:
+        """This process's vote ("was I signalled?"), one bool per device of the mesh, for the train step to
+        reduce: the step returns `stop` = any vote, so the agreement needs no program of its own."""
+        flag = self.received is not None
+        if self.mesh is None:
+            return jnp.asarray([flag])
+        sharding = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
+        return jax.make_array_from_callback((self.mesh.size,), sharding, lambda index: np.full(
+            len(range(self.mesh.size)[index[0]]), flag))
+
+    def should_stop(self, previous_metrics: dict | None) -> bool:
+        """Whether to save and stop after the step just dispatched; the same answer on every process.
+
+        One process decides from its own signal at once; several decide from the `stop` vote of the
+        previous step's metrics (already waited for by the loop), so all stop at the same step."""
         if jax.process_count() == 1 or self.mesh is None:
             return self.received is not None
-        previous, self._pending = self._pending, self._all_reduce(self.received is not None)
-        return previous is not None and bool(np.asarray(previous.addressable_data(0)))
-
-    def _all_reduce(self, flag: bool) -> jax.Array:
-        """Dispatch "any process flagged?" over the whole mesh (not waited for)."""
-        mesh = self.mesh
-        if self._any is None:
-            self._any = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
-        sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-        flags = jax.make_array_from_callback((mesh.size,), sharding, lambda index: np.full(
-            len(range(mesh.size)[index[0]]), flag))
-        return self._any(flags)
+        return previous_metrics is not None and bool(np.asarray(previous_metrics["stop"]))
