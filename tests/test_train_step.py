@@ -227,5 +227,7 @@ def test_model_without_experts_trains_on_a_mesh():
     assert kernel.sharding.mesh == mesh and kernel.addressable_shards[0].data.shape != kernel.shape
     want = jax.jit(lambda p: model_losses(NemotronH(config), p, {}, batch, token_counts(batch), 0.3, 0.0)[0])(
         jax.device_get(state["params"]))
-    _, metrics = programs.train_step(state, jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp")))))
+    votes = jax.device_put(jnp.zeros((mesh.size,), bool), NamedSharding(mesh, PartitionSpec(mesh.axis_names)))
+    _, metrics = programs.train_step(state, jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp")))),
+                                     votes)
     np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
