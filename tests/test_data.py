@@ -6,12 +6,13 @@ import re
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
 from nemojax import chat
-from nemojax.errors import DataError
+from nemojax.errors import ConfigError, DataError
 from nemojax.train import corpus, data
 from nemojax.train.tokenizer import (
     NAMED_SPECIAL_IDS,
@@ -149,8 +150,10 @@ def test_state_restore_resumes_exactly_across_epochs(text_setup):
         resumed.restore({**saved, "num_rows": saved["num_rows"] + 1})
 
 
-def test_process_slices_split_the_global_batch(text_setup):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_process_slices_split_the_global_batch(text_setup, shards):
     cfg, tokenizer = text_setup
+    cfg = ml_collections.ConfigDict(dict(cfg.to_dict(), shards=shards))
     whole = _batches(cfg, tokenizer, 9, batch_size=6)
     halves = [_batches(cfg, tokenizer, 9, batch_size=6, process_index=p, process_count=2) for p in range(2)]
     for step, batch in enumerate(whole):
@@ -158,6 +161,40 @@ def test_process_slices_split_the_global_batch(text_setup):
             assert halves[0][step][key].shape[0] == 3
             joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
             np.testing.assert_array_equal(joined, batch[key])
+
+
+def test_each_process_tokenises_only_its_shards(text_setup, monkeypatch):
+    """Default shards (one per process): process p tokenises exactly the documents of shard p, the shards
+    partition the train split, and a resumed iterator continues exactly (the state is process-free)."""
+    cfg, tokenizer = text_setup
+    train, _ = data._split(cfg)
+    seen = []
+    original = data.tokenize_documents
+
+    def spy(documents, tok):
+        seen.append({doc.key for doc in documents})
+        return original(documents, tok)
+
+    monkeypatch.setattr(data, "tokenize_documents", spy)
+    data._STREAM_CACHE.clear()
+    for p in range(2):
+        seen.clear()
+        data.TokenBatches(cfg, tokenizer, batch_size=4, seq_len=16, seed=0, process_index=p, process_count=2)
+        assert seen == [{doc.key for doc in train if data.shard_of(doc.key, 2) == p}]
+    shard_keys = [{doc.key for doc in train if data.shard_of(doc.key, 2) == p} for p in range(2)]
+    assert shard_keys[0] and shard_keys[1] and shard_keys[0] | shard_keys[1] == {doc.key for doc in train}
+    kwargs = dict(batch_size=4, seq_len=16, seed=5, process_index=1, process_count=2)
+    uninterrupted = data.TokenBatches(cfg, tokenizer, **kwargs)
+    expected = [next(uninterrupted) for _ in range(2 * uninterrupted.num_rows // 2 + 3)]  # into a third epoch
+    interrupted = data.TokenBatches(cfg, tokenizer, **kwargs)
+    for _ in range(5):
+        next(interrupted)
+    resumed = data.TokenBatches(cfg, tokenizer, **kwargs)
+    resumed.restore(json.loads(json.dumps(interrupted.state())))
+    for want in expected[5:]:
+        np.testing.assert_array_equal(next(resumed)["inputs"], want["inputs"])
+    with pytest.raises(ConfigError, match="data.shards"):
+        data.num_shards(dict(cfg, shards=4), "train", 6, 2)  # 4 shards do not divide a batch of 6
 
 
 def test_heldout_is_fixed_disjoint_and_padded(text_setup):

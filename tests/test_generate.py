@@ -284,3 +284,17 @@ def test_engine_rejects_speculation_without_mtp(small_model):
     plain = dataclasses.replace(model.config, num_nextn_predict_layers=0, mtp_layer_types=())
     with pytest.raises(nemojax.errors.ConfigError):
         Engine(NemotronH(plain), variables, eos_ids=(2,), num_draft_tokens=2)
+
+
+def test_caches_are_donated_from_prefill_into_decoding(engines):
+    """The prefilled cache becomes the decode state's cache in place (the start program aliases it),
+    and prefill and decode segments update it in place: one copy of the cache, not two."""
+    plain, _ = engines
+    plain.generate(mixed_requests()[:1])
+    by_name = {}
+    for key, (executable, _) in plain._executables.items():
+        by_name.setdefault(key[0], executable)
+    cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(
+        jax.eval_shape(lambda: init_cache(plain.config, plain.min_batch, 64))))
+    for name in ("prefill", "start", "segment"):
+        assert by_name[name].memory_analysis().alias_size_in_bytes >= cache_bytes, name

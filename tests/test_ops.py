@@ -122,3 +122,31 @@ def test_gqa_attention_equals_softmax_formula(key_block):
     for a, b in zip(grads, expected, strict=True):
         assert np.all(np.isfinite(a))
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_attention_mask_is_built_per_block():
+    """The causal form (key validity + query offset) equals the explicit mask, values and gradients, and
+    its blocked backward keeps no [b, t, s] mask among its residuals (the explicit form does)."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (2, 6, 4, 8))
+    k, v = (jax.random.normal(key, (2, 13, 2, 8)) for key in keys[1:])
+    valid = np.ones((2, 13), bool)
+    valid[0, :3] = False
+
+    def explicit(q, k, v):
+        return gqa_attention(q, k, v, causal_mask(jnp.asarray(valid), 7, 6), key_block=4)
+
+    def causal(q, k, v):
+        return gqa_attention(q, k, v, key_block=4, causal_valid_bs=jnp.asarray(valid), query_offset=7)
+
+    for f, g in zip(jax.grad(lambda *a: jnp.sum(jnp.sin(causal(*a))), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(lambda *a: jnp.sum(jnp.sin(explicit(*a))), argnums=(0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(f, g, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(causal(q, k, v), explicit(q, k, v), rtol=1e-6, atol=1e-6)
+
+    def largest_mask_residual(fn):
+        _, backward = jax.vjp(fn, q, k, v)
+        return max(leaf.size for leaf in jax.tree.leaves(backward) if leaf.dtype == bool)
+
+    assert largest_mask_residual(causal) == valid.size
+    assert largest_mask_residual(explicit) >= 2 * 6 * 13

@@ -192,6 +192,6 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, param_dtype: s
     variables = {"params": restored["params"], "buffers": restored["buffers"]}
     if scan_layers is not None and scan_layers != config.scan_layers:
         config = config.replace(scan_layers=scan_layers)
-        out = {} if mesh is None else {"out_shardings": variable_shardings(config, mesh)}
+        out = {} if mesh is None else {"out_shardings": {"buffers": {}, **variable_shardings(config, mesh)}}
         variables = jax.jit(lambda v: to_layout(config, v, scan_layers), **out)(variables)
     return NemotronH(config), variables

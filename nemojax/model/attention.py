@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from nemojax import sharding
 from nemojax.config import ModelConfig
 from nemojax.model.layers import Linear, default_init, dtype_of, scale_param
-from nemojax.ops.attention import causal_mask, gqa_attention
+from nemojax.ops.attention import gqa_attention
 
 KVCache = dict[str, jax.Array]
 
@@ -79,13 +79,11 @@ class Attention(nn.Module):
         valid = jnp.ones((b, t), bool) if valid_bt is None else valid_bt.astype(bool)
 
         if cache is None:
-            new_cache = None
-            mask = causal_mask(valid, 0, t)
+            new_cache, offset = None, 0
         else:
-            new_cache, k, v, cache_valid = write_kv_cache(cache, k, v, valid, index, slot)
-            k, v = k.astype(dtype), v.astype(dtype)
-            mask = causal_mask(cache_valid, index, t)
-        out = gqa_attention(q, k, v, mask)
+            new_cache, k, v, valid = write_kv_cache(cache, k, v, valid, index, slot)
+            k, v, offset = k.astype(dtype), v.astype(dtype), index
+        out = gqa_attention(q, k, v, causal_valid_bs=valid, query_offset=offset)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         out = Linear(c.hidden_size, ("heads", "embed"), dtype, pdtype, out_init, config=c, name="o_proj")(

@@ -82,20 +82,22 @@ class CausalDepthwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x_btc: jax.Array, prefix_bkc: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Returns (conv output [b,t,c], the last kernel-1 inputs as the new prefix)."""
+        """Returns (conv output [b,t,c], the last kernel-1 inputs as the new prefix).
+
+        Accumulated in float32, so the weight and bias gradients (sums over batch and time) are too."""
         channels = x_btc.shape[-1]
         weight = self.param("weight", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=0, out_axis=1), ("conv_kernel", "conv_dim")),
             (self.kernel_size, channels), self.param_dtype)
         full = jnp.concatenate([prefix_bkc.astype(x_btc.dtype), x_btc], axis=1)
         t = x_btc.shape[1]
-        w = weight.astype(x_btc.dtype)
-        out = sum(full[:, j:j + t] * w[j] for j in range(self.kernel_size))
+        w = weight.astype(jnp.float32)
+        out = sum(full[:, j:j + t].astype(jnp.float32) * w[j] for j in range(self.kernel_size))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_dim",)),
                               (channels,), self.param_dtype)
-            out = out + bias.astype(out.dtype)
-        return out, full[:, full.shape[1] - (self.kernel_size - 1):]
+            out = out + bias.astype(jnp.float32)
+        return out.astype(x_btc.dtype), full[:, full.shape[1] - (self.kernel_size - 1):]
 
 
 class MambaMixer(nn.Module):
@@ -156,8 +158,8 @@ class MambaMixer(nn.Module):
             end_b = filled_length(valid_bt, t)
             new_conv = jax.vmap(lambda f, e: jax.lax.dynamic_slice_in_dim(f, e, c.conv_kernel - 1))(full, end_b)
         y = y + d_skip.astype(jnp.float32)[:, None] * x_bthp.astype(jnp.float32)
+        y = sharding.constrain(y.reshape(b, t, g, c.mamba_inner // g), ("batch", "length", "mamba_groups", None))
         y = y.reshape(b, t, c.mamba_inner)
-        y = sharding.constrain(y, ("batch", "length", "act_mlp"))
         y = GatedGroupRMSNorm(g, c.layer_norm_epsilon, pdtype, name="norm")(y, z)
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         out = Linear(c.hidden_size, ("mamba_inner", "embed"), dtype, pdtype, out_init, config=c, name="out_proj")(

@@ -1,9 +1,10 @@
-"""Grouped-query attention with an explicit boolean mask, pure-JAX reference (softmax in fp32).
+"""Grouped-query attention under a boolean mask, pure-JAX reference (softmax in fp32).
 
 Nemotron-H attention has no positional encoding, so the mask alone carries causality and padding.
 Long inputs go over the keys in blocks with a running (online) softmax and a matching backward that
 recomputes each block's probabilities from the saved row log-sum-exp (the FlashAttention scheme):
-neither pass keeps a [t, s] score matrix, so training memory grows with t, not t·s, and on CPU it is
+neither pass keeps a [t, s] score matrix, and a causal mask is built per key block from the keys'
+validity and positions (the model's case), so training memory grows with t, not t·s, and on CPU it is
 about 2x faster than one block for prefill and training lengths (t >= 256). Decoding steps (few
 queries) take the one-block path, which is faster there.
 """
@@ -11,6 +12,7 @@ queries) take the one-block path, which is faster there.
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +23,15 @@ MIN_QUERIES_FOR_BLOCKS = 256
 _F32 = jnp.float32
 
 
-def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
-                  key_block: int | None = None) -> jax.Array:
+def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array | None = None,
+                  key_block: int | None = None, *, causal_valid_bs: jax.Array | None = None,
+                  query_offset: jax.Array | int = 0) -> jax.Array:
     """softmax(q k^T / sqrt(d) masked) v, with kv heads shared by groups of query heads.
 
-    q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]; mask: [b, t, s] (True = may attend).
+    q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]. The mask is either explicit, `mask_bts` [b, t, s]
+    (True = may attend), or causal: `causal_valid_bs` [b, s] (key validity) and `query_offset` (the
+    absolute position of query 0): query i sees the valid keys at positions <= offset + i, and the mask
+    is built one key block at a time, so no [b, t, s] array is kept (nor saved for the backward).
     A query row whose mask is all False returns zeros. Returns [b, t, heads, d] in q's dtype.
     `key_block`: keys per block (None: KEY_BLOCK when t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK,
     else all keys at once, differentiated by plain autodiff).
@@ -34,12 +40,46 @@ def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_
     s, kv = k_bskd.shape[1], k_bskd.shape[2]
     if key_block is None:
         key_block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK else s
+    mask = _Mask(mask_bts, causal_valid_bs, jnp.asarray(query_offset, jnp.int32))
     q = q_bthd.reshape(b, t, kv, h // kv, d)
     if key_block >= s:
-        out, _ = _finish(*_add_block(_empty_rows(q), q, k_bskd, v_bskd, mask_bts))
+        out, _ = _finish(*_add_block(_empty_rows(q), q, k_bskd, v_bskd, mask.dense(t)))
     else:
-        out = _blocked_attention(q, k_bskd, v_bskd, mask_bts, key_block)
+        out = _blocked_attention(q, k_bskd, v_bskd, mask, key_block)
     return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d).astype(q_bthd.dtype)
+
+
+class _Mask(NamedTuple):
+    """An explicit [b, t, s] mask, or the causal one described by key validity and the query offset."""
+
+    explicit_bts: jax.Array | None
+    valid_bs: jax.Array | None
+    query_offset: jax.Array
+
+    def dense(self, t: int) -> jax.Array:
+        if self.explicit_bts is not None:
+            return self.explicit_bts
+        return causal_mask(self.valid_bs, self.query_offset, t)
+
+    def blocks(self, t: int, key_block: int) -> tuple[Any, ...]:
+        """Per key block ([n, ...] leading), what `block_mask` needs (padded keys are masked out)."""
+        if self.explicit_bts is not None:
+            b, _, s = self.explicit_bts.shape
+            n = -(-s // key_block)
+            m = jnp.pad(self.explicit_bts, ((0, 0), (0, 0), (0, n * key_block - s)))
+            return (m.reshape(b, t, n, key_block).transpose(2, 0, 1, 3),)
+        b, s = self.valid_bs.shape
+        n = -(-s // key_block)
+        valid = jnp.pad(self.valid_bs, ((0, 0), (0, n * key_block - s)))
+        return valid.reshape(b, n, key_block).swapaxes(0, 1), jnp.arange(n * key_block).reshape(n, key_block)
+
+    def block_mask(self, t: int, block: tuple[Any, ...]) -> jax.Array:
+        """The [b, t, key_block] mask of one block from its `blocks` entry."""
+        if self.explicit_bts is not None:
+            return block[0]
+        valid_bk, key_pos_k = block
+        q_pos = jnp.arange(t)[:, None] + self.query_offset
+        return (key_pos_k[None, :] <= q_pos)[None] & valid_bk[:, None, :]
 
 
 def _empty_rows(q_btkrd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -74,18 +114,16 @@ def _finish(acc_bkrtd, peak_bkrt, total_bkrt) -> tuple[jax.Array, jax.Array]:
     return out, lse
 
 
-def _key_blocks(k_bskd, v_bskd, mask_bts, key_block: int):
-    """Keys, values and mask split into [n, ...] blocks (padded keys are masked out)."""
+def _key_blocks(k_bskd, v_bskd, key_block: int):
+    """Keys and values split into [n, ...] blocks (zero-padded to whole blocks)."""
     b, s, kv, d = k_bskd.shape
     blocks = -(-s // key_block)
     pad = blocks * key_block - s
     if pad:
         k_bskd, v_bskd = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (k_bskd, v_bskd))
-        mask_bts = jnp.pad(mask_bts, ((0, 0), (0, 0), (0, pad)))
     k_nbskd = k_bskd.reshape(b, blocks, key_block, kv, d).swapaxes(0, 1)
     v_nbskd = v_bskd.reshape(b, blocks, key_block, kv, d).swapaxes(0, 1)
-    mask_nbts = mask_bts.reshape(b, mask_bts.shape[1], blocks, key_block).transpose(2, 0, 1, 3)
-    return k_nbskd, v_nbskd, mask_nbts
+    return k_nbskd, v_nbskd
 
 
 def _unblock(x_nbskd: jax.Array, s: int) -> jax.Array:
@@ -94,22 +132,27 @@ def _unblock(x_nbskd: jax.Array, s: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_attention(q_btkrd, k_bskd, v_bskd, mask_bts, key_block: int) -> jax.Array:
-    return _blocked_forward(q_btkrd, k_bskd, v_bskd, mask_bts, key_block)[0]
+def _blocked_attention(q_btkrd, k_bskd, v_bskd, mask: _Mask, key_block: int) -> jax.Array:
+    return _blocked_forward(q_btkrd, k_bskd, v_bskd, mask, key_block)[0]
 
 
-def _blocked_forward(q_btkrd, k_bskd, v_bskd, mask_bts, key_block: int):
+def _blocked_forward(q_btkrd, k_bskd, v_bskd, mask: _Mask, key_block: int):
+    t = q_btkrd.shape[1]
+
     def step(carry, block):
-        return _add_block(carry, q_btkrd, *block), None
+        k, v, mask_block = block
+        return _add_block(carry, q_btkrd, k, v, mask.block_mask(t, mask_block)), None
 
-    carry, _ = jax.lax.scan(step, _empty_rows(q_btkrd), _key_blocks(k_bskd, v_bskd, mask_bts, key_block))
+    blocks = (*_key_blocks(k_bskd, v_bskd, key_block), mask.blocks(t, key_block))
+    carry, _ = jax.lax.scan(step, _empty_rows(q_btkrd), blocks)
     out, lse = _finish(*carry)
-    return out, (q_btkrd, k_bskd, v_bskd, mask_bts, out, lse)
+    return out, (q_btkrd, k_bskd, v_bskd, mask, out, lse)
 
 
 def _blocked_backward(key_block: int, residuals, g_bkrtd):
-    """Gradients block by block, the probabilities recomputed from the row log-sum-exp."""
-    q_btkrd, k_bskd, v_bskd, mask_bts, out, lse = residuals
+    """Gradients block by block, the probabilities (and masks) recomputed from the row log-sum-exp."""
+    q_btkrd, k_bskd, v_bskd, mask, out, lse = residuals
+    t = q_btkrd.shape[1]
     scale = q_btkrd.shape[-1] ** -0.5
     g = g_bkrtd.astype(_F32)
     delta_bkrt = jnp.sum(g * out, axis=-1)  # sum_s p * dp = g . out
@@ -117,8 +160,8 @@ def _blocked_backward(key_block: int, residuals, g_bkrtd):
     q32 = q_btkrd.astype(_F32)
 
     def step(dq_btkrd, block):
-        k, v, mask = block
-        probs = jnp.exp(_scores(q_btkrd, k, mask) - safe_lse[..., None])  # masked (and empty rows): 0
+        k, v, mask_block = block
+        probs = jnp.exp(_scores(q_btkrd, k, mask.block_mask(t, mask_block)) - safe_lse[..., None])  # masked: 0
         dv = jnp.einsum("bkrts,bkrtd->bskd", probs, g)
         dprobs = jnp.einsum("bkrtd,bskd->bkrts", g, v.astype(_F32))
         dscores = probs * (dprobs - delta_bkrt[..., None]) * scale
@@ -126,12 +169,17 @@ def _blocked_backward(key_block: int, residuals, g_bkrtd):
         dk = jnp.einsum("bkrts,btkrd->bskd", dscores, q32)
         return dq_btkrd, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_btkrd.shape, _F32),
-                                _key_blocks(k_bskd, v_bskd, mask_bts, key_block))
+    blocks = (*_key_blocks(k_bskd, v_bskd, key_block), mask.blocks(t, key_block))
+    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q_btkrd.shape, _F32), blocks)
     s = k_bskd.shape[1]
-    mask_cotangent = np.zeros(mask_bts.shape, jax.dtypes.float0)
+    mask_cotangent = jax.tree.map(_no_cotangent, mask)
     return (dq.astype(q_btkrd.dtype), _unblock(dk, s).astype(k_bskd.dtype), _unblock(dv, s).astype(v_bskd.dtype),
             mask_cotangent)
+
+
+def _no_cotangent(x: jax.Array) -> np.ndarray:
+    """The cotangent of a mask leaf (booleans, positions): float0 zeros."""
+    return np.zeros(np.shape(x), jax.dtypes.float0)
 
 
 _blocked_attention.defvjp(_blocked_forward, _blocked_backward)
