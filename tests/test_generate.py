@@ -3,6 +3,7 @@ batching equivalences, speculative decoding (greedy identity, rollback, rejectio
 the thinking budget."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -287,14 +288,16 @@ def test_engine_rejects_speculation_without_mtp(small_model):
 
 
 def test_caches_are_donated_from_prefill_into_decoding(engines):
-    """The prefilled cache becomes the decode state's cache in place (the start program aliases it),
-    and prefill and decode segments update it in place: one copy of the cache, not two."""
+    """Prefill writes into the slots' cache in place and the decode segments update it in place (each
+    program donates the slot state it replaces): one copy of the cache, not two."""
     plain, _ = engines
     plain.generate(mixed_requests()[:1])
     by_name = {}
     for key, (executable, _) in plain._executables.items():
         by_name.setdefault(key[0], executable)
-    cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(
-        jax.eval_shape(lambda: init_cache(plain.config, plain.min_batch, 64))))
-    for name in ("prefill", "start", "segment"):
+    for name in ("prefill", "segment"):
+        args, _ = by_name[name].args_info
+        cache = args[1]["cache"]  # the slot state follows the variables
+        cache_bytes = sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(cache))
+        assert cache_bytes > 0 and all(leaf.donated for leaf in jax.tree.leaves(cache)), name
         assert by_name[name].memory_analysis().alias_size_in_bytes >= cache_bytes, name
