@@ -280,17 +280,31 @@ def test_single_text_file_is_split_by_lines(tmp_path):
     assert heldout[0].text.startswith("line 15\n")
 
 
+def test_split_and_shards_do_not_depend_on_where_the_corpus_lives(tmp_path):
+    """The same corpus under two mount points (a directory, a glob, listed files) gives the same document
+    names, so the held-out split and every process's shard agree across hosts."""
+    first = _write_text_corpus(tmp_path / "here", num_files=8)
+    (tmp_path / "elsewhere").mkdir()
+    second = _write_text_corpus(tmp_path / "elsewhere" / "mounted", num_files=8)
+    listings = [[str(first)], [str(second)], [str(second / "*.txt")], sorted(str(p) for p in second.iterdir())]
+    splits = [data._split(_files_config(paths)) for paths in listings]
+    names = [([doc.key for doc in train], [doc.key for doc in heldout]) for train, heldout in splits]
+    assert all(entry == names[0] for entry in names) and names[0][1]
+    assert {data.shard_of(key, 2) for key in names[0][0]} == {0, 1}
+
+
+def test_errors_name_the_full_path_of_a_bad_record(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'bad.jsonl'}:2")):
+        corpus.load_documents("files", [str(tmp_path)], "auto", 0)
+
+
 def test_auto_format_reads_text_jsonl_and_chat(tmp_path):
     (tmp_path / "a.txt").write_text("plain words\n")
     (tmp_path / "b.jsonl").write_text('{"text": "from jsonl"}\n\n{"text": "second"}\n')
     (tmp_path / "c.jsonl").write_text(json.dumps(CHATS[0]) + "\n")
     documents = corpus.load_documents("files", [str(tmp_path / "*")], "auto", 0)
-    assert [d.key for d in documents] == [
-        str(tmp_path / "a.txt"),
-        f"{tmp_path / 'b.jsonl'}:1",
-        f"{tmp_path / 'b.jsonl'}:3",
-        f"{tmp_path / 'c.jsonl'}:1",
-    ]
+    assert [d.key for d in documents] == ["a.txt", "b.jsonl:1", "b.jsonl:3", "c.jsonl:1"]
     assert documents[1].text == "from jsonl"
     assert documents[3].segments == tuple(chat.render_segments(CHATS[0]["messages"]))
 
