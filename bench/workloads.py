@@ -118,7 +118,7 @@ def serve(engine: Engine, reqs: list[Request], slots: int) -> dict:
     ttft = [t.first_token_at - t.submitted_at for t in tickets]
     cache = sum(x.nbytes for x in jax.tree.leaves(scheduler.state["cache"]))
     return {"requests": len(reqs), "prompt_tokens": len(reqs[0].prompt_ids), "output_tokens": reqs[0].max_new_tokens,
-            "wall_s": wall, "output_tokens_per_s": stats.generated_tokens / wall,
+            "wall_s": wall, "prefill_s": stats.prefill_seconds, "output_tokens_per_s": stats.generated_tokens / wall,
             "prefill_tokens_per_s": stats.prefill_tokens / max(stats.prefill_seconds, 1e-9),
             "decode_tokens_per_s": (stats.generated_tokens - len(reqs)) / max(stats.decode_seconds, 1e-9),
             "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_max_s": float(max(ttft)),
@@ -137,31 +137,44 @@ def memory() -> dict:
     return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def measured(engine: Engine, reqs: list[Request], slots: int) -> dict:
-    serve(engine, reqs, slots)  # compiles every program this workload needs
+def measured(engine: Engine, reqs: list[Request], slots: int, warm_up: bool = True) -> dict:
+    """The workload's measurements; with `warm_up`, from a second run (the first compiles), else from the
+    only run (throughputs and decode times exclude compilation; TTFT and step latencies do not)."""
+    if warm_up:
+        serve(engine, reqs, slots)
     return serve(engine, reqs, slots)
 
 
-def run_model(name: str, config: ModelConfig, args: argparse.Namespace) -> dict:
+def model_entry(name: str, config: ModelConfig, prefill_chunk: int) -> dict:
     variables = jax.jit(init_variables, static_argnums=0)(config, jax.random.key(0))
-    engine = Engine(NemotronH(config), variables, eos_ids=(2,), prefill_chunk=args.prefill_chunk)
-    vocab = config.vocab_size
+    per_token, fixed = cache_bytes_per_token(config)
+    return {"model": name, "pattern": config.pattern, "parameters": parameter_count(config),
+            "num_attention_heads": config.num_attention_heads, "cache_bytes_per_token": per_token,
+            "cache_fixed_bytes": fixed,
+            "engine": Engine(NemotronH(config), variables, eos_ids=(2,), prefill_chunk=prefill_chunk)}
+
+
+def run_workloads(models: list[dict], args: argparse.Namespace) -> None:
+    """Each workload on each model in turn (interleaved, so both see about the same machine load)."""
+    vocab = models[0]["engine"].config.vocab_size
     d_prompt, d_new = args.decode
     n, p_prompt, p_new = args.prefill
-    per_token, fixed = cache_bytes_per_token(config)
-    result = {"model": name, "pattern": config.pattern, "parameters": parameter_count(config),
-              "num_attention_heads": config.num_attention_heads, "cache_bytes_per_token": per_token,
-              "cache_fixed_bytes": fixed}
-    print(f"[{name}] decode-heavy", flush=True)
-    result["decode_heavy"] = measured(engine, requests(args.decode_rows, d_prompt, d_new, vocab, 0), args.decode_rows)
-    print(f"[{name}] prefill-heavy", flush=True)
-    result["prefill_heavy"] = measured(engine, requests(n, p_prompt, p_new, vocab, 1), args.prefill_slots)
-    result["contexts"] = []
+    for m in models:
+        print(f"[{m['model']}] decode-heavy", flush=True)
+        m["decode_heavy"] = measured(m["engine"], requests(args.decode_rows, d_prompt, d_new, vocab, 0),
+                                     args.decode_rows)
+    for m in models:
+        print(f"[{m['model']}] prefill-heavy", flush=True)
+        m["prefill_heavy"] = measured(m["engine"], requests(n, p_prompt, p_new, vocab, 1), args.prefill_slots)
+    for m in models:
+        m["contexts"] = []
     for context in args.contexts:
-        print(f"[{name}] context {context}", flush=True)
-        run = measured(engine, requests(1, context, args.context_new, vocab, 2), 1)
-        result["contexts"].append({"context": context, **run})
-    return result
+        for m in models:
+            print(f"[{m['model']}] context {context}", flush=True)
+            run = measured(m["engine"], requests(1, context, args.context_new, vocab, 2), 1, warm_up=False)
+            m["contexts"].append({"context": context, **run})
+    for m in models:
+        del m["engine"]
 
 
 def markdown(results: dict) -> str:
@@ -190,13 +203,15 @@ def markdown(results: dict) -> str:
                          f"{peak / 2**20:.0f} |")
     lines += ["", f"## Decode time per token vs context (1 request, {results['context_new']} new tokens)", "",
               "| context | hybrid ms/token | attention-only ms/token | ratio | hybrid cache MB | attention cache MB | "
-              "hybrid TTFT s | attention TTFT s |", "|---|---|---|---|---|---|---|---|"]
+              "hybrid prefill s | attention prefill s |", "|---|---|---|---|---|---|---|---|"]
     for rh, ra in zip(h["contexts"], a["contexts"], strict=True):
-        lines.append(f"| {rh['context']} | {rh['decode_ms_per_step']:.2f} | {ra['decode_ms_per_step']:.2f} | "
-                     f"{ra['decode_ms_per_step'] / rh['decode_ms_per_step']:.2f}x | "
-                     f"{rh['cache_bytes'] / 2**20:.1f} | {ra['cache_bytes'] / 2**20:.1f} | {rh['ttft_p50_s']:.2f} | "
-                     f"{ra['ttft_p50_s']:.2f} |")
-    lines += ["", "Peak MB is this process's peak RSS so far (cumulative over the run) on CPU, the device's peak "
+        lines.append(f"| {rh['context']} | {rh['step_ms_p50']:.2f} | {ra['step_ms_p50']:.2f} | "
+                     f"{ra['step_ms_p50'] / rh['step_ms_p50']:.2f}x | "
+                     f"{rh['cache_bytes'] / 2**20:.1f} | {ra['cache_bytes'] / 2**20:.1f} | {rh['prefill_s']:.2f} | "
+                     f"{ra['prefill_s']:.2f} |")
+    lines += ["", "Context rows: one run each (no warm-up run); ms/token is the median over the decode rounds (a "
+              "round that compiled is an outlier the median drops), prefill seconds exclude compilation. "
+              "Peak MB is this process's peak RSS so far (cumulative over the run) on CPU, the device's peak "
               "bytes in use on an accelerator."]
     return "\n".join(lines) + "\n"
 
@@ -218,7 +233,7 @@ def main() -> None:
     parser.add_argument("--prefill", default="32x512:32", help="NxPROMPT:OUTPUT of the prefill-heavy workload")
     parser.add_argument("--prefill-slots", type=int, default=8)
     parser.add_argument("--contexts", default="1k,8k,32k")
-    parser.add_argument("--context-new", type=int, default=64)
+    parser.add_argument("--context-new", type=int, default=128)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -234,7 +249,9 @@ def main() -> None:
     print(f"hybrid {hybrid.pattern}: {parameter_count(hybrid):,} parameters; attention-only {attention.pattern} "
           f"({attention.num_attention_heads} q heads): {parameter_count(attention):,} parameters", flush=True)
     load_before = load_average()
-    models = [run_model("hybrid", hybrid, args), run_model("attention-only", attention, args)]
+    models = [model_entry("hybrid", hybrid, args.prefill_chunk),
+              model_entry("attention-only", attention, args.prefill_chunk)]
+    run_workloads(models, args)
     results = {"device": f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPU cores",
                "command": "python bench/workloads.py " + " ".join(sys.argv[1:]),
                "load_before": load_before, "load_after": load_average(),
