@@ -209,6 +209,10 @@ def markdown(results: dict) -> str:
                      f"{ra['step_ms_p50'] / rh['step_ms_p50']:.2f}x | "
                      f"{rh['cache_bytes'] / 2**20:.1f} | {ra['cache_bytes'] / 2**20:.1f} | {rh['prefill_s']:.2f} | "
                      f"{ra['prefill_s']:.2f} |")
+    if max(r["context"] for r in h["contexts"]) < 131072:
+        lines += ["", "128K and longer contexts were not run here: prefill through the attention layers grows with "
+                  "the square of the context (the attention-only model's 32K prefill above times 16), beyond this "
+                  "shared machine's time; on a GPU pass `--contexts 8k,32k,128k`."]
     lines += ["", "Context rows: one run each (no warm-up run); ms/token is the median over the decode rounds (a "
               "round that compiled is an outlier the median drops), prefill seconds exclude compilation. "
               "Peak MB is this process's peak RSS so far (cumulative over the run) on CPU, the device's peak "
@@ -236,7 +240,15 @@ def main() -> None:
     parser.add_argument("--context-new", type=int, default=128)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--render", default=None, help="only rewrite workloads.md from this workloads.json")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            table = markdown(json.load(f))
+        with open(os.path.join(args.out, "workloads.md"), "w") as f:
+            f.write(table)
+        print(table)
+        return
     prompt, new = args.decode.split(":")
     args.decode = (parse_length(prompt), parse_length(new))
     count, rest = args.prefill.split("x")
