@@ -78,8 +78,8 @@ class _Mask(NamedTuple):
         if self.explicit_bts is not None:
             return block[0]
         valid_bk, key_pos_k = block
-        q_pos = jnp.arange(t)[:, None] + self.query_offset
-        return (key_pos_k[None, :] <= q_pos)[None] & valid_bk[:, None, :]
+        q_pos = jnp.arange(t)[None, :, None] + self.query_offset.reshape(-1, 1, 1)  # offset: scalar or [b]
+        return (key_pos_k[None, None, :] <= q_pos) & valid_bk[:, None, :]
 
 
 def _empty_rows(q_btkrd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
