@@ -189,3 +189,16 @@ def test_packed_documents_join_the_per_block_causal_mask():
     masks = [leaf for leaf in jax.tree.leaves(backward)
              if leaf.dtype == bool or jnp.issubdtype(leaf.dtype, np.integer)]
     assert masks and max(leaf.size for leaf in masks) == valid.size
+
+
+def test_blocked_causal_attention_takes_one_query_offset_per_row():
+    """The serving engine prefills rows at different cache positions (`query_offset` [b]): the blocked
+    causal form equals the explicit per-row mask (a batch of rows once failed to broadcast here)."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (3, 5, 4, 8))
+    k, v = (jax.random.normal(key, (3, 13, 2, 8)) for key in keys[1:])
+    valid = jnp.ones((3, 13), bool)
+    offset = jnp.asarray([0, 4, 8], jnp.int32)
+    blocked = gqa_attention(q, k, v, key_block=4, causal_valid_bs=valid, query_offset=offset)
+    explicit = gqa_attention(q, k, v, causal_mask(valid, offset, 5), key_block=13)
+    np.testing.assert_allclose(blocked, explicit, rtol=1e-6, atol=1e-6)
