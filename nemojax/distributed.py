@@ -47,7 +47,10 @@ def initialize(args: argparse.Namespace) -> bool:
 
     With --coordinator-address (and --num-processes, --process-id) the runtime starts explicitly;
     otherwise only when `cluster_detected()`, letting JAX read the cluster's settings. On CPU the
-    collectives go through gloo. Must run before anything touches a device.
+    collectives go through gloo, with synchronous dispatch: each process then runs its programs one at
+    a time in the order it dispatched them, so two programs' collectives never interleave differently on
+    different processes (with async dispatch, jax 0.12's CPU runtime could deadlock that way). Must run
+    before anything touches a device.
     """
     address = getattr(args, "coordinator_address", None)
     num = getattr(args, "num_processes", None)
@@ -60,14 +63,20 @@ def initialize(args: argparse.Namespace) -> bool:
             raise ConfigError(f"--coordinator-address {address!r}: expected HOST:PORT")
         if num < 1 or not 0 <= pid < num:
             raise ConfigError(f"--process-id {pid} must be in 0..{num - 1} (--num-processes {num})")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        _cpu_collectives()
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
         return num > 1
     if cluster_detected():
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        _cpu_collectives()
         jax.distributed.initialize()
         return jax.process_count() > 1
     return False
+
+
+def _cpu_collectives() -> None:
+    """CPU devices of several processes: gloo collectives, programs run in dispatch order (see `initialize`)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def agree(value: int) -> int:

@@ -2,7 +2,8 @@
 
     python -m nemojax.plan CONFIG [--mesh data=..,fsdp=..,tensor=..,expert=..] [--devices N]
         [--weights bf16|fp8|nvfp4-experts|nvfp4|release] [--batch B --seq-len T] [--prefill-chunk C] [--train]
-        [--remat none|full|dots] [--device h100-80gb|h200|...] [--json] [--no-compile]
+        [--remat none|full|dots] [--grouped-matmul kernel|ragged-dot|cpu-tiled] [--device h100-80gb|h200|...]
+        [--json] [--no-compile]
 
 CONFIG is a configs/ name (tiny, nano, super, ultra), a configs/*.py file, a config.json or a
 checkpoint directory (Hugging Face, a nemojax model directory, a training workdir or step directory).
@@ -23,9 +24,10 @@ from nemojax.cli.common import int_in, report_errors
 from nemojax.config import INT32_MAX, resolve_model_config
 from nemojax.errors import ConfigError
 from nemojax.planning.layout import MAX_DEVICES, check_mesh_for_model, mesh_devices, mesh_text, use_fake_cpu_devices
+from nemojax.planning.matmuls import GROUPED_MATMUL_CHOICES
 from nemojax.planning.report import DEVICE_MEMORY, PlanRequest, format_plan, make_plan
 from nemojax.planning.weights import WEIGHT_FORMATS
-from nemojax.sharding import parse_mesh
+from nemojax.sharding import parse_mesh, resolve_mesh_shape
 
 REMAT_CHOICES = ("none", "full", "dots")
 
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "(default min(seq-len, 1024))")
     p.add_argument("--train", action="store_true", help="plan a training step (AdamW) instead of serving")
     p.add_argument("--remat", default=None, choices=REMAT_CHOICES, help="override the config's remat policy")
+    p.add_argument("--grouped-matmul", default="kernel", choices=GROUPED_MATMUL_CHOICES,
+                   help="how the routed experts are compiled: a grouped GEMM kernel (default), XLA's ragged_dot "
+                        "lowering, or the CPU path (docs/planning.md)")
     p.add_argument("--device", default="h200", choices=sorted(DEVICE_MEMORY), help="accelerator memory to check")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-compile", action="store_true", help="skip the activation compiles (fast)")
@@ -55,6 +60,8 @@ def resolve_mesh(mesh: str | None, devices: int | None) -> dict[str, int]:
     if mesh is None:
         return parse_mesh(f"fsdp={devices or 8}")
     shape = parse_mesh(mesh)
+    if -1 in shape.values():
+        shape = resolve_mesh_shape(shape, devices or 8)
     if devices is not None and mesh_devices(shape) != devices:
         raise ConfigError(f"--mesh {mesh_text(shape)} uses {mesh_devices(shape)} devices, "
                           f"but --devices is {devices}: the axis sizes must multiply to the device count")
@@ -76,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     check_mesh_for_model(mesh_shape, config, args.batch, compile=not args.no_compile)
     request = PlanRequest(mesh_shape=mesh_shape, weights=args.weights, batch=args.batch, seq_len=args.seq_len,
                           prefill_chunk=args.prefill_chunk, train=args.train, device=args.device,
-                          compile_activations=not args.no_compile)
+                          compile_activations=not args.no_compile, grouped_matmul=args.grouped_matmul)
     request.validate()  # everything is checked before a device is simulated
     use_fake_cpu_devices(1 if args.no_compile else mesh_devices(mesh_shape))
     plan = make_plan(config, request, name=args.config)

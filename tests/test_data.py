@@ -6,12 +6,13 @@ import re
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
 from nemojax import chat
-from nemojax.errors import DataError
+from nemojax.errors import ConfigError, DataError
 from nemojax.train import corpus, data
 from nemojax.train.tokenizer import (
     NAMED_SPECIAL_IDS,
@@ -149,8 +150,10 @@ def test_state_restore_resumes_exactly_across_epochs(text_setup):
         resumed.restore({**saved, "num_rows": saved["num_rows"] + 1})
 
 
-def test_process_slices_split_the_global_batch(text_setup):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_process_slices_split_the_global_batch(text_setup, shards):
     cfg, tokenizer = text_setup
+    cfg = ml_collections.ConfigDict(dict(cfg.to_dict(), shards=shards))
     whole = _batches(cfg, tokenizer, 9, batch_size=6)
     halves = [_batches(cfg, tokenizer, 9, batch_size=6, process_index=p, process_count=2) for p in range(2)]
     for step, batch in enumerate(whole):
@@ -158,6 +161,40 @@ def test_process_slices_split_the_global_batch(text_setup):
             assert halves[0][step][key].shape[0] == 3
             joined = np.concatenate([halves[0][step][key], halves[1][step][key]])
             np.testing.assert_array_equal(joined, batch[key])
+
+
+def test_each_process_tokenises_only_its_shards(text_setup, monkeypatch):
+    """Default shards (one per process): process p tokenises exactly the documents of shard p, the shards
+    partition the train split, and a resumed iterator continues exactly (the state is process-free)."""
+    cfg, tokenizer = text_setup
+    train, _ = data._split(cfg)
+    seen = []
+    original = data.tokenize_documents
+
+    def spy(documents, tok):
+        seen.append({doc.key for doc in documents})
+        return original(documents, tok)
+
+    monkeypatch.setattr(data, "tokenize_documents", spy)
+    data._STREAM_CACHE.clear()
+    for p in range(2):
+        seen.clear()
+        data.TokenBatches(cfg, tokenizer, batch_size=4, seq_len=16, seed=0, process_index=p, process_count=2)
+        assert seen == [{doc.key for doc in train if data.shard_of(doc.key, 2) == p}]
+    shard_keys = [{doc.key for doc in train if data.shard_of(doc.key, 2) == p} for p in range(2)]
+    assert shard_keys[0] and shard_keys[1] and shard_keys[0] | shard_keys[1] == {doc.key for doc in train}
+    kwargs = dict(batch_size=4, seq_len=16, seed=5, process_index=1, process_count=2)
+    uninterrupted = data.TokenBatches(cfg, tokenizer, **kwargs)
+    expected = [next(uninterrupted) for _ in range(2 * uninterrupted.num_rows // 2 + 3)]  # into a third epoch
+    interrupted = data.TokenBatches(cfg, tokenizer, **kwargs)
+    for _ in range(5):
+        next(interrupted)
+    resumed = data.TokenBatches(cfg, tokenizer, **kwargs)
+    resumed.restore(json.loads(json.dumps(interrupted.state())))
+    for want in expected[5:]:
+        np.testing.assert_array_equal(next(resumed)["inputs"], want["inputs"])
+    with pytest.raises(ConfigError, match="data.shards"):
+        data.num_shards(dict(cfg, shards=4), "train", 6, 2)  # 4 shards do not divide a batch of 6
 
 
 def test_heldout_is_fixed_disjoint_and_padded(text_setup):
@@ -243,17 +280,31 @@ def test_single_text_file_is_split_by_lines(tmp_path):
     assert heldout[0].text.startswith("line 15\n")
 
 
+def test_split_and_shards_do_not_depend_on_where_the_corpus_lives(tmp_path):
+    """The same corpus under two mount points (a directory, a glob, listed files) gives the same document
+    names, so the held-out split and every process's shard agree across hosts."""
+    first = _write_text_corpus(tmp_path / "here", num_files=8)
+    (tmp_path / "elsewhere").mkdir()
+    second = _write_text_corpus(tmp_path / "elsewhere" / "mounted", num_files=8)
+    listings = [[str(first)], [str(second)], [str(second / "*.txt")], sorted(str(p) for p in second.iterdir())]
+    splits = [data._split(_files_config(paths)) for paths in listings]
+    names = [([doc.key for doc in train], [doc.key for doc in heldout]) for train, heldout in splits]
+    assert all(entry == names[0] for entry in names) and names[0][1]
+    assert {data.shard_of(key, 2) for key in names[0][0]} == {0, 1}
+
+
+def test_errors_name_the_full_path_of_a_bad_record(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'bad.jsonl'}:2")):
+        corpus.load_documents("files", [str(tmp_path)], "auto", 0)
+
+
 def test_auto_format_reads_text_jsonl_and_chat(tmp_path):
     (tmp_path / "a.txt").write_text("plain words\n")
     (tmp_path / "b.jsonl").write_text('{"text": "from jsonl"}\n\n{"text": "second"}\n')
     (tmp_path / "c.jsonl").write_text(json.dumps(CHATS[0]) + "\n")
     documents = corpus.load_documents("files", [str(tmp_path / "*")], "auto", 0)
-    assert [d.key for d in documents] == [
-        str(tmp_path / "a.txt"),
-        f"{tmp_path / 'b.jsonl'}:1",
-        f"{tmp_path / 'b.jsonl'}:3",
-        f"{tmp_path / 'c.jsonl'}:1",
-    ]
+    assert [d.key for d in documents] == ["a.txt", "b.jsonl:1", "b.jsonl:3", "c.jsonl:1"]
     assert documents[1].text == "from jsonl"
     assert documents[3].segments == tuple(chat.render_segments(CHATS[0]["messages"]))
 

@@ -10,8 +10,10 @@ from nemojax.config import from_hf_config
 from nemojax.errors import ConfigError
 from nemojax.model import NemotronH, init_cache, init_variables
 from nemojax.model.documents import document_index
+from nemojax.ops import attention as attention_ops
 from nemojax.ops import dispatch
 from nemojax.ops.ssd import ssd_chunked, ssd_sequential
+from nemojax.train.losses import model_losses, token_counts
 
 # Documents of each row: lengths chosen so starts fall inside chunks, on chunk edges (chunk 4), and a
 # document shorter than the conv kernel (4).
@@ -146,3 +148,39 @@ def test_packed_rows_equal_their_documents_run_alone():
     # The same rows run as one document differ: the packed run really is kept apart.
     mixed = alone[len(spans):]
     assert not np.allclose(mixed[0, 5:7], logits[len(ROW_LENGTHS[0]) - 1, 5:7], atol=1e-3)
+
+
+def _query_by_key_shapes(jaxpr, lengths, found):
+    """Shapes in a jaxpr (and the jaxprs nested in it) with two axes whose sizes are sequence lengths."""
+    for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _query_by_key_shapes(sub, lengths, found)
+        for var in eqn.outvars:
+            shape = getattr(var.aval, "shape", ())
+            if sum(size in lengths for size in shape) >= 2:
+                found.add(shape)
+    return found
+
+
+def test_packed_training_keeps_no_query_by_key_array(monkeypatch):
+    """The document test lives in the per-key-block causal mask: the gradient of a packed batch's loss
+    (LM + MTP) builds no [b, t, s] array once attention goes over key blocks, where the one-block path
+    (the control) does."""
+    t = 37  # no model width equals a sequence length (t, t-1 for the MTP block)
+    cfg = from_hf_config(dict(SMALL, hybrid_override_pattern="M*", mtp_hybrid_override_pattern="*"))
+    model = NemotronH(cfg)
+    variables = jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0)))  # shapes only: nothing runs
+    lengths = np.asarray([15, 22])
+    segments = np.stack([np.repeat([1, 2], lengths), np.repeat([4, 9], lengths[::-1])]).astype(np.int32)
+    batch = {"inputs": jnp.ones((2, t), jnp.int32), "targets": jnp.ones((2, t), jnp.int32),
+             "loss_mask": jnp.ones((2, t), jnp.float32), "segments": jnp.asarray(segments)}
+
+    def shapes():  # a new function each time: traced afresh under the current key-block settings
+        loss = lambda p, b: model_losses(model, p, b, batch, token_counts(batch), 0.3, 0.0)[0]
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables.get("buffers", {})).jaxpr
+        return _query_by_key_shapes(jaxpr, {t, t - 1}, set())
+
+    assert (2, t, t) in shapes()  # one block of keys: the whole mask, as expected for short inputs
+    monkeypatch.setattr(attention_ops, "MIN_QUERIES_FOR_BLOCKS", 1)
+    monkeypatch.setattr(attention_ops, "KEY_BLOCK", 8)
+    assert shapes() == set()

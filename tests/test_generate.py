@@ -3,6 +3,7 @@ batching equivalences, speculative decoding (greedy identity, rollback, rejectio
 the thinking budget."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -284,3 +285,19 @@ def test_engine_rejects_speculation_without_mtp(small_model):
     plain = dataclasses.replace(model.config, num_nextn_predict_layers=0, mtp_layer_types=())
     with pytest.raises(nemojax.errors.ConfigError):
         Engine(NemotronH(plain), variables, eos_ids=(2,), num_draft_tokens=2)
+
+
+def test_caches_are_donated_from_prefill_into_decoding(engines):
+    """Prefill writes into the slots' cache in place and the decode segments update it in place (each
+    program donates the slot state it replaces): one copy of the cache, not two."""
+    plain, _ = engines
+    plain.generate(mixed_requests()[:1])
+    by_name = {}
+    for key, (executable, _) in plain._executables.items():
+        by_name.setdefault(key[0], executable)
+    for name in ("prefill", "segment"):
+        args, _ = by_name[name].args_info
+        cache = args[1]["cache"]  # the slot state follows the variables
+        cache_bytes = sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(cache))
+        assert cache_bytes > 0 and all(leaf.donated for leaf in jax.tree.leaves(cache)), name
+        assert by_name[name].memory_analysis().alias_size_in_bytes >= cache_bytes, name

@@ -1,8 +1,9 @@
 """Several hosts: train.py run as 2 processes x 4 CPU devices, joined by jax.distributed (gloo), each
-process loading only its rows of the global batch, logs the same losses as 1 process x 8 devices on
-the same (data, tensor, expert) = (2, 2, 2) mesh: sharded params, expert parallelism, AdamW, the
-balance loss and the multi-process checkpoint all take part. serve.py the same way, on a sharded
-checkpoint. Plus the flag checks and global batches."""
+process tokenising only its data shard and loading its rows of the global batch, logs the same losses
+as 1 process x 8 devices, both without mesh flags (the default mesh, fsdp over every device) and on a
+(data, tensor, expert) = (2, 2, 2) mesh: sharded params, expert parallelism, AdamW, the balance loss
+and the multi-process checkpoint all take part. serve.py the same way, on a sharded checkpoint. Plus
+the flag checks and global batches."""
 
 import argparse
 import json
@@ -27,10 +28,11 @@ RUN = [
     *SMALL_MODEL_ARGS, "--config.batch_size=8",
     "--config.seq_len=32", f"--config.num_steps={STEPS}", "--config.log_every=1", "--config.eval_every=100",
     "--config.eval_batches=1", "--config.checkpoint_every=100",
-    "--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.expert=2",
+    "--config.data.shards=2",  # the same batches for 1 and 2 processes; each of 2 tokenises its half
     # no warm-up and a large rate, so that 3 steps lower the loss on any Python's standard library
     "--config.optimizer.warmup_steps=1", "--config.optimizer.learning_rate=1e-2",
 ]
+MESH = ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.expert=2"]
 
 
 def _free_port() -> int:
@@ -39,10 +41,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(workdir: str, devices: int, *extra: str) -> subprocess.Popen:
+def _train(workdir: str, devices: int, *extra: str, mesh: bool = True) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--workdir", workdir, *RUN, *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, os.path.join(REPO, "train.py"), "--workdir", workdir, *RUN, *(MESH if mesh else ())]
+    return subprocess.Popen(command + list(extra), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _joined(i: int, port: int) -> list[str]:
+    return ["--coordinator-address", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)]
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -59,32 +65,37 @@ def _shared_tokenizer(directory: str) -> str:
 
 
 def test_train_py_two_processes_match_one_process(tmp_path):
-    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    """1 process x 8 devices without mesh flags (fsdp=8) = 2 processes x 4 devices on a (2, 2, 2) mesh
+    = 2 processes x 4 devices without mesh flags (fsdp=8 over both)."""
+    one, two, default = str(tmp_path / "one"), str(tmp_path / "two"), str(tmp_path / "default")
     tokenizer = f"--config.data.tokenizer_path={_shared_tokenizer(str(tmp_path))}"
-    port = _free_port()
-    runs = [_train(one, 8, tokenizer)] + [
-        _train(two, 4, tokenizer, "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
-               "--process-id", str(i)) for i in range(2)]
+    port, default_port = _free_port(), _free_port()
+    runs = [_train(one, 8, tokenizer, mesh=False)] + [_train(two, 4, tokenizer, *_joined(i, port)) for i in range(2)]
     for run in runs:
         _finish(run)  # a (2, 2, 2) mesh on 4 local devices only works if the processes joined
-    want, got = (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (one, two))
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
-    for key in ("loss", "aux_loss", "grad_norm"):
-        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, err_msg=key)
+    for run in [_train(default, 4, tokenizer, *_joined(i, default_port), mesh=False) for i in range(2)]:
+        _finish(run)
+    want = read_metrics(os.path.join(one, "metrics.jsonl"))
+    for got in (read_metrics(os.path.join(d, "metrics.jsonl")) for d in (two, default)):
+        assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+        for key in ("loss", "aux_loss", "grad_norm"):
+            np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-5, err_msg=key)
     assert want[-1]["loss"] < want[0]["loss"]
 
 
-def _serve(checkpoint: str, prompts: str, output: str, devices: int, *extra: str) -> subprocess.Popen:
+def _serve(checkpoint: str, prompts: str, output: str, devices: int, *extra: str, mesh: bool = True
+           ) -> subprocess.Popen:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     command = [sys.executable, os.path.join(REPO, "serve.py"), "--checkpoint", checkpoint, "--prompts", prompts,
                "--output", output, "--max-new-tokens", "6", "--ignore-eos", "--batch-size", "4", "--no-progress",
-               "--mesh", "data=2,tensor=2,expert=2", *extra]
+               *(["--mesh", "data=2,tensor=2,expert=2"] if mesh else []), *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_serve_py_two_processes_match_one_process(tmp_path):
     """serve.py on 2 processes x 4 devices (sharded weights and caches, expert parallelism) writes the
-    same completions as 1 process x 8 devices."""
+    same completions as 1 process x 8 devices without --mesh (the default: fsdp over all 8); so do 2
+    processes x 4 devices without --mesh."""
     import jax
 
     from nemojax.checkpoint.orbax import save_model
@@ -103,16 +114,18 @@ def test_serve_py_two_processes_match_one_process(tmp_path):
     lines = [{"input_ids": rng.integers(3, 64, n).tolist()} for n in (3, 11, 6, 9, 4)]
     lines[2]["temperature"], lines[2]["seed"] = 0.9, 5
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    one, two = str(tmp_path / "one.jsonl"), str(tmp_path / "two.jsonl")
-    port = _free_port()
-    runs = [_serve(checkpoint, str(prompts), one, 8)] + [
-        _serve(checkpoint, str(prompts), two, 4, "--coordinator-address", f"localhost:{port}",
-               "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
+    one, two, default = (str(tmp_path / f"{name}.jsonl") for name in ("one", "two", "default"))
+    port, default_port = _free_port(), _free_port()
+    runs = [_serve(checkpoint, str(prompts), one, 8, mesh=False)] + [
+        _serve(checkpoint, str(prompts), two, 4, *_joined(i, port)) for i in range(2)]
     for run in runs:
+        _finish(run)
+    for run in [_serve(checkpoint, str(prompts), default, 4, *_joined(i, default_port), mesh=False) for i in range(2)]:
         _finish(run)
     want = [json.loads(line) for line in open(one)]
     assert len(want) == 5 and all(len(r["output_ids"]) == 6 for r in want)
     assert [json.loads(line) for line in open(two)] == want
+    assert [json.loads(line) for line in open(default)] == want
 
 
 def test_cluster_detection_and_flag_checks(monkeypatch):

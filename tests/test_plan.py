@@ -6,12 +6,15 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from nemojax.config import resolve_model_config
-from nemojax.planning import activations, count_parameters
+from nemojax.ops.expert_banks import use_expert_matmul
+from nemojax.planning import activations, count_parameters, matmuls
 from nemojax.planning.caches import cache_bytes_per_device
 from nemojax.planning.layout import build_mesh
+from nemojax.planning.report import PlanRequest
 from nemojax.planning.weights import serving_config, training_bytes_per_device, weight_bytes_per_device
 from nemojax.sharding import parse_mesh
 
@@ -124,6 +127,41 @@ def test_training_compile_on_two_devices_grows_with_length():
     # Attention keeps its [b, heads/2, t, t] float32 probabilities for the backward.
     assert long.saved_bytes >= 2 * 2 * 64 * 64 * 4
     assert long.saved_bytes > 2 * short.saved_bytes and long.peak_bytes > short.peak_bytes > 0
+
+
+def test_grouped_gemm_stand_in_has_a_grouped_gemms_buffers():
+    """The planner's kernel stand-in allocates what a grouped GEMM does: [m, n] float32 out, and in the
+    backward [m, k] and [E, k, n] gradients, like ragged_dot's."""
+    x = jax.ShapeDtypeStruct((40, 16), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((4, 16, 24), jnp.float32)
+    sizes = jax.ShapeDtypeStruct((4,), jnp.int32)
+    for fn in (matmuls.grouped_gemm_shapes, matmuls.ragged_dot_matmul):
+        out = jax.eval_shape(fn, x, w, sizes)
+        grads = jax.eval_shape(jax.grad(lambda a, b, c, f=fn: jnp.sum(f(a, b, c)), argnums=(0, 1)), x, w, sizes)
+        assert (out.shape, out.dtype) == ((40, 24), jnp.float32)
+        assert [(g.shape, g.dtype) for g in grads] == [((40, 16), jnp.bfloat16), ((4, 16, 24), jnp.float32)]
+    assert PlanRequest({"fsdp": 8}).grouped_matmul == "kernel"  # plans describe the GPU path by default
+
+
+def test_moe_plans_compile_the_chosen_grouped_matmul():
+    """The CPU tiles (one weight copy per tile) and XLA's ragged_dot expansion (one operand copy per expert)
+    both need more than a grouped GEMM: the choice changes the compiled MoE part."""
+    config = serving_config(resolve_model_config("tiny"))
+    mesh = build_mesh(parse_mesh("tensor=2"), jax.devices()[:2])
+    part = next(p for p in activations.model_parts(config) if p.name == "moe")
+    peaks = {}
+    for choice in matmuls.GROUPED_MATMUL_CHOICES:
+        with use_expert_matmul(matmuls.planning_matmul(choice)):
+            peaks[choice] = activations.serving_part(part, config, mesh, batch=2, chunk=64, max_len=64).peak_bytes
+    assert peaks["kernel"] < peaks["cpu-tiled"] and peaks["kernel"] < peaks["ragged-dot"], peaks
+
+
+def test_scanned_layers_without_full_remat_keep_every_kinds_residuals():
+    parts = [activations.PartMemory("mamba", 3, 10, 100, 0.0), activations.PartMemory("moe", 3, 20, 300, 0.0),
+             activations.PartMemory("norm_f+lm_head", 1, 50, 7, 0.0)]
+    assert activations.activation_bytes(parts, train=False) == 50
+    assert activations.activation_bytes(parts, train=True) == 50 + 3 * 100 + 3 * 300 + 7
+    assert activations.activation_bytes(parts, train=True, scanned_layers=6) == 50 + 6 * (100 + 300) + 7
 
 
 def _cli(*args):

@@ -52,20 +52,24 @@ def test_stack_plan_of_the_published_patterns():
         assert plan.slots[plan.layers_of(kind)].tolist() == list(range(plan.count(kind)))
 
 
+def _loss_and_grads(config, variables, ids):
+    """Gradient of sum(logits * fixed cotangent) w.r.t. the params, with (logits, intermediates)."""
+    cotangent = jax.random.normal(jax.random.key(2), ids.shape + (config.vocab_size,))
+
+    def loss(params):
+        (logits, _, _), inter = NemotronH(config).apply({"params": params, "buffers": variables["buffers"]}, ids,
+                                                        method="forward", mutable=["intermediates"])
+        return jnp.sum(logits * cotangent), (logits, inter["intermediates"])
+
+    return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+
 @pytest.fixture(scope="module")
 def loss_and_grads(setup):
     config, variables, scanned, stacked, ids = setup
-    cotangent = jax.random.normal(jax.random.key(2), ids.shape + (config.vocab_size,))
-
-    def run(cfg, v):
-        def loss(params):
-            (logits, _, _), inter = NemotronH(cfg).apply({"params": params, "buffers": v["buffers"]}, ids,
-                                                         method="forward", mutable=["intermediates"])
-            return jnp.sum(logits * cotangent), (logits, inter["intermediates"])
-        return jax.jit(jax.grad(loss, has_aux=True))(v["params"])
-
     # Scanned with per-layer remat, as large models train (the plain scan's forward runs in the decoding test).
-    return {"unrolled": run(config, variables), "scanned": run(scanned.replace(remat="full"), stacked)}
+    return {"unrolled": _loss_and_grads(config, variables, ids),
+            "scanned": _loss_and_grads(scanned.replace(remat="full"), stacked, ids)}
 
 
 def test_scanned_logits_gradients_and_loads_equal_unrolled(setup, loss_and_grads):
@@ -117,16 +121,21 @@ def test_scanned_cached_decoding_and_rollback_equal_unrolled(setup):
 
 
 def test_scanned_on_a_mesh_with_expert_parallelism_equals_one_device(setup, loss_and_grads):
-    """(data, tensor, expert) = (2, 2, 2): the experts run expert-parallel inside the scan's switch;
-    stacked weights keep their layer axis whole and shard the rest as a single layer's would."""
+    """(data, tensor, expert) = (2, 2, 2): the experts run expert-parallel inside the scan's switch and
+    per-layer remat, logits and gradients as on one device; stacked weights keep their layer axis whole
+    and shard the rest as a single layer's would."""
     config, _, scanned, stacked, ids = setup
     mesh = sharding.make_mesh(data=2, tensor=2, expert=2)
     placed = shard_variables(stacked, scanned, mesh)
     up = placed["params"]["backbone"]["layers"]["moe"]["mixer"]["experts"]["up_proj"]
     assert up.sharding.spec[:2] == (None, "expert") and up.addressable_shards[0].data.shape[:2] == (2, 4)
     with sharding.use_mesh(mesh):
-        logits = jax.jit(NemotronH(scanned).apply)(placed, jax.device_put(ids, sharding.batch_sharding(mesh, 2)))
-    _close(logits, loss_and_grads["unrolled"][1][0])
+        grads, (logits, _) = _loss_and_grads(scanned.replace(remat="full"), placed,
+                                             jax.device_put(ids, sharding.batch_sharding(mesh, 2)))
+    ref_grads, (ref_logits, _) = loss_and_grads["scanned"]
+    _close(logits, ref_logits)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads), strict=True):
+        _close(g, r, 1e-4, jax.tree_util.keystr(path))
 
 
 def test_checkpoints_keep_the_per_layer_layout(setup, tmp_path):

@@ -140,6 +140,29 @@ def test_mamba_tensor_parallelism_is_local_up_to_out_proj(setup):
         assert moved == dict.fromkeys(moved, 0), count
 
 
+def test_mamba_with_more_tensor_shards_than_groups_replicates_consistently(setup):
+    """2 Mamba groups on tensor=4: whole groups cannot split, so every Mamba weight, its caches and its
+    activations replicate over tensor together (no weight sharded by heads against replicated in_proj
+    columns), and a decode step compiles without resharding collectives."""
+    cfg = from_hf_config(dict(SMALL, hybrid_override_pattern="MM", mamba_num_heads=8, n_groups=2))
+    model = NemotronH(cfg)
+    mesh = sharding.make_mesh(data=2, tensor=4)
+    shardings = variable_shardings(cfg, mesh)["params"]["backbone"]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(shardings["layers_0"]):
+        assert "tensor" not in jax.tree.leaves(tuple(leaf.spec)), jax.tree_util.keystr(path)
+    cache = init_cache(cfg, BATCH, 2 * LENGTH)
+    cache_shardings = sharding.cache_shardings(cache, mesh, sharding.head_units(cfg))
+    for leaf in jax.tree.leaves(cache_shardings["layers"]):
+        assert "tensor" not in jax.tree.leaves(tuple(leaf.spec))
+    placed = shard_variables(init_variables(cfg, jax.random.key(0)), cfg, mesh)
+    step = jax.jit(lambda v, c, t: model.apply(v, t, cache=c, method="forward"))
+    with sharding.use_mesh(mesh):
+        hlo = step.lower(placed, jax.device_put(cache, cache_shardings), jax.device_put(
+            jnp.ones((BATCH, 1), jnp.int32), sharding.batch_sharding(mesh, BATCH))).compile().as_text()
+    counts = _collectives(hlo)
+    assert counts["collective-permute"] == counts["all-gather"] == counts["all-to-all"] == 0, counts  # old: 12, 6
+
+
 def test_expert_parallel_equals_dropless_with_gradients():
     """6 tokens cannot split over expert=4: the path without the all-gather (the gathered path runs in
     the logits and training-step tests). The expert intermediate dim is split over tensor as well."""

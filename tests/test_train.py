@@ -32,6 +32,7 @@ SMALL = SMALL_MODEL_ARGS + [
     "--config.batch_size=4", "--config.seq_len=64", f"--config.num_steps={NUM_STEPS}", "--config.log_every=1",
     "--config.eval_every=8", "--config.eval_batches=2", "--config.checkpoint_every=8",
     "--config.optimizer.learning_rate=3e-3", "--config.optimizer.warmup_steps=4",
+    "--config.mesh.fsdp=1",  # one device unless a test asks for a mesh (the default, fsdp=-1, uses all 8)
 ]
 
 
@@ -92,7 +93,8 @@ def test_resume_after_clean_stop_is_exact(uninterrupted, tmp_path):
     ("--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.mesh.expert=2"),
     # Two micro-batches per step, each split over data x fsdp: the same gradient as the whole batch.
     ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.grad_accum_steps=2"),
-], ids=["fsdp-tensor-expert", "data-fsdp-tensor-accum2"])
+    ("--config.mesh.fsdp=-1",),  # the default mesh: every device
+], ids=["fsdp-tensor-expert", "data-fsdp-tensor-accum2", "all-devices-default"])
 def test_training_on_a_mesh_matches_one_device(uninterrupted, tmp_path, layout):
     workdir = str(tmp_path / "mesh")
     cfg = small_config(reuse_tokenizer(uninterrupted), *layout)

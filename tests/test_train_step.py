@@ -4,11 +4,13 @@ alignment, run-config overrides."""
 import os
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from nemojax.config import from_hf_config
 from nemojax.errors import ConfigError
@@ -66,6 +68,13 @@ def test_correction_bias_moves_towards_underused_experts():
     new = update_correction_bias(buffers, loads, 0.01)["layers_0"]["mixer"]["gate"]["e_score_correction_bias"]
     np.testing.assert_allclose(new, [-0.01, 0.01, 0.0, 0.01])
     assert float(load_ratios(loads)["layers_0/mixer"]) == pytest.approx(2.5)
+    # scanned layers: one bias and one load row per stacked MoE layer
+    stacked = {"layers": {"moe": {"mixer": {"gate": {"e_score_correction_bias": jnp.zeros((2, 4))}}}}}
+    loads = {("layers", "moe", "mixer"): jnp.array([[10, 2, 4, 0], [3, 3, 3, 3]])}
+    new = update_correction_bias(stacked, loads, 0.01)["layers"]["moe"]["mixer"]["gate"]["e_score_correction_bias"]
+    np.testing.assert_allclose(new, [[-0.01, 0.01, 0.0, 0.01], [0.0, 0.0, 0.0, 0.0]])
+    ratios = load_ratios(loads)
+    assert float(ratios["layers/moe/mixer/0"]) == pytest.approx(2.5) and float(ratios["layers/moe/mixer/1"]) == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +104,30 @@ def test_mtp_loss_predicts_two_tokens_ahead(micro_model):
                                rtol=1e-6)
 
 
+def test_chunked_loss_equals_full_logits_value_and_gradient(micro_model):
+    """LM + MTP loss computed 3 positions x 4 rows at a time (the last LM chunk padded) equals the loss on
+    the full [b, t, V] logits: value and the gradient of every parameter."""
+    model, variables, batch = micro_model
+    inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
+    lm_den, (mtp_den,) = token_counts(batch)
+
+    def full(params):
+        v = {"params": params, "buffers": variables["buffers"]}
+        logits, hidden, _ = model.apply(v, inputs, method="forward")
+        mtp_logits, _, _ = model.apply(v, hidden[:, :-1], inputs[:, 1:], method="mtp_forward")
+        return (masked_xent_sum(logits, targets, mask) / lm_den
+                + 0.3 * masked_xent_sum(mtp_logits, targets[:, 1:], mask[:, 1:]) / mtp_den)
+
+    def chunked(params):
+        return model_losses(model, params, variables["buffers"], batch, (lm_den, (mtp_den,)), 0.3, 0.0, 12)[0]
+
+    (want, want_grads), (got, got_grads) = (jax.jit(jax.value_and_grad(f))(variables["params"])
+                                            for f in (full, chunked))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
 def test_gradient_accumulation_matches_the_full_batch(micro_model):
     model, variables, batch = micro_model
     opt = _optimizer(learning_rate=1e-2, warmup_steps=0)
@@ -114,6 +147,51 @@ def test_gradient_accumulation_matches_the_full_batch(micro_model):
         np.testing.assert_array_equal(a, b)  # the same total expert loads move the biases
 
 
+def _sums_and_products(jaxpr, found):
+    """(primitive, output dtype) of every matmul and sum in a jaxpr and the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _sums_and_products(sub, found)
+        if eqn.primitive.name in ("dot_general", "ragged_dot_general", "reduce_sum"):
+            found.add((eqn.primitive.name, str(eqn.outvars[0].aval.dtype)))
+    return found
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_bf16_training_gradients_are_summed_in_float32(scan):
+    """With bf16 compute every matmul and sum of the training loss and its gradient (main stack of every
+    layer kind, scanned or not, MTP, chunked loss) produces float32: the weight gradients (sums over the
+    batch) leave their matmuls in float32, so the partitioner's cross-device reductions of them are float32."""
+    config = from_hf_config(dict(MICRO, hybrid_override_pattern="M*E-", compute_dtype="bfloat16",
+                                 scan_layers=scan))
+    model = NemotronH(config)
+    variables = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
+    batch = {"inputs": jnp.zeros((2, 16), jnp.int32), "targets": jnp.zeros((2, 16), jnp.int32),
+             "loss_mask": jnp.ones((2, 16))}
+
+    def grads(params, buffers):
+        return jax.grad(lambda p: model_losses(model, p, buffers, batch, token_counts(batch), 0.3, 0.0, 8)[0])(params)
+
+    found = _sums_and_products(jax.make_jaxpr(grads)(variables["params"], variables["buffers"]).jaxpr, set())
+    assert {name for name, _ in found} >= {"dot_general", "reduce_sum"}
+    assert {dtype for name, dtype in found if name != "reduce_sum" or dtype != "int32"} == {"float32"}, found
+
+
+def test_default_meshes_use_every_device():
+    """train.py (run config mesh fsdp=-1) and serve.py (--mesh fsdp=-1) default to every device."""
+    from nemojax.cli.serve import parse_args
+    from nemojax.sharding import parse_mesh, resolve_mesh_shape
+    from nemojax.train.placement import build_mesh
+    from nemojax.train.run_config import default_run_config
+
+    mesh = build_mesh(default_run_config().mesh)
+    assert mesh.devices.size == jax.device_count() == 8 and dict(mesh.shape)["fsdp"] == 8
+    args = parse_args(["--checkpoint", "c", "--prompts", "p", "--output", "o"])
+    assert resolve_mesh_shape(parse_mesh(args.mesh), 8) == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
+    with pytest.raises(ConfigError, match="at most one"):
+        resolve_mesh_shape(parse_mesh("data=-1,fsdp=-1"), 8)
+
+
 def test_run_config_overrides_are_typed():
     cfg = load_run_config(TINY, ["--config.num_steps=7", "--config.optimizer.learning_rate", "2e-4",
                                  "--config.data.paths=a.txt,b.txt", "--config.remat=dots",
@@ -125,3 +203,31 @@ def test_run_config_overrides_are_typed():
         load_run_config(TINY, ["--config.optimizer.learning_rat=1"])
     with pytest.raises(ConfigError, match="num_steps"):
         load_run_config(TINY, ["--config.num_steps=many"])
+
+
+def test_model_without_experts_trains_on_a_mesh():
+    """A model with no MoE layer has no `buffers` collection: its train state still gets a sharding per
+    leaf on a mesh (once a KeyError), and a step runs there with the loss of one device."""
+    from nemojax.sharding import make_mesh
+    from nemojax.train.programs import build_programs
+    from nemojax.train.run_config import default_run_config
+
+    config = from_hf_config(dict(MICRO, hybrid_override_pattern="M*-", mtp_hybrid_override_pattern="",
+                                 num_nextn_predict_layers=0))
+    cfg = default_run_config()
+    cfg.num_steps = 2
+    batch = {"inputs": jnp.zeros((4, 8), jnp.int32), "targets": jnp.ones((4, 8), jnp.int32),
+             "loss_mask": jnp.ones((4, 8))}
+    mesh = make_mesh(fsdp=2, tensor=2, data=2)
+    programs = build_programs(cfg, config, mesh)
+    assert programs.abstract_state["buffers"] == {}
+    assert jax.tree.structure(programs.shardings) == jax.tree.structure(programs.abstract_state)
+    state = programs.fresh_state()
+    kernel = state["params"]["backbone"]["layers_2"]["mixer"]["up_proj"]["kernel"]
+    assert kernel.sharding.mesh == mesh and kernel.addressable_shards[0].data.shape != kernel.shape
+    want = jax.jit(lambda p: model_losses(NemotronH(config), p, {}, batch, token_counts(batch), 0.3, 0.0)[0])(
+        jax.device_get(state["params"]))
+    votes = jax.device_put(jnp.zeros((mesh.size,), bool), NamedSharding(mesh, PartitionSpec(mesh.axis_names)))
+    _, metrics = programs.train_step(state, jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp")))),
+                                     votes)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)

@@ -25,10 +25,10 @@ full disk) rerun the same command with --resume to serve only the lines not yet 
 unreadable checkpoint or prompt file, or an output path that cannot be written exit with status 2
 before any work.
 
-`--mesh` shards the model and the caches over the devices (sizes multiply to the device count; the
-default is one device). Several hosts: start one process per host with the same arguments plus
-`--coordinator-address/--num-processes/--process-id` (or let a cluster such as SLURM be detected)
-and a `--mesh` over all their devices; process 0 writes the output.
+`--mesh` shards the model and the caches over the devices (sizes multiply to the device count, one
+may be -1 for the rest; the default fsdp=-1 uses every device of every process). Several hosts: start
+one process per host with the same arguments plus `--coordinator-address/--num-processes/--process-id`
+(or let a cluster such as SLURM be detected); process 0 writes the output.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -80,7 +81,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--thinking-budget", type=int_in(0), default=None, help="force </think> after N thinking tokens")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--stats", default=None, help="write throughput statistics (JSON) here")
-    p.add_argument("--mesh", default=None, help="device mesh, e.g. tensor=4,expert=2 (default: one device)")
+    p.add_argument("--mesh", default="fsdp=-1",
+                   help="device mesh, e.g. tensor=4,expert=2; -1 takes the remaining devices (default: fsdp=-1)")
     p.add_argument("--no-progress", action="store_true")
     add_distributed_flags(p)
     return p.parse_args(argv)
@@ -158,16 +160,15 @@ def run(args: argparse.Namespace) -> int:
     from nemojax.errors import ConfigError, NemojaxError, OutputError
     from nemojax.generate.jsonl import JsonlOutput
     from nemojax.generate.loading import load_encoder
-    from nemojax.sharding import make_mesh, parse_mesh
+    from nemojax.sharding import make_mesh, parse_mesh, resolve_mesh_shape
 
     total = check_inputs(args)
     encoder, tokenizer = load_encoder(args.checkpoint)  # a bad tokenizer or chat template fails before any work
-    mesh_shape = None if args.mesh is None else parse_mesh(args.mesh)
+    mesh_shape = parse_mesh(args.mesh)
     initialize(args)
-    if mesh_shape is None and jax.process_count() > 1:
-        raise ConfigError(f"{jax.process_count()} processes joined: give --mesh over all "
-                          f"{jax.device_count()} devices (e.g. --mesh tensor={jax.device_count()})")
-    mesh = None if mesh_shape is None else make_mesh(**mesh_shape)
+    mesh_shape = resolve_mesh_shape(mesh_shape, jax.device_count())
+    single = math.prod(mesh_shape.values()) == 1 and jax.process_count() == 1
+    mesh = None if single else make_mesh(**mesh_shape)
 
     # Process 0 writes; every process learns how many lines are already answered (-1: it could not open).
     writer, failure = None, None

@@ -13,6 +13,7 @@ from typing import Any
 import nemojax.configs
 from nemojax.config.hf import from_hf_config
 from nemojax.config.model_config import ModelConfig
+from nemojax.config.nemojax_dir import is_nemojax_dir, read_model_config
 from nemojax.errors import ConfigError
 
 
@@ -48,16 +49,14 @@ def resolve_model_config(spec: str | os.PathLike, **overrides: Any) -> ModelConf
     """A ModelConfig from a packaged config name ("tiny", "nano", ...), a `*.py` config file, a
     config.json file, a Hugging Face directory, or a nemojax model directory, training workdir or step
     directory."""
-    from nemojax.checkpoint import orbax  # the checkpoint package imports this one
-
     spec = os.fspath(spec)
     if spec in packaged_config_names() or spec.endswith(".py"):
         loaded = load_config_file(spec)
         if not hasattr(loaded, "model") or not hasattr(loaded.model, "to_dict"):
             raise ConfigError(f"{spec}: get_config() has no `model` block")
         return from_hf_config(loaded.model.to_dict(), **overrides)
-    if os.path.isdir(spec) and orbax.is_nemojax_dir(spec):
-        return orbax.read_model_config(spec).replace(**overrides)
+    if os.path.isdir(spec) and is_nemojax_dir(spec):
+        return read_model_config(spec).replace(**overrides)
     if os.path.isdir(spec) or spec.endswith(".json"):
         return from_hf_config(spec, **overrides)
     raise ConfigError(f"unknown model config {spec!r}: expected one of {packaged_config_names()}, a *.py "

@@ -29,8 +29,8 @@ TRAIN_QUANT = ("none", "nvfp4")
 # (nemojax.ops.dispatch).
 KERNEL_CHOICES = ("auto", "pallas", "reference")
 # Fields that are nemojax choices, not part of a published config.json.
-NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels", "scan_layers", "weight_formats",
-                  "kv_cache_quant", "train_quant", "train_quant_keep", "mtp_num_depths")
+NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels", "scan_layers", "moe_capacity_factor",
+                  "weight_formats", "kv_cache_quant", "train_quant", "train_quant_keep", "mtp_num_depths")
 # `scan_layers=None` resolves to True from this depth on (the published models: 52-108 layers).
 SCAN_LAYERS_FROM = 16
 MAX_MTP_DEPTHS = 8
@@ -98,6 +98,9 @@ class ModelConfig:
     # Run the main stack as one `lax.scan` over layers (parameters and caches stacked per layer kind,
     # see nemojax/model/scanned.py). None: on for models of SCAN_LAYERS_FROM layers or more.
     scan_layers: bool | None = None
+    # Expert-parallel MoE buffers: None = dropless; else each expert takes at most
+    # ceil(factor * tokens * k / E) copies of a device group's tokens (see nemojax/ops/expert_parallel.py).
+    moe_capacity_factor: float | None = None
     # Quantized weights (a ModelOpt checkpoint): (weight key, "nvfp4" | "fp8") for every quantized linear;
     # the key is the module path joined by "/", with the projection name for stacked experts
     # ("backbone/layers_1/mixer/experts/up_proj"). Absent modules keep param_dtype.
@@ -268,6 +271,9 @@ def _validate(c: ModelConfig) -> None:
     _require(c.remat in REMAT_POLICIES, "remat", f"expected one of {REMAT_POLICIES}, got {c.remat!r}")
     _require(c.kernels in KERNEL_CHOICES, "kernels", f"expected one of {KERNEL_CHOICES}, got {c.kernels!r}")
     _require(isinstance(c.scan_layers, bool), "scan_layers", f"expected true, false or null, got {c.scan_layers!r}")
+    _require(c.moe_capacity_factor is None or (isinstance(c.moe_capacity_factor, int | float)
+                                               and c.moe_capacity_factor > 0),
+             "moe_capacity_factor", f"expected a positive number or null, got {c.moe_capacity_factor!r}")
     bad_formats = sorted({f for _, f in c.weight_formats} - set(WEIGHT_FORMATS))
     _require(not bad_formats, "weight_formats", f"unknown formats {bad_formats}; expected {WEIGHT_FORMATS}")
     _require(c.kv_cache_quant in KV_CACHE_QUANT, "kv_cache_quant",

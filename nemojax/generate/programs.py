@@ -85,7 +85,7 @@ class Programs:
             return state
         replicated = NamedSharding(self.mesh, PartitionSpec())
         shardings = {name: jax.tree.map(lambda _: replicated, value) for name, value in state.items()}
-        shardings["cache"] = sharding.cache_shardings(state["cache"], self.mesh)
+        shardings["cache"] = sharding.cache_shardings(state["cache"], self.mesh, sharding.head_units(self.model.config))
         return jax.lax.with_sharding_constraint(state, shardings)
 
     # ---------------------------------------------------------------- prefill

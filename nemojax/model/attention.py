@@ -8,8 +8,10 @@ p of row b sees the valid entries at positions <= p: with no positional encoding
 that places a key. Entries at or beyond a row's index are left over from rolled-back drafts or an
 earlier occupant of the row; causality hides them until they are overwritten. With scanned layers
 the caches of all attention layers are stacked ([layers, b, ...]) and a layer is given the stack and
-its `slot`: it writes only its new entries into the stack (no copy of the stack per layer). Given document ids
-instead of a padding mask (`nemojax.model.documents`), a query sees only keys of its own document.
+its `slot`: it writes only its new entries into the stack (no copy of the stack per layer). Given
+document ids instead of a padding mask (`nemojax.model.documents`), a query sees only keys of its own
+document: the document test is part of the per-key-block causal mask (`gqa_attention`), never a
+[b, t, s] array in training.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from nemojax import sharding
 from nemojax.config import ModelConfig
 from nemojax.model import documents
 from nemojax.model.layers import Linear, default_init, dtype_of, scale_param
-from nemojax.ops.attention import causal_mask, gqa_attention, gqa_attention_kv_major
+from nemojax.ops.attention import gqa_attention, gqa_attention_kv_major
 
 KVCache = dict[str, jax.Array]
 
@@ -84,18 +86,16 @@ class Attention(nn.Module):
         valid_bt, doc_bt = documents.split_valid(valid_bt)
         valid = jnp.ones((b, t), bool) if valid_bt is None else valid_bt.astype(bool)
 
+        key_doc = doc_bt  # the document number of every key: this step's, or the cache's entries
         if cache is None:
             new_cache, offset = None, 0
         else:
             new_cache, k, v, valid = write_kv_cache(cache, k, v, valid, index, slot)
             k, v, offset = k.astype(dtype), v.astype(dtype), index
-        attend = gqa_attention if cache is None else gqa_attention_kv_major
-        if doc_bt is None:  # causal: the mask is built per key block
-            out = attend(q, k, v, causal_valid_bs=valid, query_offset=offset)
-        else:  # packed documents: a query sees only keys of its own document
-            key_doc_bs = doc_bt if cache is None else documents.key_documents(doc_bt, valid.shape[1], index)
-            mask = causal_mask(valid, offset, t) & (doc_bt[:, :, None] == key_doc_bs[:, None, :])
-            out = attend(q, k, v, mask)
+            if doc_bt is not None:
+                key_doc = documents.key_documents(doc_bt, valid.shape[1], index)
+        attend = gqa_attention if cache is None else gqa_attention_kv_major  # the cache is kv-head-major
+        out = attend(q, k, v, causal_valid_bs=valid, query_offset=offset, query_doc_bt=doc_bt, key_doc_bs=key_doc)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         out = Linear(c.hidden_size, ("heads", "embed"), dtype, pdtype, out_init, config=c, name="o_proj")(

@@ -51,9 +51,9 @@ class Block(nn.Module):
         """Run once without a cache: creates the block's variables (how stacked blocks are initialised)."""
         return self(x_btd, None, None, 0)[0]
 
-    def record(self, expert_load_e: jax.Array, aux_loss: jax.Array) -> None:
+    def record(self, stats: dict[str, jax.Array]) -> None:
         """Sow a MoE block's routing statistics (see `MoE.record`)."""
-        self.mixer.record(expert_load_e, aux_loss)
+        self.mixer.record(stats)
 
 
 def block_class(config: ModelConfig) -> type[Block]:

@@ -2,8 +2,9 @@
 the optional MTP block.
 
 `NemotronH.apply(variables, input_ids)` returns logits [b, t, vocab] (float32). Other entry points
-(use with `method=`): `forward` (logits, final hidden state and caches), `mtp_forward` (the MTP
-block), `init_cache` (empty decoding caches).
+(use with `method=`): `forward` (logits, final hidden state and caches), `hidden_states` (the same
+without the lm_head), `mtp_forward` / `mtp_hidden` (the MTP block), `logits` (the lm_head).
+`init_cache` builds empty decoding caches.
 
 Caches are plain pytrees passed in and returned: {"index": int32 [b] (each row's next write position),
 "layers": the main stack's caches, "mtp": the MTP block's caches ({"index", "layers"})}. "layers" is a
@@ -146,6 +147,13 @@ class NemotronH(nn.Module):
         With `per_position_states`, each Mamba layer's returned cache holds its conv and SSM states
         after every position ([b, t, ...]) rather than after the last (for speculative rollback).
         """
+        hidden, new_cache = self.hidden_states(input_ids, valid, cache, per_position_states)
+        return self.logits(hidden), hidden, new_cache
+
+    def hidden_states(self, input_ids: jax.Array, valid: jax.Array | None = None, cache: Cache | None = None,
+                      per_position_states: bool = False) -> tuple[jax.Array, Cache | None]:
+        """`forward` without the lm_head: (final hidden after norm_f [b,t,d], new cache). Training applies
+        the lm_head chunk by chunk (`nemojax.train.losses`), never to every position at once."""
         index = 0 if cache is None else cache["index"]
         hidden, layer_caches = self.backbone(input_ids, valid, None if cache is None else cache["layers"], index,
                                              per_position_states)
@@ -153,7 +161,7 @@ class NemotronH(nn.Module):
         if cache is not None:
             new_cache = dict(cache, layers=layer_caches,
                              index=cache["index"] + filled_length(valid, input_ids.shape[1]))
-        return self.logits(hidden), hidden, new_cache
+        return hidden, new_cache
 
     def mtp_forward(self, hidden_btd: jax.Array, next_ids: jax.Array, valid: jax.Array | None = None,
                     cache: Cache | None = None) -> tuple[jax.Array, jax.Array, Cache | None]:
@@ -162,6 +170,12 @@ class NemotronH(nn.Module):
         `cache` is the MTP part of a decoding cache ({"index", "layers"}). Returns (logits, the
         block's output hidden state, which feeds the next draft step, new cache).
         """
+        out, new_cache = self.mtp_hidden(hidden_btd, next_ids, valid, cache)
+        return self.logits(out), out, new_cache
+
+    def mtp_hidden(self, hidden_btd: jax.Array, next_ids: jax.Array, valid: jax.Array | None = None,
+                   cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+        """`mtp_forward` without the lm_head: (the block's output hidden state, new cache)."""
         e = self.backbone.embeddings(next_ids)
         index = 0 if cache is None else cache["index"]
         out, layer_caches = self.mtp(hidden_btd.astype(e.dtype), e, valid,
@@ -170,7 +184,7 @@ class NemotronH(nn.Module):
         if cache is not None:
             new_cache = dict(cache, layers=layer_caches,
                              index=cache["index"] + filled_length(valid, next_ids.shape[1]))
-        return self.logits(out), out, new_cache
+        return out, new_cache
 
 
 def _layer_cache(config: ModelConfig, kind: str, batch: int, max_len: int, dtype: jnp.dtype) -> Any:

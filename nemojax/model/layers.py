@@ -96,7 +96,12 @@ def scale_param(module: nn.Module, name: str, shape: tuple[int, ...] = (), axes:
 
 class Linear(nn.Module):
     """y = x @ kernel, no bias (no published Nemotron-H linear has one). `config` (optional) supplies the
-    quantized format of this weight and the training recipe, looked up by the module's path."""
+    quantized format of this weight and the training recipe, looked up by the module's path.
+
+    A float kernel's product is taken in float32 (`preferred_element_type`) and cast to `dtype`: the
+    kernel's gradient then leaves its matmul in float32, so the cross-device reduction of weight gradients
+    (data parallelism, FSDP) runs in float32, not in the compute dtype.
+    """
 
     features: int
     axes: tuple[str, str]
@@ -115,7 +120,7 @@ class Linear(nn.Module):
                                 self.param_dtype)
             if trains_quantized(self.config, self):
                 return nvfp4_train_matmul(x, kernel.astype(self.dtype), quant_rng(self))
-            return jnp.dot(x, kernel.astype(self.dtype))
+            return jnp.dot(x, kernel.astype(self.dtype), preferred_element_type=jnp.float32).astype(self.dtype)
         zeros = nn.initializers.zeros
         scale_param(self, "input_scale")
         if fmt == "fp8":

@@ -87,6 +87,7 @@ class CausalDepthwiseConv(nn.Module):
                  doc_bt: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Returns (conv output [b,t,c], the last kernel-1 inputs as the new prefix).
 
+        Accumulated in float32, so the weight and bias gradients (sums over batch and time) are too.
         With packed documents (`doc_bt`, see `nemojax.model.documents`) each output sees only the
         inputs of its own document, and the new prefix keeps only the last document's inputs.
         """
@@ -96,19 +97,19 @@ class CausalDepthwiseConv(nn.Module):
             (self.kernel_size, channels), self.param_dtype)
         full = jnp.concatenate([prefix_bkc.astype(x_btc.dtype), x_btc], axis=1)
         t = x_btc.shape[1]
-        w = weight.astype(x_btc.dtype)
+        w = weight.astype(jnp.float32)
         if doc_bt is None:
-            out = sum(full[:, j:j + t] * w[j] for j in range(self.kernel_size))
+            out = sum(full[:, j:j + t].astype(jnp.float32) * w[j] for j in range(self.kernel_size))
         else:
             doc_full = documents.with_prefix(doc_bt, self.kernel_size - 1)
-            tap = lambda j: full[:, j:j + t] * (doc_full[:, j:j + t] == doc_bt)[..., None].astype(full.dtype)
+            tap = lambda j: full[:, j:j + t].astype(jnp.float32) * (doc_full[:, j:j + t] == doc_bt)[..., None]
             out = sum(tap(j) * w[j] for j in range(self.kernel_size))
             full = full * (doc_full == doc_bt[:, -1:])[..., None].astype(full.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_dim",)),
                               (channels,), self.param_dtype)
-            out = out + bias.astype(out.dtype)
-        return out, full[:, full.shape[1] - (self.kernel_size - 1):]
+            out = out + bias.astype(jnp.float32)
+        return out.astype(x_btc.dtype), full[:, full.shape[1] - (self.kernel_size - 1):]
 
 
 class MambaMixer(nn.Module):
@@ -179,8 +180,8 @@ class MambaMixer(nn.Module):
                 full = full * (doc_full == last_b1)[..., None].astype(full.dtype)
             new_conv = jax.vmap(lambda f, e: jax.lax.dynamic_slice_in_dim(f, e, c.conv_kernel - 1))(full, end_b)
         y = y + d_skip.astype(jnp.float32)[:, None] * x_bthp.astype(jnp.float32)
+        y = sharding.constrain(y.reshape(b, t, g, c.mamba_inner // g), ("batch", "length", "mamba_groups", None))
         y = y.reshape(b, t, c.mamba_inner)
-        y = sharding.constrain(y, ("batch", "length", "act_mlp"))
         y = GatedGroupRMSNorm(g, c.layer_norm_epsilon, pdtype, name="norm")(y, z)
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         out = Linear(c.hidden_size, ("mamba_inner", "embed"), dtype, pdtype, out_init, config=c, name="out_proj")(

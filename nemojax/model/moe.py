@@ -5,7 +5,9 @@ The router runs in float32. `e_score_correction_bias` lives in the `buffers` col
 chooses experts (it never weights them) and is updated by load balancing, not by gradients.
 Routed experts are dropless: token copies are sorted by expert and go through one grouped matmul
 per projection (`nemojax.ops.expert_banks.bank_matmul`, for float, FP8 or NVFP4 experts; float experts
-both projections at once, `nemojax.ops.expert_mlp.grouped_mlp`), never every expert on every token.
+both projections at once, `nemojax.ops.expert_banks.bank_mlp`), never every expert on every token.
+Expert-parallel (an "expert" mesh axis) they may be bounded by `moe_capacity_factor` (dropped copies
+are counted).
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from nemojax.model.layers import (
     weight_format,
 )
 from nemojax.model.mlp import MLP
-from nemojax.ops.expert_banks import Bank, as_bank, bank_format, bank_matmul, num_experts
-from nemojax.ops.expert_mlp import grouped_mlp
-from nemojax.ops.expert_parallel import expert_parallel_experts, uses_expert_parallelism
+from nemojax.ops.expert_banks import Bank, as_bank, bank_mlp, num_experts
+from nemojax.ops.expert_parallel import expert_parallel_moe, uses_expert_parallelism
 from nemojax.quant.nvfp4 import BLOCK
 
 
@@ -66,11 +67,7 @@ def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, 
     order = jnp.argsort(flat_ids, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat_ids, length=num_experts(up))
-    if bank_format(up) == bank_format(down) == "float":  # both projections in one pass over the experts
-        y = grouped_mlp(x_td[token], up["kernel"], down["kernel"], group_sizes, relu2)
-    else:
-        y = bank_matmul(relu2(bank_matmul(x_td[token], up, group_sizes, kernels=kernels)), down, group_sizes,
-                        kernels=kernels)
+    y = bank_mlp(x_td[token], up, down, group_sizes, relu2, kernels=kernels)
     y = y.astype(jnp.float32) * weights_tk.reshape(-1)[order][:, None]
     return jnp.zeros((t, y.shape[-1]), jnp.float32).at[token].add(y)
 
@@ -139,15 +136,18 @@ class Experts(nn.Module):
         }
 
     @nn.compact
-    def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array) -> jax.Array:
+    def __call__(self, x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(routed output [t, width] float32, token copies dropped for capacity)."""
         c = self.config
         e, w, f = c.n_routed_experts, c.moe_expert_width, c.moe_intermediate_size
         down_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         up = self._bank("up_proj", w, f, ("expert_embed", "expert_mlp"), default_init())
         down = self._bank("down_proj", f, w, ("expert_mlp", "expert_embed"), down_init)
         if uses_expert_parallelism(jax.sharding.get_abstract_mesh(), e):
-            return expert_parallel_experts(x_td, ids_tk, weights_tk, up, down, relu2, kernels=c.kernels)
-        return dropless_experts(x_td, ids_tk, weights_tk, up, down, c.kernels)
+            y, stats = expert_parallel_moe(x_td, ids_tk, weights_tk, up, down, relu2,
+                                           capacity_factor=c.moe_capacity_factor, kernels=c.kernels)
+            return y, stats.dropped_rows
+        return dropless_experts(x_td, ids_tk, weights_tk, up, down, c.kernels), jnp.zeros((), jnp.int32)
 
 
 class MoE(nn.Module):
@@ -160,20 +160,31 @@ class MoE(nn.Module):
         b, t, d = x_btd.shape
         x_td = x_btd.reshape(b * t, d)
         ids, weights, scores = Router(c, name="gate")(x_td)
-        self.record(jnp.bincount(ids.reshape(-1), length=c.n_routed_experts),
-                    sequence_aux_loss(scores.reshape(b, t, -1), ids.reshape(b, t, -1), c.n_routed_experts))
         routed_in = x_td
         if c.moe_latent_size is not None:
             routed_in = Linear(c.moe_latent_size, ("embed", "latent"), dtype, pdtype, config=c,
                                name="fc1_latent_proj")(x_td)
-        routed = Experts(c, name="experts")(routed_in.astype(dtype), ids, weights).astype(dtype)
+        routed, dropped = Experts(c, name="experts")(routed_in.astype(dtype), ids, weights)
+        routed = routed.astype(dtype)
+        self.record({"expert_load": jnp.bincount(ids.reshape(-1), length=c.n_routed_experts),
+                     "aux_loss": sequence_aux_loss(scores.reshape(b, t, -1), ids.reshape(b, t, -1),
+                                                   c.n_routed_experts),
+                     "dropped_rows": dropped})
         if c.moe_latent_size is not None:
             routed = Linear(d, ("latent", "embed"), dtype, pdtype, config=c, name="fc2_latent_proj")(routed)
         shared = MLP(c, c.moe_shared_expert_intermediate_size, name="shared_experts")(x_td)
         return (routed + shared).reshape(b, t, d)
 
-    def record(self, expert_load_e: jax.Array, aux_loss: jax.Array) -> None:
-        """Sow the routing statistics (training reads them). Scanned layers call it once after the scan,
-        with every MoE layer's values stacked (`nemojax.model.scanned`)."""
-        self.sow("intermediates", "expert_load", expert_load_e)
-        self.sow("intermediates", "aux_loss", aux_loss)
+    def record(self, stats: dict[str, jax.Array]) -> None:
+        """Sow the routing statistics (`moe_stat_shapes`; training reads them). Scanned layers call it
+        once after the scan, with every MoE layer's values stacked (`nemojax.model.scanned`)."""
+        for name, value in stats.items():
+            self.sow("intermediates", name, value)
+
+
+def moe_stat_shapes(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """What one MoE layer sows: expert loads (copies per expert), the sequence aux loss, and token
+    copies dropped for capacity (0 when dropless)."""
+    return {"expert_load": jax.ShapeDtypeStruct((config.n_routed_experts,), jnp.int32),
+            "aux_loss": jax.ShapeDtypeStruct((), jnp.float32),
+            "dropped_rows": jax.ShapeDtypeStruct((), jnp.int32)}

@@ -36,6 +36,7 @@ import numpy as np
 
 from nemojax.config import ModelConfig
 from nemojax.model.block import REMAT_POLICIES, Block
+from nemojax.model.moe import moe_stat_shapes
 from nemojax.model.stacking import LAYERS_NAME, StackPlan, stack_plan
 
 
@@ -80,7 +81,7 @@ class ScannedLayers(nn.Module):
                      for kind in plan.kinds}
         x_btd, caches, moe_stats = _scan(c, plan, variables, x_btd, valid_bt, caches, index, per_position_states)
         if moe_stats is not None:
-            stacks["moe"].record(*moe_stats)
+            stacks["moe"].record(moe_stats)
         return x_btd, caches
 
 
@@ -91,7 +92,7 @@ def _per_position_buffers(mamba: dict, t: int) -> dict:
 
 def _scan(config: ModelConfig, plan: StackPlan, variables: dict, x_btd: jax.Array, valid_bt: jax.Array | None,
           caches: dict | None, index: jax.Array | int, per_position_states: bool):
-    """Returns (x, new caches, (expert loads [n_moe, E], aux losses [n_moe]) or None without MoE layers)."""
+    """Returns (x, new caches, the MoE layers' statistics stacked ({name: [n_moe, ...]}) or None)."""
     has_moe = "moe" in plan.kinds
     inputs = caches  # Mamba rows are read from here when the outputs go to new per-position stacks
     if caches is not None and per_position_states and "mamba" in caches:
@@ -117,10 +118,9 @@ def _scan(config: ModelConfig, plan: StackPlan, variables: dict, x_btd: jax.Arra
             if not has_moe:
                 return x, cache, None
             if kind == "moe":
-                sown = state["intermediates"]["mixer"]
-                stats = (sown["expert_load"][0], sown["aux_loss"][0])
+                stats = {name: value[0] for name, value in state["intermediates"]["mixer"].items()}
             else:
-                stats = (jnp.zeros((config.n_routed_experts,), jnp.int32), jnp.zeros((), jnp.float32))
+                stats = {name: jnp.zeros(s.shape, s.dtype) for name, s in moe_stat_shapes(config).items()}
             return x, cache, stats
         return run
 
@@ -141,4 +141,4 @@ def _scan(config: ModelConfig, plan: StackPlan, variables: dict, x_btd: jax.Arra
     if not has_moe:
         return x_btd, caches, None
     rows = np.asarray(plan.layers_of("moe"))
-    return x_btd, caches, (stats[0][rows], stats[1][rows])
+    return x_btd, caches, {name: value[rows] for name, value in stats.items()}

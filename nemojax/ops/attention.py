@@ -4,10 +4,11 @@ Nemotron-H attention has no positional encoding, so the mask alone carries causa
 Long inputs go over the keys in blocks with a running (online) softmax and a matching backward that
 recomputes each block's probabilities from the saved row log-sum-exp (the FlashAttention scheme):
 neither pass keeps a [t, s] score matrix, and a causal mask is built per key block from the keys'
-validity and positions (the model's case), so training memory grows with t, not t·s, and on CPU it is
-about 2x faster than one block for prefill and training lengths (t >= 256). Blocks whose keys are all
-masked (a decoding cache beyond the write index) are skipped. Decoding steps (few queries) take the
-one-block path, which is faster there.
+validity and positions (the model's case), and, for packed documents, from the queries' and keys'
+document numbers (a query sees only keys of its own document). So training memory grows with t, not
+t·s, packed or not, and on CPU it is about 2x faster than one block for prefill and training lengths
+(t >= 256). Blocks whose keys are all masked (a decoding cache beyond the write index) are skipped.
+Decoding steps (few queries) take the one-block path, which is faster there.
 
 Keys and values are taken kv-head-major ([b, kv_heads, s, d], `gqa_attention_kv_major`): the layout
 of the decoding cache, read in place (with [b, s, kv_heads, d] every decoding step would first copy
@@ -35,30 +36,36 @@ _F32 = jnp.float32
 
 def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array | None = None,
                   key_block: int | None = None, *, causal_valid_bs: jax.Array | None = None,
-                  query_offset: jax.Array | int = 0) -> jax.Array:
+                  query_offset: jax.Array | int = 0, query_doc_bt: jax.Array | None = None,
+                  key_doc_bs: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(d) masked) v, with kv heads shared by groups of query heads.
 
     q: [b, t, heads, d]; k, v: [b, s, kv_heads, d]. The mask is either explicit, `mask_bts` [b, t, s]
     (True = may attend), or causal: `causal_valid_bs` [b, s] (key validity) and `query_offset` (the
     absolute position of query 0, a scalar or one per row [b]): query i sees the valid keys at positions
     <= offset + i, and the mask is built one key block at a time, so no [b, t, s] array is kept (nor
-    saved for the backward). A query row whose mask is all False returns zeros. Returns [b, t, heads, d]
-    in q's dtype. `key_block`: keys per block (None: KEY_BLOCK when t >= MIN_QUERIES_FOR_BLOCKS and
-    s > KEY_BLOCK, else all keys at once, differentiated by plain autodiff).
+    saved for the backward). With packed documents the causal form also takes the document numbers of
+    the queries `query_doc_bt` [b, t] and of the keys `key_doc_bs` [b, s] (ints, see
+    `nemojax.model.documents`): a query sees a key only when their numbers are equal. A query row whose
+    mask is all False returns zeros. Returns [b, t, heads, d] in q's dtype. `key_block`: keys per block
+    (None: KEY_BLOCK when t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK, else all keys at once,
+    differentiated by plain autodiff).
     """
     return gqa_attention_kv_major(q_bthd, jnp.swapaxes(k_bskd, 1, 2), jnp.swapaxes(v_bskd, 1, 2), mask_bts,
-                                  key_block, causal_valid_bs=causal_valid_bs, query_offset=query_offset)
+                                  key_block, causal_valid_bs=causal_valid_bs, query_offset=query_offset,
+                                  query_doc_bt=query_doc_bt, key_doc_bs=key_doc_bs)
 
 
 def gqa_attention_kv_major(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Array, mask_bts: jax.Array | None = None,
                            key_block: int | None = None, *, causal_valid_bs: jax.Array | None = None,
-                           query_offset: jax.Array | int = 0) -> jax.Array:
+                           query_offset: jax.Array | int = 0, query_doc_bt: jax.Array | None = None,
+                           key_doc_bs: jax.Array | None = None) -> jax.Array:
     """`gqa_attention` with keys and values laid out [b, kv_heads, s, d] (the decoding cache's layout)."""
     b, t, h, d = q_bthd.shape
     kv, s = k_bksd.shape[1], k_bksd.shape[2]
     if key_block is None:
         key_block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK else s
-    mask = _Mask(mask_bts, causal_valid_bs, jnp.asarray(query_offset, jnp.int32))
+    mask = _Mask(mask_bts, causal_valid_bs, jnp.asarray(query_offset, jnp.int32), query_doc_bt, key_doc_bs)
     q = jnp.moveaxis(q_bthd.reshape(b, t, kv, h // kv, d), 1, 3)  # [b, kv, r, t, d]
     if key_block >= s:
         out, _ = _finish(*_add_block(_empty_rows(q), q, k_bksd, v_bksd, mask.dense(t)))
@@ -68,30 +75,39 @@ def gqa_attention_kv_major(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Arr
 
 
 class _Mask(NamedTuple):
-    """An explicit [b, t, s] mask, or the causal one described by key validity and the query offset."""
+    """An explicit [b, t, s] mask, or the causal one described by key validity and the query offset
+    (and, for packed documents, the queries' and keys' document numbers)."""
 
     explicit_bts: jax.Array | None
     valid_bs: jax.Array | None
     query_offset: jax.Array
+    query_doc_bt: jax.Array | None = None
+    key_doc_bs: jax.Array | None = None
 
     def dense(self, t: int) -> jax.Array:
         if self.explicit_bts is not None:
             return self.explicit_bts
-        return causal_mask(self.valid_bs, self.query_offset, t)
+        mask = causal_mask(self.valid_bs, self.query_offset, t)
+        if self.key_doc_bs is not None:
+            mask = mask & (self.query_doc_bt[:, :, None] == self.key_doc_bs[:, None, :])
+        return mask
 
     def padded(self, s: int) -> _Mask:
         """The mask over `s` keys (padded keys are masked out)."""
         if self.explicit_bts is not None:
             pad = s - self.explicit_bts.shape[2]
             return self._replace(explicit_bts=jnp.pad(self.explicit_bts, ((0, 0), (0, 0), (0, pad))))
-        return self._replace(valid_bs=jnp.pad(self.valid_bs, ((0, 0), (0, s - self.valid_bs.shape[1]))))
+        pad = ((0, 0), (0, s - self.valid_bs.shape[1]))  # padded keys are invalid
+        key_doc = None if self.key_doc_bs is None else jnp.pad(self.key_doc_bs, pad)
+        return self._replace(valid_bs=jnp.pad(self.valid_bs, pad), key_doc_bs=key_doc)
 
     def block(self, i: jax.Array, key_block: int) -> tuple[Any, ...]:
         """What `block_mask` needs for key block i of a padded mask."""
         if self.explicit_bts is not None:
             return (jax.lax.dynamic_slice_in_dim(self.explicit_bts, i * key_block, key_block, axis=2),)
-        return (jax.lax.dynamic_slice_in_dim(self.valid_bs, i * key_block, key_block, axis=1),
-                i * key_block + jnp.arange(key_block))
+        valid, key_doc = (None if x is None else jax.lax.dynamic_slice_in_dim(x, i * key_block, key_block, axis=1)
+                          for x in (self.valid_bs, self.key_doc_bs))
+        return valid, i * key_block + jnp.arange(key_block), key_doc
 
     def blocks(self, t: int, key_block: int) -> tuple[Any, ...]:
         """Per key block ([n, ...] leading), what `block_mask` needs (padded keys are masked out)."""
@@ -102,16 +118,24 @@ class _Mask(NamedTuple):
             return (m.reshape(b, t, n, key_block).transpose(2, 0, 1, 3),)
         b, s = self.valid_bs.shape
         n = -(-s // key_block)
-        valid = self.padded(n * key_block).valid_bs
-        return valid.reshape(b, n, key_block).swapaxes(0, 1), jnp.arange(n * key_block).reshape(n, key_block)
+        padded = self.padded(n * key_block)
+
+        def per_block(x_bs: jax.Array | None) -> jax.Array | None:  # [b, s] -> [n, b, key_block]
+            return None if x_bs is None else x_bs.reshape(b, n, key_block).swapaxes(0, 1)
+
+        return (per_block(padded.valid_bs), jnp.arange(n * key_block).reshape(n, key_block),
+                per_block(padded.key_doc_bs))
 
     def block_mask(self, t: int, block: tuple[Any, ...]) -> jax.Array:
         """The [b, t, key_block] mask of one block from its `blocks` entry."""
         if self.explicit_bts is not None:
             return block[0]
-        valid_bk, key_pos_k = block
+        valid_bk, key_pos_k, key_doc_bk = block
         q_pos = jnp.arange(t)[None, :, None] + self.query_offset.reshape(-1, 1, 1)  # offset: scalar or [b]
-        return (key_pos_k[None, None, :] <= q_pos) & valid_bk[:, None, :]
+        mask = (key_pos_k[None, None, :] <= q_pos) & valid_bk[:, None, :]
+        if key_doc_bk is not None:
+            mask = mask & (self.query_doc_bt[:, :, None] == key_doc_bk[:, None, :])
+        return mask
 
     def live_blocks(self, t: int, key_block: int) -> jax.Array:
         """How many key blocks of a padded mask to visit: up to the last one with a visible key."""

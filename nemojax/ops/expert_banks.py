@@ -7,26 +7,60 @@ A bank is a dict of per-expert arrays stacked on a leading expert axis (a bare a
 - nvfp4: {"weight": uint8 [E, N, K/2], "weight_scale": float8_e4m3fn [E, N, K/16],
           "weight_scale_2": float32 [E]}   (the ModelOpt layout: [out, in], packed along in)
 
-`bank_matmul` dispatches to `grouped_matmul`, `grouped_fp8_matmul` or the NVFP4 grouped matmul (reference or
-Pallas kernel, `nemojax.ops.dispatch`);
+`bank_mlp` runs both projections of the experts (float banks: `nemojax.ops.expert_mlp.grouped_mlp`).
+`bank_matmul` dispatches to the float expert matmul (`expert_matmul`, replaceable in a context with
+`use_expert_matmul`: the planner compiles GPU code this way), `grouped_fp8_matmul` or the NVFP4 grouped
+matmul (reference or Pallas kernel, `nemojax.ops.dispatch`);
 `bank_specs` gives each array's PartitionSpec for expert parallelism (experts over the expert axis,
 optionally the in or out feature dimension over another axis).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from nemojax.ops import dispatch
+from nemojax.ops.expert_mlp import grouped_mlp
 from nemojax.ops.grouped_matmul import grouped_matmul
 from nemojax.ops.quantized_matmul import grouped_fp8_matmul
 from nemojax.quant.nvfp4 import BLOCK
 from nemojax.quant.training import nvfp4_train_grouped_matmul
 
 Bank = dict[str, jax.Array]
+Matmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def expert_matmul(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+    """The float experts' grouped matmul: each chosen expert's weight cast to the activations' dtype (a
+    decoding step converts only the routed experts, never the whole bank), float32 results (so the weight
+    gradient leaves the matmul in float32 and is reduced across devices in float32)."""
+    return grouped_matmul(x_mk, w_ekn, group_sizes_e, preferred_element_type=jnp.float32)
+
+
+_EXPERT_MATMUL: contextvars.ContextVar[Matmul] = contextvars.ContextVar("expert_matmul", default=expert_matmul)
+
+
+@contextlib.contextmanager
+def use_expert_matmul(matmul: Matmul) -> Iterator[Matmul]:
+    """Make `matmul(x_mk, w_ekn, group_sizes_e)` the float experts' grouped matmul for the models traced in
+    this context (the planner compiles the GPU path this way; tests count the rows it receives)."""
+    token = _EXPERT_MATMUL.set(matmul)
+    try:
+        yield matmul
+    finally:
+        _EXPERT_MATMUL.reset(token)
+
+
+def current_expert_matmul() -> Matmul:
+    """The grouped matmul set by `use_expert_matmul` (default `expert_matmul`)."""
+    return _EXPERT_MATMUL.get()
 
 
 def as_bank(weights: Any) -> Bank:
@@ -55,7 +89,18 @@ def bank_matmul(x_mk: jax.Array, bank: Bank, group_sizes_e: jax.Array, *, kernel
         return grouped_fp8_matmul(x_mk, bank["kernel"], bank["weight_scale"], group_sizes_e)
     if fmt == "nvfp4-train":
         return nvfp4_train_grouped_matmul(x_mk, bank["kernel"], group_sizes_e, bank["train_rng"])
-    return grouped_matmul(x_mk, bank["kernel"], group_sizes_e)  # cast per routed expert
+    return current_expert_matmul()(x_mk, bank["kernel"], group_sizes_e).astype(x_mk.dtype)
+
+
+def bank_mlp(x_mk: jax.Array, up: Bank, down: Bank, group_sizes_e: jax.Array,
+             activation: Callable[[jax.Array], jax.Array], *, kernels: str = "auto") -> jax.Array:
+    """activation(x @ up[g]) @ down[g] for rows sorted by expert: [M, N] in x's dtype. Float banks with the
+    default expert matmul take `grouped_mlp` (both projections in one pass over the experts on CPU, the
+    same values); otherwise two `bank_matmul` calls."""
+    if bank_format(up) == bank_format(down) == "float" and current_expert_matmul() is expert_matmul:
+        return grouped_mlp(x_mk, up["kernel"], down["kernel"], group_sizes_e, activation)
+    h = activation(bank_matmul(x_mk, up, group_sizes_e, kernels=kernels))
+    return bank_matmul(h, down, group_sizes_e, kernels=kernels)
 
 
 def num_experts(bank: Bank) -> int:

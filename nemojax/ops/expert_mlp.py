@@ -1,6 +1,7 @@
 """The routed experts' two projections, act(x @ up[g]) @ down[g], for rows sorted by expert group.
 
-`grouped_mlp` equals two `grouped_matmul` calls with the activation between them (the reference, used
+`grouped_mlp` equals two grouped matmuls (float32 products cast to the rows' dtype, as the float
+experts' `expert_matmul`) with the activation between them (the reference, used
 on GPU/TPU and for many rows). On CPU at decoding sizes (at most FUSED_MAX_ROWS rows) it runs one loop
 over the non-empty one-group tiles of rows that applies both projections of a tile's expert before
 moving on: half the loop iterations of two grouped matmuls, and the tile's hidden activations never
@@ -37,8 +38,14 @@ def grouped_mlp(x_mk: jax.Array, up_ekf: jax.Array, down_efn: jax.Array, group_s
     return jax.lax.platform_dependent(x_mk, up_ekf, down_efn, sizes, cpu=fused, default=reference)
 
 
+def _projection(x_mk: jax.Array, w_ekn: jax.Array, sizes_e: jax.Array) -> jax.Array:
+    """One projection as the float experts compute it (`nemojax.ops.expert_banks.expert_matmul`): float32
+    products, cast back to the rows' dtype."""
+    return grouped_matmul(x_mk, w_ekn, sizes_e, preferred_element_type=jnp.float32).astype(x_mk.dtype)
+
+
 def _reference(x_mk, up_ekf, down_efn, sizes_e, *, activation):
-    return grouped_matmul(activation(grouped_matmul(x_mk, up_ekf, sizes_e)), down_efn, sizes_e)
+    return _projection(activation(_projection(x_mk, up_ekf, sizes_e)), down_efn, sizes_e)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -61,7 +68,8 @@ def _fused_forward(x_mk, up_ekf, down_efn, sizes_e, activation, rows: int):
         window = jax.lax.dynamic_slice_in_dim(x_pad, first_row[i], rows)
         up_kf = jax.lax.dynamic_index_in_dim(up_ekf, group[i], keepdims=False).astype(dtype)
         down_fn = jax.lax.dynamic_index_in_dim(down_efn, group[i], keepdims=False).astype(dtype)
-        out = jnp.dot(activation(jnp.dot(window, up_kf)), down_fn)
+        h = activation(jnp.dot(window, up_kf, preferred_element_type=jnp.float32).astype(dtype))
+        out = jnp.dot(h, down_fn, preferred_element_type=jnp.float32).astype(dtype)
         return jax.lax.dynamic_update_slice_in_dim(y, out, first_row[i], 0)
 
     y0 = _zeros_like_both(x_mk, up_ekf, (m + rows, down_efn.shape[2]), dtype) + jnp.sum(

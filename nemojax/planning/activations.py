@@ -13,7 +13,10 @@ compiler's temp buffers are the activations.
   (arguments excluded, the layer input added back) measures what it keeps; the compiled VJP
   measures the transient of its backward. peak = sum over all layers of the kept residuals + max
   over parts of (backward temp + input, output and cotangent activations). Conservative: the part
-  whose backward runs also counts its own residuals twice.
+  whose backward runs also counts its own residuals twice. Scanned layers without remat "full"
+  keep, per layer, the residuals of every kind (`activation_bytes`).
+- The routed experts are compiled with the grouped matmul chosen by the caller (`planning.matmuls`,
+  through `use_expert_matmul`), not the CPU path.
 """
 
 from __future__ import annotations
@@ -31,14 +34,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from nemojax.config import ModelConfig
+from nemojax import sharding
+from nemojax.config import LAYER_KINDS, ModelConfig
 from nemojax.model import abstract_variables
 from nemojax.model.attention import init_kv_cache
 from nemojax.model.block import block_class
 from nemojax.model.hybrid import MTPLayer
 from nemojax.model.layers import Linear, RMSNorm, dtype_of
 from nemojax.model.mamba import init_mamba_cache
-from nemojax.planning.caches import layer_cache_axes
 from nemojax.planning.counts import per_layer
 from nemojax.planning.layout import array_sharding
 from nemojax.sharding import use_mesh
@@ -170,8 +173,7 @@ def serving_part(part: _Part, config: ModelConfig, mesh: Mesh, batch: int, chunk
     act_sharding = array_sharding(mesh, act.shape, ACT_AXES)
     inputs, input_shardings = (act,) * part.num_inputs, (act_sharding,) * part.num_inputs
     cache = _abstract_cache(part, config, batch, max_len)
-    cache_shardings = None if cache is None else {
-        name: array_sharding(mesh, cache[name].shape, axes) for name, axes in layer_cache_axes(cache).items()}
+    cache_shardings = None if cache is None else sharding.cache_shardings(cache, mesh, sharding.head_units(config))
     index = jax.ShapeDtypeStruct((), jnp.int32)
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
     if part.run is _run_ends:
@@ -239,7 +241,15 @@ def training_part(part: _Part, config: ModelConfig, mesh: Mesh, batch: int, seq_
     return PartMemory(part.name, part.count, backward.temp_size_in_bytes + io, saved, time.perf_counter() - start)
 
 
-def activation_bytes(parts: Sequence[PartMemory], train: bool) -> int:
-    """Combine the parts (see the module docstring)."""
+def activation_bytes(parts: Sequence[PartMemory], train: bool, scanned_layers: int = 0) -> int:
+    """Combine the parts (see the module docstring). `scanned_layers`: the main stack's depth when it
+    runs as a scan that keeps every kind's residuals at every layer (scan_layers without remat "full":
+    a `lax.switch` keeps the residuals of all its branches); each layer then keeps the sum over kinds."""
     peak = max(p.peak_bytes for p in parts)
-    return peak + (sum(p.count * p.saved_bytes for p in parts) if train else 0)
+    if not train:
+        return peak
+    main = [p for p in parts if p.name in LAYER_KINDS]
+    kept = sum(p.count * p.saved_bytes for p in parts if p not in main)
+    if scanned_layers:
+        return peak + kept + scanned_layers * sum(p.saved_bytes for p in main)
+    return peak + kept + sum(p.count * p.saved_bytes for p in main)

@@ -3,8 +3,8 @@ the Mamba layers' conv and SSM states, laid out as `nemojax.model.init_cache` bu
 
 Cache sharding (the rule table through `nemojax.sharding.sized_spec`): batch over (data, fsdp,
 expert) as far as they divide it, KV heads over `tensor` (replicated when `tensor` does not divide
-them: Nemotron 3 has 2), Mamba heads and conv channels over `tensor`; caches stacked over layers
-(scanned layers) keep that axis whole.
+them: Nemotron 3 has 2), Mamba heads and conv channels over `tensor` in whole Mamba groups (as the
+layer's weights); caches stacked over layers (scanned layers) keep that axis whole.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import jax
 
 from nemojax.config import ModelConfig
 from nemojax.model import init_cache
-from nemojax.planning.layout import abstract_mesh, array_sharding, local_bytes
-from nemojax.sharding import CACHE_AXES, cache_axes
+from nemojax.planning.layout import abstract_mesh, local_bytes
+from nemojax.sharding import cache_shardings, head_units
 
 
 def abstract_cache(config: ModelConfig, batch: int, max_len: int):
@@ -24,21 +24,15 @@ def abstract_cache(config: ModelConfig, batch: int, max_len: int):
     return jax.eval_shape(lambda: init_cache(config, batch, max_len))
 
 
-def layer_cache_axes(layer_cache) -> dict[str, tuple[str | None, ...]] | None:
-    """Logical axes of one layer's cache dict (None for layers without a cache)."""
-    return None if layer_cache is None else {name: CACHE_AXES[name] for name in layer_cache}
-
-
 def cache_bytes_per_device(config: ModelConfig, batch: int, max_len: int,
                            mesh_shape: Mapping[str, int]) -> dict[str, int]:
     """{"kv_cache", "ssm_state"}: bytes one device holds for `batch` sequences of `max_len` tokens."""
     cache = abstract_cache(config, batch, max_len)
-    mesh = abstract_mesh(mesh_shape)
+    shardings = cache_shardings(cache, abstract_mesh(mesh_shape), head_units(config))
     out = {"kv_cache": 0, "ssm_state": 0}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+    for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(cache), jax.tree.leaves(shardings),
+                                      strict=True):
         name = path[-1].key
-        if name == "index":
-            continue
-        key = "kv_cache" if name in ("k", "v", "valid") else "ssm_state"
-        out[key] += local_bytes(leaf, array_sharding(mesh, leaf.shape, cache_axes(name, len(leaf.shape))))
+        if name != "index":
+            out["kv_cache" if name in ("k", "v", "valid") else "ssm_state"] += local_bytes(leaf, sharding)
     return out

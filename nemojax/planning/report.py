@@ -11,10 +11,12 @@ import jax
 
 from nemojax.config import ModelConfig
 from nemojax.errors import ConfigError
+from nemojax.ops.expert_banks import use_expert_matmul
 from nemojax.planning import activations
 from nemojax.planning.caches import cache_bytes_per_device
 from nemojax.planning.counts import count_parameters
 from nemojax.planning.layout import build_mesh, mesh_devices, mesh_text
+from nemojax.planning.matmuls import GROUPED_MATMUL_CHOICES, planning_matmul
 from nemojax.planning.weights import (
     WEIGHT_FORMATS,
     serving_config,
@@ -49,12 +51,16 @@ class PlanRequest:
     train: bool = False
     device: str = "h200"
     compile_activations: bool = True
+    grouped_matmul: str = "kernel"     # how the routed experts are compiled (`nemojax.planning.matmuls`)
 
     def validate(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
             raise ConfigError(f"--weights: expected one of {WEIGHT_FORMATS}, got {self.weights!r}")
         if self.train and self.weights != "bf16":
             raise ConfigError("--train plans bf16 weights (with a float32 master copy); drop --weights")
+        if self.grouped_matmul not in GROUPED_MATMUL_CHOICES:
+            raise ConfigError(f"--grouped-matmul: expected one of {GROUPED_MATMUL_CHOICES}, "
+                              f"got {self.grouped_matmul!r}")
         if self.device not in DEVICE_MEMORY:
             raise ConfigError(f"--device: expected one of {sorted(DEVICE_MEMORY)}, got {self.device!r}")
         for name in ("batch", "seq_len"):
@@ -86,13 +92,15 @@ def make_plan(config: ModelConfig, request: PlanRequest, devices: Sequence[jax.D
     parts = []
     if request.compile_activations:
         mesh = build_mesh(mesh_shape, devices)
-        for part in activations.model_parts(config):
-            if request.train:
-                parts.append(activations.training_part(part, config, mesh, request.batch, request.seq_len))
-            else:
-                parts.append(activations.serving_part(part, config, mesh, request.batch, request.chunk,
-                                                      request.seq_len))
-        memory["activations"] = activations.activation_bytes(parts, request.train)
+        with use_expert_matmul(planning_matmul(request.grouped_matmul)):
+            for part in activations.model_parts(config):
+                if request.train:
+                    parts.append(activations.training_part(part, config, mesh, request.batch, request.seq_len))
+                else:
+                    parts.append(activations.serving_part(part, config, mesh, request.batch, request.chunk,
+                                                          request.seq_len))
+        union = config.scan_layers and config.remat != "full"
+        memory["activations"] = activations.activation_bytes(parts, request.train, config.num_layers if union else 0)
     total = sum(memory.values())
     capacity = DEVICE_MEMORY[request.device]
     return {
@@ -105,6 +113,8 @@ def make_plan(config: ModelConfig, request: PlanRequest, devices: Sequence[jax.D
         "seq_len": request.seq_len,
         "prefill_chunk": None if request.train else request.chunk,
         "remat": config.remat,
+        "scan_layers": config.scan_layers,
+        "grouped_matmul": request.grouped_matmul,
         **counts.as_dict(),
         "bytes_per_device": {**memory, "total": total},
         "weight_bytes_by_group": None if request.train else weights,
@@ -128,7 +138,8 @@ def format_plan(plan: Mapping[str, Any]) -> str:
         f"plan: {plan['config']}  {plan['mode']}  mesh {mesh_text(plan['mesh'])} ({plan['devices']} devices)  "
         f"weights {plan['weights_format']}  batch {plan['batch']} x seq_len {plan['seq_len']}"
         + (f" (prefill chunk {plan['prefill_chunk']})" if plan["prefill_chunk"] else "")
-        + f"  remat {plan['remat']}",
+        + f"  remat {plan['remat']}" + ("  scanned layers" if plan["scan_layers"] else "")
+        + f"  experts: {plan['grouped_matmul']} grouped matmul",
         "",
         "parameters",
     ]

@@ -73,7 +73,8 @@ def main() -> int:
     start = time.perf_counter()
     print(f"Serving: batch {SERVE['batch']}, context {SERVE['seq_len']} tokens, prefill chunks of "
           f"{SERVE['prefill_chunk']}. Training: batch {TRAIN['batch']} x {TRAIN['seq_len']} tokens, "
-          f"remat {TRAIN['remat']}, AdamW. Bytes are per GPU; {NUM_DEVICES} GPUs.\n")
+          f"remat {TRAIN['remat']}, AdamW. Bytes are per GPU; {NUM_DEVICES} GPUs. Routed experts compiled "
+          f"with a grouped-GEMM kernel's buffers (`--grouped-matmul kernel`), not the CPU path.\n")
     print(HEADER)
     for name in MODELS:
         for row in rows_for(name):

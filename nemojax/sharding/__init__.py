@@ -12,13 +12,16 @@ from nemojax.sharding.rules import (
     cache_shardings,
     constrain,
     context_mesh,
+    head_units,
     logical_to_spec,
     make_mesh,
     parse_mesh,
     place,
+    resolve_mesh_shape,
     sized_spec,
     use_mesh,
 )
 
 __all__ = ["BATCH_AXES", "CACHE_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_sharding", "cache_axes", "cache_shardings",
-           "constrain", "context_mesh", "logical_to_spec", "make_mesh", "parse_mesh", "place", "sized_spec", "use_mesh"]
+           "constrain", "context_mesh", "head_units", "logical_to_spec", "make_mesh", "parse_mesh", "place",
+           "resolve_mesh_shape", "sized_spec", "use_mesh"]

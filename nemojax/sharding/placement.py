@@ -1,5 +1,5 @@
 """Placing model variables on a mesh: a NamedSharding per variable from its logical axes and the
-rule table (`nemojax.sharding.rules`), counted in whole heads and Mamba groups.
+rule table (`nemojax.sharding.rules`), counted in whole heads and Mamba groups (`head_units`).
 
 Kept apart from the rules because it needs the model's parameter tree (the model imports the rules).
 """
@@ -11,19 +11,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nemojax.config import ModelConfig
 from nemojax.model import abstract_variables, logical_axes
-from nemojax.sharding.rules import place, sized_spec
-
-
-def _head_units(config: ModelConfig) -> dict[str, int]:
-    """Logical axes whose dimension fuses heads (or Mamba groups, stored group-major): shard whole ones only."""
-    return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-            "mamba_inner": config.mamba_num_heads, "mamba_heads": config.mamba_num_heads,
-            "mamba_proj": config.n_groups, "conv_dim": config.n_groups}
+from nemojax.sharding.rules import head_units, place, sized_spec
 
 
 def variable_shardings(config: ModelConfig, mesh: Mesh) -> dict:
     """NamedShardings for every leaf of the model variables {"params", "buffers"}."""
-    units = _head_units(config)
+    units = head_units(config)
     mesh_shape = dict(mesh.shape)
 
     def one(names: PartitionSpec, leaf: jax.ShapeDtypeStruct) -> NamedSharding:
@@ -36,6 +29,7 @@ def variable_shardings(config: ModelConfig, mesh: Mesh) -> dict:
 
 
 def shard_variables(variables: dict, config: ModelConfig, mesh: Mesh) -> dict:
-    """Model variables {"params", "buffers"} placed on `mesh` by `variable_shardings`."""
+    """Model variables {"params", "buffers"} placed on `mesh` by `variable_shardings` (a model without MoE
+    layers has no buffers: an empty "buffers" dict stays empty)."""
     shardings = variable_shardings(config, mesh)
-    return {k: jax.tree.map(place, v, shardings[k]) for k, v in variables.items()}
+    return {k: jax.tree.map(place, v, shardings.get(k, {})) for k, v in variables.items()}

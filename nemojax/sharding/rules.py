@@ -1,7 +1,7 @@
 """Device meshes and the ONE table that maps logical axis names to mesh axes (data, fsdp, tensor, expert).
 
-This module imports no model code (the model imports it); placing model variables on a mesh, which
-needs the model's parameter tree, lives in `nemojax.sharding.placement`.
+This module imports no model code (the model imports it; only the config, for `head_units`); placing
+model variables on a mesh, which needs the model's parameter tree, lives in `nemojax.sharding.placement`.
 
 Every parameter is created with logical axis names (see `nemojax.model.layers`); activations are
 constrained at layer boundaries with `constrain`. Without a mesh in context (`use_mesh`), `constrain`
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from nemojax.config import ModelConfig
 from nemojax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -144,8 +145,25 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
+def resolve_mesh_shape(sizes: Mapping[str, int], device_count: int) -> MeshShape:
+    """Mesh axis sizes with at most one -1 replaced by the devices the others leave (the default
+    meshes use every device: `fsdp=-1`)."""
+    sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
+    described = ", ".join(f"{n}={s}" for n, s in sizes.items())
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1 or any(s < 1 and s != -1 for s in sizes.values()):
+        raise ConfigError(f"mesh {described}: sizes must be positive, at most one may be -1 (all other devices)")
+    if rest:
+        known = math.prod(s for s in sizes.values() if s != -1)
+        if device_count % known:
+            raise ConfigError(f"mesh {described}: {device_count} devices do not divide by {known}")
+        sizes[rest[0]] = device_count // known
+    return sizes
+
+
 def parse_mesh(text: str) -> MeshShape:
-    """`"data=2,tensor=4"` -> {"data": 2, "fsdp": 1, "tensor": 4, "expert": 1}."""
+    """`"data=2,tensor=4"` -> {"data": 2, "fsdp": 1, "tensor": 4, "expert": 1}; one size may be -1
+    (resolve it with `resolve_mesh_shape`)."""
     sizes = dict.fromkeys(MESH_AXES, 1)
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
@@ -156,8 +174,8 @@ def parse_mesh(text: str) -> MeshShape:
             size = int(value)
         except ValueError:
             size = 0
-        if size < 1:
-            raise ConfigError(f"--mesh: size of {name!r} must be a positive integer, got {value!r}")
+        if size < 1 and size != -1:
+            raise ConfigError(f"--mesh: size of {name!r} must be a positive integer or -1, got {value!r}")
         sizes[name] = size
     return sizes
 
@@ -201,14 +219,29 @@ def cache_axes(name: str, ndim: int) -> tuple[str | None, ...]:
     return ("layers",) + names if ndim == len(names) + 1 else names
 
 
-def cache_shardings(cache: Any, mesh: Mesh) -> Any:
+def head_units(config: ModelConfig) -> dict[str, int]:
+    """Logical axes whose dimension fuses heads or Mamba groups: only whole ones are sharded.
+
+    Every Mamba axis counts Mamba groups (the in_proj columns and conv channels are stored group-major,
+    and B/C belong to a whole group), so all of a Mamba layer's weights, activations and caches split
+    over `tensor` together when it divides the groups, and all replicate otherwise.
+    """
+    groups = config.n_groups
+    return {"heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+            "mamba_inner": groups, "mamba_heads": groups, "mamba_proj": groups, "conv_dim": groups}
+
+
+def cache_shardings(cache: Any, mesh: Mesh | AbstractMesh, units: Mapping[str, int] | None = None) -> Any:
     """NamedShardings for a decoding cache (arrays or ShapeDtypeStructs): rows over the batch axes,
-    KV heads / conv channels / SSM heads over tensor where they divide, stacked layers replicated."""
+    KV heads / conv channels / SSM heads over tensor where they divide (counted in `units`, see
+    `head_units`; raw sizes if None), stacked layers replicated."""
     mesh_shape = dict(mesh.shape)
+    units = units or {}
 
     def one(path: tuple, leaf: Any) -> NamedSharding:
         names = cache_axes(path[-1].key, len(leaf.shape))
-        return NamedSharding(mesh, sized_spec(names, leaf.shape, mesh_shape))
+        dims = [units.get(n, d) if n is not None else d for n, d in zip(names, leaf.shape, strict=True)]
+        return NamedSharding(mesh, sized_spec(names, dims, mesh_shape))
 
     return jax.tree_util.tree_map_with_path(one, cache)
 

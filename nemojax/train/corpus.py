@@ -29,7 +29,12 @@ _NON_STDLIB_DIRS = ("site-packages", "dist-packages", "__pycache__")
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    """One training document: `key` names its origin (`path` or `path:line`); segments are (text, trained)."""
+    """One training document; segments are (text, trained).
+
+    `key` names its origin relative to the data entry that listed it (`name` or `name:line`, the name
+    relative to a listed directory or glob root, or a listed file's base name), so the held-out split and
+    the per-process shards do not depend on where the corpus lives (another host, another mount point).
+    """
 
     key: str
     segments: tuple[tuple[str, bool], ...]
@@ -113,46 +118,57 @@ def _load_documents_cached(
     except CheckpointError as e:
         raise DataError(str(e)) from e
     documents = []
-    for path in expand_paths(paths):
-        documents.extend(_read_file(path, data_format, template))
+    for path, name in expand_paths(paths):
+        documents.extend(_read_file(path, name, data_format, template))
     if not documents:
         raise DataError(f"no documents found in {', '.join(paths)}")
     return tuple(documents)
 
 
-def expand_paths(paths: Sequence[str]) -> list[str]:
-    """Files named by `paths` (files, directories, or globs), each entry in sorted order; unknown ones raise."""
+def expand_paths(paths: Sequence[str]) -> list[tuple[str, str]]:
+    """(file, name) for the files named by `paths` (files, directories, or globs), each entry in sorted order;
+    unknown ones raise. `name` is the file's path relative to its directory or glob root (a listed file: its
+    base name), so it does not depend on where the corpus is mounted."""
     files = []
     for entry in paths:
         if any(char in entry for char in "*?["):
             matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise DataError(f"data path pattern matches no files: {entry}")
-            files.extend(matches)
+            root = _glob_root(entry)
+            files.extend((match, os.path.relpath(match, root)) for match in matches)
         elif os.path.isdir(entry):
             found = sorted(
                 os.path.join(d, f) for d, _, names in os.walk(entry) for f in names if not f.startswith(".")
             )
             if not found:
                 raise DataError(f"data directory is empty: {entry}")
-            files.extend(found)
+            files.extend((path, os.path.relpath(path, entry)) for path in found)
         elif os.path.isfile(entry):
-            files.append(entry)
+            files.append((entry, os.path.basename(entry)))
         else:
             raise DataError(f"data path not found: {entry}")
     return files
 
 
-def _read_file(path: str, data_format: str, template: ChatTemplate) -> list[Document]:
+def _glob_root(pattern: str) -> str:
+    """The directory part of a glob before its first wildcard component."""
+    parts = pattern.split(os.sep)
+    fixed = next(i for i, part in enumerate(parts) if any(char in part for char in "*?["))
+    return os.sep.join(parts[:fixed]) or ("/" if pattern.startswith(os.sep) else ".")
+
+
+def _read_file(path: str, name: str, data_format: str, template: ChatTemplate) -> list[Document]:
     text = _read_text(path)
     if data_format == "auto":
         data_format = _sniff_format(path, text)
     if data_format == "text":
-        return [Document(path, ((text, True),))] if text else []
+        return [Document(name, ((text, True),))] if text else []
     documents = []
     for line_number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
-            documents.append(_parse_record(line, data_format, f"{path}:{line_number}", template))
+            documents.append(_parse_record(line, data_format, f"{path}:{line_number}", template,
+                                           f"{name}:{line_number}"))
     return documents
 
 
@@ -168,7 +184,8 @@ def _sniff_format(path: str, text: str) -> str:
     return "chat" if isinstance(record, dict) and "messages" in record else "jsonl"
 
 
-def _parse_record(line: str, data_format: str, where: str, template: ChatTemplate) -> Document:
+def _parse_record(line: str, data_format: str, where: str, template: ChatTemplate, key: str) -> Document:
+    """One jsonl record; errors name `where` (the file's path and line), the document is named `key`."""
     try:
         record = json.loads(line)
     except (ValueError, RecursionError) as error:
@@ -176,14 +193,14 @@ def _parse_record(line: str, data_format: str, where: str, template: ChatTemplat
     if data_format == "jsonl":
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f"{where}: expected an object with a string 'text' field")
-        return Document(where, ((_text(record["text"], where), True),))
+        return Document(key, ((_text(record["text"], where), True),))
     if not isinstance(record, dict) or "messages" not in record:
         raise DataError(f"{where}: expected an object with a 'messages' list")
     try:
         segments = template.segments(record["messages"], record.get("reasoning", "on"), record.get("tools"))
     except Exception as error:  # DataError for bad messages, ConfigError for a bad reasoning mode
         raise DataError(f"{where}: {error}") from error
-    return Document(where, tuple((_text(text, where), trained) for text, trained in segments))
+    return Document(key, tuple((_text(text, where), trained) for text, trained in segments))
 
 
 def _text(text: str, where: str) -> str:

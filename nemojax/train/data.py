@@ -1,14 +1,13 @@
 """Training batches: data config, tokenizer set-up, packing, and a resumable, seeded batch iterator.
 
-Documents (see corpus.py) are tokenized piece by piece, joined with `</s>` into one token stream per
-split, and cut into rows of seq_len + 1 tokens (neighbouring rows share one token, so every token is a
-target once). With `document_masking` (fine-tuning on packed chats) each batch also carries the
-document ids of its inputs (`segments`, see `nemojax.model.documents`) and a target that starts another
-document is not trained, so a row's documents train as if each were alone.
-
-The train split visits its rows in a fresh seeded permutation each epoch, forever; the
-held-out split is one fixed pass. Each process takes its slice of the global batch, so any number of
-processes sees exactly the rows of a single-process run.
+Documents (see corpus.py) are tokenized piece by piece, joined with `</s>` into token streams and cut
+into rows of seq_len + 1 tokens (neighbouring rows share one token, so every token is a target once).
+The train split visits its rows in a fresh seeded permutation each epoch, forever; the held-out split
+is one fixed pass. The train split is cut into `data.shards` streams (default: one per process) and
+each process tokenises only its own; the batches depend on the shard count, not on the process count.
+With `document_masking` (fine-tuning on packed chats) each batch also carries the document ids of its
+inputs (`segments`, see `nemojax.model.documents`) and a target that starts another document is not
+trained, so a row's documents train as if each were alone.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             tokenizer_path="",  # an existing tokenizer.json; empty: reuse workdir's, or train one
             vocab_size=4096,
             max_corpus_bytes=8_000_000,  # cap on the stdlib corpus (about 2.3M tokens)
+            shards=0,  # train streams; each process tokenises only its own (0: one per process; 1: one for all)
             document_masking=False,  # batches carry `segments`: packed documents do not see each other
         )
     )
@@ -58,6 +58,9 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 def validate_data_config(cfg: Mapping[str, Any]) -> None:
     """Read and check every data file and field now, so a bad path fails before any compile."""
+    shards = cfg.get("shards", 0)
+    if not isinstance(shards, int) or isinstance(shards, bool) or not 0 <= shards <= 2**31 - 1:
+        raise DataError(f"data.shards must be an integer >= 0 (0: one per process), got {shards!r}")
     if not isinstance(cfg.get("document_masking", False), bool):
         raise DataError(f"data.document_masking must be true or false, got {cfg['document_masking']!r}")
     if not 0 <= cfg["heldout_fraction"] < 1:
@@ -92,8 +95,16 @@ class TokenBatches(Iterator[dict[str, np.ndarray]]):
     and with `document_masking` the inputs' document ids `segments` (int32 [B, T]).
 
     B = batch_size // process_count. `loss_mask` is 0 where the target is not trained (chat prompts,
-    padding, and with `document_masking` a target that starts another document).
-    `state()` / `restore()` resume exactly where an uninterrupted iterator would continue.
+    padding, and with `document_masking` a target that starts another document). `state()` / `restore()`
+    resume exactly where an uninterrupted iterator would continue.
+
+    The train split is cut into `data.shards` streams (0: one per process): documents are assigned to a
+    shard by a hash of their key, each shard is packed and ordered on its own, and every global batch
+    takes batch_size / shards rows from each shard, the shards in order. A process tokenises and packs
+    only its own shards, and the batches do not depend on the number of processes. One shard (a single
+    process by default) is the single stream of the whole split, which every process tokenises whole and
+    slices. The held-out split is small and every process evaluates the same batches: it is always one
+    stream.
     """
 
     def __init__(
@@ -117,56 +128,112 @@ class TokenBatches(Iterator[dict[str, np.ndarray]]):
                 f"batch_size {batch_size} must split evenly over {process_count} processes "
                 f"(process_index {process_index})"
             )
-        self.split, self.seed, self.seq_len = split, seed, seq_len
+        self.split, self.seq_len = split, seq_len
         self.global_batch_size = batch_size
         self.local_batch_size = batch_size // process_count
-        self._local_start = process_index * self.local_batch_size
-        self.document_masking = bool(cfg.get("document_masking", False))
-        self.tokens, self.mask, self.documents = packed_stream(cfg, tokenizer, split)
-        self.num_rows = max(1, -(-(len(self.tokens) - 1) // seq_len))
+        self.shards = num_shards(cfg, split, batch_size, process_count)
         eos_id = tokenizer.token_to_id(EOS)
-        self.tokens, self.mask, self.documents = _pad_to(self.tokens, self.mask, self.documents,
-                                                         self.num_rows * seq_len + 1, eos_id)
-        self._epoch, self._position = 0, 0
-        self._order = self._epoch_order(0)
+        masking = bool(cfg.get("document_masking", False))
+        if self.shards == 1:
+            order_seed = HELDOUT_ORDER_SEED if split == "heldout" else seed
+            self._streams = [_Rows(*packed_stream(cfg, tokenizer, split), seq_len, eos_id, (order_seed,),
+                                  masking)]
+            self._rows_per_stream = batch_size
+            self._local = slice(process_index * self.local_batch_size, (process_index + 1) * self.local_batch_size)
+        else:
+            per_process = self.shards // process_count
+            owned = range(process_index * per_process, (process_index + 1) * per_process)
+            self._streams = [_Rows(*packed_stream(cfg, tokenizer, split, (shard, self.shards)), seq_len, eos_id,
+                                   (seed, shard), masking) for shard in owned]
+            self._rows_per_stream = batch_size // self.shards
+            self._local = slice(None)
+        self._batches = 0
+
+    @property
+    def num_rows(self) -> int:
+        """Rows (of seq_len + 1 tokens) of the streams this process reads."""
+        return sum(stream.num_rows for stream in self._streams)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.split == "heldout" and self._position >= self.num_rows:
+        wrap = self.split == "train"
+        if not wrap and all(stream.exhausted for stream in self._streams):
             raise StopIteration
-        rows = self._take_global_rows()
-        local = rows[self._local_start : self._local_start + self.local_batch_size]
-        return self._batch(local)
+        parts = [stream.batch(stream.take(self._rows_per_stream, wrap)[self._local]) for stream in self._streams]
+        self._batches += 1
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def state(self) -> dict[str, int | str]:
-        """Where the iterator stands (JSON-serialisable)."""
-        return {"split": self.split, "epoch": self._epoch, "position": self._position, "num_rows": self.num_rows}
+        """Where the iterator stands (JSON-serialisable; the same on every process)."""
+        if self.shards == 1:
+            stream = self._streams[0]
+            return {"split": self.split, "epoch": stream.epoch, "position": stream.position,
+                    "num_rows": stream.num_rows}
+        return {"split": self.split, "shards": self.shards, "batches": self._batches}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         """Continue from a `state()`; the data must be the same as when it was taken."""
-        if state.get("num_rows", self.num_rows) != self.num_rows or state.get("split", self.split) != self.split:
+        shards = int(state.get("shards", 1))
+        rows = state.get("num_rows", self.num_rows) if shards == 1 else self.num_rows
+        if rows != self.num_rows or state.get("split", self.split) != self.split or shards != self.shards:
             raise DataError(
                 f"the data changed since this iterator state was saved: {state.get('split')} split with "
-                f"{state.get('num_rows')} rows then, {self.split} split with {self.num_rows} rows now"
+                f"{state.get('num_rows')} rows in {shards} shards then, {self.split} split with {self.num_rows} "
+                f"rows in {self.shards} shards now"
             )
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
-        self._order = self._epoch_order(self._epoch)
+        if shards == 1:
+            self._streams[0].seek(int(state["epoch"]), int(state["position"]))
+            return
+        self._batches = int(state["batches"])
+        for stream in self._streams:  # every epoch of a stream is all its rows once: position by arithmetic
+            epoch, position = divmod(self._batches * self._rows_per_stream, stream.num_rows)
+            stream.seek(epoch, position)
 
-    def _take_global_rows(self) -> np.ndarray:
-        """The next global batch's row indices; held-out batches past the end are padded with -1."""
+
+def num_shards(cfg: Mapping[str, Any], split: str, batch_size: int, process_count: int) -> int:
+    """How many streams the split is cut into (see `TokenBatches`); ConfigError when they do not fit."""
+    if split == "heldout":
+        return 1
+    shards = int(cfg.get("shards", 0)) or process_count
+    if shards != 1 and (shards % process_count or batch_size % shards):
+        raise ConfigError(f"data.shards={shards}: must be 1 (every process reads the whole split), or a multiple "
+                          f"of the {process_count} processes that divides batch_size={batch_size}")
+    return shards
+
+
+class _Rows:
+    """One packed stream cut into rows of seq_len + 1 tokens (neighbours share a token), visited in a fresh
+    seeded order each epoch; with `document_masking` its batches carry the inputs' document ids."""
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, documents: np.ndarray, seq_len: int, eos_id: int,
+                 seed: tuple[int, ...], document_masking: bool = False):
+        self.seq_len, self.seed, self.document_masking = seq_len, seed, document_masking
+        self.num_rows = max(1, -(-(len(tokens) - 1) // seq_len))
+        self.tokens, self.mask, self.documents = _pad_to(tokens, mask, documents, self.num_rows * seq_len + 1, eos_id)
+        self.seek(0, 0)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.position >= self.num_rows
+
+    def seek(self, epoch: int, position: int) -> None:
+        self.epoch, self.position = epoch, position
+        self.order = np.random.default_rng([*self.seed, epoch]).permutation(self.num_rows)
+
+    def take(self, count: int, wrap: bool) -> np.ndarray:
+        """The next `count` row indices; past the end a new epoch starts (`wrap`) or -1 pads."""
         rows = []
-        while len(rows) < self.global_batch_size:
-            if self._position == self.num_rows:
-                if self.split == "heldout":
-                    rows.extend([-1] * (self.global_batch_size - len(rows)))
+        while len(rows) < count:
+            if self.position == self.num_rows:
+                if not wrap:
+                    rows.extend([-1] * (count - len(rows)))
                     break
-                self._epoch, self._position = self._epoch + 1, 0
-                self._order = self._epoch_order(self._epoch)
-            take = min(self.global_batch_size - len(rows), self.num_rows - self._position)
-            rows.extend(self._order[self._position : self._position + take].tolist())
-            self._position += take
+                self.seek(self.epoch + 1, 0)
+            take = min(count - len(rows), self.num_rows - self.position)
+            rows.extend(self.order[self.position : self.position + take].tolist())
+            self.position += take
         return np.asarray(rows, dtype=np.int64)
 
-    def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         index_bt = np.maximum(rows, 0)[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         tokens_bt, mask_bt = self.tokens[index_bt], self.mask[index_bt]
         mask_bt = np.where(rows[:, None] >= 0, mask_bt, 0.0).astype(np.float32)
@@ -176,10 +243,6 @@ class TokenBatches(Iterator[dict[str, np.ndarray]]):
             batch["loss_mask"] = batch["loss_mask"] * (documents_bt[:, 1:] == documents_bt[:, :-1])
             batch["segments"] = documents_bt[:, :-1]
         return batch
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        seed = HELDOUT_ORDER_SEED if self.split == "heldout" else self.seed
-        return np.random.default_rng([seed, epoch]).permutation(self.num_rows)
 
 
 def heldout_batches(
@@ -211,18 +274,24 @@ def heldout_batches(
     return out
 
 
-def packed_stream(cfg: Mapping[str, Any], tokenizer: Tokenizer,
-                  split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens int32 [N], trained float32 [N], document ids int32 [N]) of a split: documents each followed by `</s>`.
+def packed_stream(cfg: Mapping[str, Any], tokenizer: Tokenizer, split: str,
+                  shard: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens int32 [N], trained float32 [N], document ids int32 [N]) of a split: documents each followed
+    by `</s>`. With `shard` = (index, count) only that shard's documents (`shard_of`) are tokenised.
 
-    Cached per process by data fields and tokenizer content; the arrays are read-only.
+    Cached per process by data fields, tokenizer content and shard; the arrays are read-only.
     """
-    key = (_data_key(cfg), hashlib.sha1(tokenizer.to_str().encode()).hexdigest(), split)
+    key = (_data_key(cfg), hashlib.sha1(tokenizer.to_str().encode()).hexdigest(), split, shard)
     if key not in _STREAM_CACHE:
         train, heldout = _split(cfg)
         documents = train if split == "train" else heldout
         if not documents:
             raise DataError(f"the {split} split is empty (data.heldout_fraction={cfg['heldout_fraction']})")
+        if shard is not None:
+            documents = [doc for doc in documents if shard_of(doc.key, shard[1]) == shard[0]]
+            if not documents:
+                raise DataError(f"shard {shard[0]} of {shard[1]} of the {split} split has no documents: "
+                                "use fewer data.shards (or more documents)")
         arrays = tokenize_documents(documents, tokenizer)
         for array in arrays:
             array.setflags(write=False)
@@ -230,6 +299,11 @@ def packed_stream(cfg: Mapping[str, Any], tokenizer: Tokenizer,
             _STREAM_CACHE.pop(next(iter(_STREAM_CACHE)))
         _STREAM_CACHE[key] = arrays
     return _STREAM_CACHE[key]
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard of a document, from a hash of its key (independent of the held-out split's hash)."""
+    return int.from_bytes(hashlib.sha1(f"shard/{key}".encode()).digest()[:8], "big") * shards >> 64
 
 
 def tokenize_documents(documents: list[corpus.Document],

@@ -218,7 +218,8 @@ class _Recorder:
         self.last = {"step": step, **{k: float(m[k]) for k in ("loss", "lm_loss", "mtp_loss", "aux_loss", "lr",
                                                                  "grad_norm")},
                      "tokens_per_second": throughput, "skipped": bool(m["skipped"]),
-                     "expert_load": {k: round(float(v), 4) for k, v in m["expert_load"].items()}}
+                     "expert_load": {k: round(float(v), 4) for k, v in m["expert_load"].items()},
+                     "dropped_rows": int(m["dropped_rows"])}
         if eval_loss is not None:
             self.last["eval_loss"] = eval_loss
         if self.main:

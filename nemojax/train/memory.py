@@ -1,9 +1,9 @@
 """A lower bound on what a training run must hold in memory, checked before anything is allocated, so that
 an impossible size (a hidden size of a million, a batch of a billion tokens) is refused by name instead of
 exhausting the machine. Only what certainly exists at once is counted (the parameters, AdamW's two
-moments, the gradients when they are clipped by their global norm, and one micro-batch's float32
-logits), against the accelerators' memory, or for CPU devices the host memory available now;
-`nemojax.plan` gives the full per-device plan."""
+moments, the gradients when they are clipped by their global norm, one micro-batch's hidden states and
+the float32 logits of one loss chunk, `nemojax.train.losses.chunked_xent_sum`), against the accelerators'
+memory, or for CPU devices the host memory available now; `nemojax.plan` gives the full per-device plan."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from nemojax.config import ModelConfig
 from nemojax.errors import ConfigError
+from nemojax.train.losses import LOSS_CHUNK_TOKENS, loss_chunk_positions
 
 
 def capacity_bytes() -> int | None:
@@ -50,9 +51,14 @@ def lower_bound_bytes(config: ModelConfig, cfg: ml_collections.ConfigDict) -> di
 
     params = count_parameters(config).total
     copies = 4 if cfg.optimizer.grad_clip_norm > 0 else 3  # clipping needs every gradient before any update
-    micro_tokens = int(cfg.batch_size) // int(cfg.grad_accum_steps) * int(cfg.seq_len)
+    rows = int(cfg.batch_size) // int(cfg.grad_accum_steps)
+    chunk_tokens = rows * loss_chunk_positions(rows, int(cfg.seq_len), int(cfg.get("loss_chunk_tokens",
+                                                                                     LOSS_CHUNK_TOKENS)))
+    micro_tokens = rows * int(cfg.seq_len)
     return {"parameters, gradients and AdamW moments": copies * params * np.dtype(config.param_dtype).itemsize,
-            "float32 logits of one micro-batch": micro_tokens * config.vocab_size * 4}
+            "hidden states of one micro-batch": micro_tokens * config.hidden_size
+            * np.dtype(config.compute_dtype).itemsize,
+            "float32 logits of one loss chunk": chunk_tokens * config.vocab_size * 4}
 
 
 def check_training_fits(config: ModelConfig, cfg: ml_collections.ConfigDict) -> None:

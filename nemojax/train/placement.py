@@ -19,24 +19,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nemojax.config import ModelConfig
 from nemojax.distributed import global_batch, local_batch_rows
 from nemojax.errors import ConfigError
-from nemojax.sharding import MESH_AXES, make_mesh
+from nemojax.sharding import MESH_AXES, make_mesh, resolve_mesh_shape
 from nemojax.sharding.placement import variable_shardings
 
 
 def build_mesh(mesh_cfg: ml_collections.ConfigDict) -> Mesh | None:
     """The run's mesh, or None for single-device training (every size 1 on a single process).
 
-    One size may be -1: it takes the devices the others leave.
+    One size may be -1: it takes the devices the others leave (the default, fsdp=-1, uses them all).
     """
-    sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
-    rest = [axis for axis, size in sizes.items() if size == -1]
-    if len(rest) > 1:
-        raise ConfigError(f"mesh: at most one axis may be -1, got {sizes}")
-    if rest:
-        known = math.prod(s for s in sizes.values() if s != -1)
-        if jax.device_count() % known:
-            raise ConfigError(f"mesh {sizes}: {jax.device_count()} devices do not divide by {known}")
-        sizes[rest[0]] = jax.device_count() // known
+    sizes = resolve_mesh_shape({axis: int(mesh_cfg[axis]) for axis in MESH_AXES}, jax.device_count())
     if math.prod(sizes.values()) == 1 and jax.process_count() == 1:
         return None
     return make_mesh(**sizes)
@@ -53,7 +45,8 @@ def state_shardings(abstract_state: dict, config: ModelConfig, tx: optax.Gradien
     opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, abstract_state["opt_state"],
                                       variables["params"], transform_non_params=lambda _: replicated)
     out = jax.tree.map(lambda _: replicated, abstract_state)
-    return dict(out, params=variables["params"], buffers=variables["buffers"], opt_state=opt_state)
+    # A model without MoE layers has no "buffers" collection (the state holds an empty dict for it).
+    return dict(out, params=variables["params"], buffers=variables.get("buffers", {}), opt_state=opt_state)
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

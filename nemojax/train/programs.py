@@ -26,7 +26,7 @@ from nemojax.train.step import TrainState, init_state, make_eval_step, make_trai
 
 # The run-config fields the programs depend on (data, logging and checkpoint fields do not matter).
 _PROGRAM_FIELDS = ("seed", "num_steps", "grad_accum_steps", "mtp_loss_weight", "aux_loss_weight",
-                   "bias_update_rate", "optimizer")
+                   "bias_update_rate", "loss_chunk_tokens", "optimizer")
 
 
 class Programs(NamedTuple):
@@ -67,7 +67,7 @@ def _build(config: ModelConfig, settings_json: str, mesh: Mesh | None) -> Progra
         shardings=shardings,
         train_step=jax.jit(_with_stop_votes(make_train_step(model, tx, settings, schedule)), donate_argnums=0,
                            **metrics_sharding),
-        eval_step=jax.jit(make_eval_step(model)),
+        eval_step=jax.jit(make_eval_step(model, int(settings.loss_chunk_tokens))),
         fresh_state=jax.jit(fresh, out_shardings=shardings),
         state_from=jax.jit(lambda variables: init_state(variables, tx, seed), out_shardings=shardings),
     )

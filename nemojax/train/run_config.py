@@ -41,6 +41,7 @@ def default_run_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         mtp_loss_weight=0.3,
         aux_loss_weight=0.0,     # optional sequence-level MoE balance loss
+        loss_chunk_tokens=1024,  # tokens of the batch whose [tokens, vocab] logits exist at once
         bias_update_rate=1e-3,   # auxiliary-loss-free balancing: correction-bias step per update
         max_bad_steps=10,        # non-finite steps in a row before the run stops
         remat="none",            # "none" | "full" | "dots"
@@ -49,7 +50,7 @@ def default_run_config() -> ml_collections.ConfigDict:
         quant=default_quant_config(),
         optimizer=default_optimizer_config(),
         data=default_data_config(),
-        mesh=dict(data=1, fsdp=1, tensor=1, expert=1),
+        mesh=dict(data=1, fsdp=-1, tensor=1, expert=1),  # -1: every device (of every process)
         model=ml_collections.ConfigDict(),
     ))
 
@@ -180,7 +181,8 @@ def load_run_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> m
 
 # Training fields: (lowest value, highest value); integers stop at int32, rates must be finite.
 _INT_FIELDS = {"seed": 0, "num_steps": 0, "batch_size": 1, "seq_len": 1, "grad_accum_steps": 1, "log_every": 1,
-               "eval_every": 1, "eval_batches": 0, "checkpoint_every": 1, "keep_checkpoints": 1, "max_bad_steps": 0}
+               "eval_every": 1, "eval_batches": 0, "checkpoint_every": 1, "keep_checkpoints": 1, "max_bad_steps": 0,
+               "loss_chunk_tokens": 1}
 _FLOAT_FIELDS = {"mtp_loss_weight": (0, math.inf), "aux_loss_weight": (0, math.inf),
                  "bias_update_rate": (0, math.inf)}
 _OPTIMIZER_FIELDS = {"learning_rate": (0, math.inf), "decay_fraction": (0, 1), "min_lr_ratio": (0, 1),

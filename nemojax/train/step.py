@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nemojax.train.losses import Batch, masked_xent_sum, model_losses, token_counts
+from nemojax.train.losses import LOSS_CHUNK_TOKENS, Batch, chunked_xent_sum, model_losses, token_counts
 from nemojax.train.moe_balance import load_ratios, update_correction_bias
 from nemojax.train.optimizer import learning_rate
 
@@ -50,9 +50,11 @@ def _split_micro(batch: Batch, n: int) -> Batch:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_collections.ConfigDict,
                     schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """The step function for `cfg` (grad_accum_steps, mtp_loss_weight, aux_loss_weight, bias_update_rate)."""
+    """The step function for `cfg` (grad_accum_steps, mtp_loss_weight, aux_loss_weight, bias_update_rate,
+    loss_chunk_tokens)."""
     accum = int(cfg.grad_accum_steps)
     mtp_weight, aux_weight, rate = float(cfg.mtp_loss_weight), float(cfg.aux_loss_weight), float(cfg.bias_update_rate)
+    chunk = int(cfg.get("loss_chunk_tokens", LOSS_CHUNK_TOKENS))
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params, buffers = state["params"], state["buffers"]
@@ -63,7 +65,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
         def micro_grads(micro: Batch, index: jax.Array):
-            return grad_fn(model, params, buffers, micro, denominators, mtp_weight, aux_weight / accum,
+            return grad_fn(model, params, buffers, micro, denominators, mtp_weight, aux_weight / accum, chunk,
                            jax.random.fold_in(step_key, index))
 
         def accumulate(total, micro_and_index):
@@ -92,16 +94,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_
             "loss": loss, "lm_loss": parts["lm_loss"], "mtp_loss": parts["mtp_loss"], "aux_loss": parts["aux_loss"],
             "grad_norm": grad_norm, "lr": learning_rate(state["opt_state"], schedule), "skipped": ~finite,
             "bad_steps": new_state["bad_steps"], "expert_load": load_ratios(parts["expert_load"]),
+            "dropped_rows": parts["dropped_rows"],
         }
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
-    """(masked LM cross-entropy sum, masked token count) of one held-out batch."""
+def make_eval_step(model: nn.Module, chunk_tokens: int = LOSS_CHUNK_TOKENS
+                   ) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
+    """(masked LM cross-entropy sum, masked token count) of one held-out batch (lm_head in chunks)."""
     def eval_step(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
         variables = {"params": state["params"], "buffers": state["buffers"]}
-        logits = model.apply(variables, batch["inputs"], batch.get("segments"))
-        return masked_xent_sum(logits, batch["targets"], batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+        hidden, _ = model.apply(variables, batch["inputs"], batch.get("segments"), method="hidden_states")
+        xent = chunked_xent_sum(lambda h, _: model.apply(variables, h, method="logits"), hidden, batch["targets"],
+                                batch["loss_mask"], chunk_tokens)
+        return xent, jnp.sum(batch["loss_mask"])
     return eval_step
