@@ -41,7 +41,7 @@ def run_server(args: argparse.Namespace, defaults) -> int:
     check_server_inputs(args)
     encoder, tokenizer = load_encoder(args.checkpoint)
     mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
-    model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh)
+    model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh, args.kv_cache_dtype)
     context = model.config.max_position_embeddings
     if args.max_model_len is not None:
         if args.max_model_len > context:
