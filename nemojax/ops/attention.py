@@ -5,8 +5,15 @@ Long inputs go over the keys in blocks with a running (online) softmax and a mat
 recomputes each block's probabilities from the saved row log-sum-exp (the FlashAttention scheme):
 neither pass keeps a [t, s] score matrix, and a causal mask is built per key block from the keys'
 validity and positions (the model's case), so training memory grows with t, not t·s, and on CPU it is
-about 2x faster than one block for prefill and training lengths (t >= 256). Decoding steps (few
-queries) take the one-block path, which is faster there.
+about 2x faster than one block for prefill and training lengths (t >= 256).
+
+The forward visits only the key blocks up to the last position a query can see (the causal bound
+max(query_offset) + t): a prefill chunk skips the cache after it, and a decoding step against a long
+cache costs O(current length), not O(capacity). Blocks are sliced from the keys in place (no copy of
+the whole cache per step). Few queries (decoding, speculative verification, short prefill chunks) use
+blocks of FEW_QUERY_KEY_BLOCK keys once the keys outgrow one such block, so no score matrix is larger
+than t x max(KEY_BLOCK, FEW_QUERY_KEY_BLOCK): the memory of a prefill chunk is set by the chunk, not by
+the prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import numpy as np
 
 KEY_BLOCK = 256
 MIN_QUERIES_FOR_BLOCKS = 256
+FEW_QUERY_KEY_BLOCK = 1024
 _F32 = jnp.float32
 
 
@@ -33,13 +41,13 @@ def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_
     absolute position of query 0): query i sees the valid keys at positions <= offset + i, and the mask
     is built one key block at a time, so no [b, t, s] array is kept (nor saved for the backward).
     A query row whose mask is all False returns zeros. Returns [b, t, heads, d] in q's dtype.
-    `key_block`: keys per block (None: KEY_BLOCK when t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK,
-    else all keys at once, differentiated by plain autodiff).
+    `key_block`: keys per block (None: `default_key_block(t, s)`; one block of all keys is differentiated
+    by plain autodiff).
     """
     b, t, h, d = q_bthd.shape
     s, kv = k_bskd.shape[1], k_bskd.shape[2]
     if key_block is None:
-        key_block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK else s
+        key_block = default_key_block(t, s)
     mask = _Mask(mask_bts, causal_valid_bs, jnp.asarray(query_offset, jnp.int32))
     q = q_bthd.reshape(b, t, kv, h // kv, d)
     if key_block >= s:
@@ -47,6 +55,13 @@ def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_
     else:
         out = _blocked_attention(q, k_bskd, v_bskd, mask, key_block)
     return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d).astype(q_bthd.dtype)
+
+
+def default_key_block(t: int, s: int) -> int:
+    """Keys per block for t queries and s keys: KEY_BLOCK from MIN_QUERIES_FOR_BLOCKS queries on, else
+    FEW_QUERY_KEY_BLOCK; all s keys at once when they fit in one block."""
+    block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS else FEW_QUERY_KEY_BLOCK
+    return s if s <= block else block
 
 
 class _Mask(NamedTuple):
@@ -78,8 +93,31 @@ class _Mask(NamedTuple):
         if self.explicit_bts is not None:
             return block[0]
         valid_bk, key_pos_k = block
-        q_pos = jnp.arange(t)[:, None] + self.query_offset
-        return (key_pos_k[None, :] <= q_pos)[None] & valid_bk[:, None, :]
+        return self._causal(t, key_pos_k) & valid_bk[:, None, :]
+
+    def _causal(self, t: int, key_pos_k: jax.Array) -> jax.Array:
+        """[b or 1, t, k]: key position <= query position (`query_offset` a scalar or one per row)."""
+        q_pos = jnp.arange(t)[None, :, None] + jnp.reshape(self.query_offset, (-1, 1, 1))
+        return key_pos_k[None, None, :] <= q_pos
+
+    def live_blocks(self, t: int, s: int, key_block: int) -> jax.Array:
+        """How many leading key blocks hold a key some query may see (the rest are skipped)."""
+        if self.explicit_bts is not None:
+            seen_s = jnp.any(self.explicit_bts, axis=(0, 1))
+            last = jnp.max(jnp.where(seen_s, jnp.arange(1, s + 1), 0))
+        else:
+            last = jnp.clip(jnp.max(self.query_offset) + t, 0, s)
+        return (last + key_block - 1) // key_block
+
+    def window(self, t: int, start: jax.Array, first: jax.Array, key_block: int) -> jax.Array:
+        """The [b, t, key_block] mask of keys start .. start+key_block-1, only those at positions >= `first`
+        (a last block slid back to end at s must not count earlier keys twice)."""
+        key_pos_k = start + jnp.arange(key_block)
+        new_k = key_pos_k >= first
+        if self.explicit_bts is not None:
+            return jax.lax.dynamic_slice_in_dim(self.explicit_bts, start, key_block, axis=2) & new_k
+        valid_bk = jax.lax.dynamic_slice_in_dim(self.valid_bs, start, key_block, axis=1)
+        return self._causal(t, key_pos_k) & (valid_bk & new_k)[:, None, :]
 
 
 def _empty_rows(q_btkrd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -137,14 +175,17 @@ def _blocked_attention(q_btkrd, k_bskd, v_bskd, mask: _Mask, key_block: int) -> 
 
 
 def _blocked_forward(q_btkrd, k_bskd, v_bskd, mask: _Mask, key_block: int):
-    t = q_btkrd.shape[1]
+    """The running softmax over the live key blocks (`_Mask.live_blocks`), each sliced in place; the last
+    block of a length that blocks do not divide slides back to end at s, its repeated keys masked."""
+    t, s = q_btkrd.shape[1], k_bskd.shape[1]
 
-    def step(carry, block):
-        k, v, mask_block = block
-        return _add_block(carry, q_btkrd, k, v, mask.block_mask(t, mask_block)), None
+    def step(i, carry):
+        first = i * key_block
+        start = jnp.minimum(first, s - key_block)
+        k, v = (jax.lax.dynamic_slice_in_dim(a, start, key_block, axis=1) for a in (k_bskd, v_bskd))
+        return _add_block(carry, q_btkrd, k, v, mask.window(t, start, first, key_block))
 
-    blocks = (*_key_blocks(k_bskd, v_bskd, key_block), mask.blocks(t, key_block))
-    carry, _ = jax.lax.scan(step, _empty_rows(q_btkrd), blocks)
+    carry = jax.lax.fori_loop(0, mask.live_blocks(t, s, key_block), step, _empty_rows(q_btkrd))
     out, lse = _finish(*carry)
     return out, (q_btkrd, k_bskd, v_bskd, mask, out, lse)
 
