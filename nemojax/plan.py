@@ -3,7 +3,7 @@
     python -m nemojax.plan CONFIG [--mesh data=..,fsdp=..,tensor=..,expert=..] [--devices N]
         [--weights bf16|fp8|nvfp4-experts|nvfp4|release] [--batch B --seq-len T] [--prefill-chunk C] [--train]
         [--remat none|full|dots] [--grouped-matmul kernel|ragged-dot|cpu-tiled] [--device h100-80gb|h200|...]
-        [--kv-cache-dtype fp8|bf16|fp32] [--request-tokens N] [--json] [--no-compile]
+        [--kv-cache-dtype fp8|bf16|fp32] [--context-parallel] [--request-tokens N] [--json] [--no-compile]
 
 CONFIG is a configs/ name (tiny, nano, super, ultra), a configs/*.py file, a config.json or a
 checkpoint directory (Hugging Face, a nemojax model directory, a training workdir or step directory).
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="h200", choices=sorted(DEVICE_MEMORY), help="accelerator memory to check")
     p.add_argument("--kv-cache-dtype", default=None, choices=sorted(KV_CACHE_DTYPES),
                    help="serving: K/V storage of the attention caches (default: the compute dtype)")
+    p.add_argument("--context-parallel", action="store_true",
+                   help="serving: KV caches sharded along the sequence over the mesh axes the batch leaves unused")
     p.add_argument("--request-tokens", type=int_in(1), default=2**20,
                    help="serving: report the whole cache of one request this long (default 1,048,576)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     request = PlanRequest(mesh_shape=mesh_shape, weights=args.weights, batch=args.batch, seq_len=args.seq_len,
                           prefill_chunk=args.prefill_chunk, train=args.train, device=args.device,
                           compile_activations=not args.no_compile, grouped_matmul=args.grouped_matmul,
-                          kv_cache_dtype=args.kv_cache_dtype, request_tokens=args.request_tokens)
+                          kv_cache_dtype=args.kv_cache_dtype, request_tokens=args.request_tokens,
+                          context_parallel=args.context_parallel)
     request.validate()  # everything is checked before a device is simulated
     use_fake_cpu_devices(1 if args.no_compile else mesh_devices(mesh_shape))
     plan = make_plan(config, request, name=args.config)

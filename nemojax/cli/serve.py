@@ -6,7 +6,7 @@
         [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S] [--stop STR ...] [--ignore-eos]
         [--batch-size B] [--speculative mtp --num-draft-tokens K] [--reasoning on|off|medium|low]
         [--thinking-budget N] [--stats STATS.json] [--mesh data=..,fsdp=..,tensor=..,expert=..]
-        [--kv-cache-dtype fp8|bf16|fp32]
+        [--kv-cache-dtype fp8|bf16|fp32] [--context-parallel]
 
 Without --prompts, the server answers GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (streamed as server-sent events with "stream": true), GET /health and GET /metrics until interrupted;
@@ -88,6 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_CHOICES,
                    help="K/V storage of the attention caches (default: the compute dtype)")
+    p.add_argument("--context-parallel", action="store_true",
+                   help="shard the KV caches along the sequence over the mesh axes the batch leaves unused")
     p.add_argument("--stats", default=None, help="write throughput statistics (JSON) here")
     p.add_argument("--mesh", default="fsdp=-1",
                    help="device mesh, e.g. tensor=4,expert=2; -1 takes the remaining devices (default: fsdp=-1)")
@@ -241,7 +243,8 @@ def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | No
     model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh, args.kv_cache_dtype)
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
                     think_end_id=encoder.think_end_id, prefill_chunk=args.prefill_chunk,
-                    num_draft_tokens=args.num_draft_tokens if args.speculative else 0, mesh=mesh)
+                    num_draft_tokens=args.num_draft_tokens if args.speculative else 0, mesh=mesh,
+                    context_parallel=args.context_parallel)
     with tqdm(total=total, initial=answered, disable=args.no_progress or not main_process, unit="line") as bar:
         serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
                      args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar,

@@ -64,12 +64,13 @@ class Engine:
     `generate` uses at least `min_batch` slots (a power of two: one compiled shape serves every smaller
     batch). `top_logprobs`: the most alternatives per token a request may ask for (0: log-probabilities
     of the chosen tokens only). With `mesh`, generation runs sharded over it (variables are placed on
-    it if they are not already).
+    it if they are not already); `context_parallel` shards the KV caches along the sequence over the
+    batch mesh axes the rows leave unused (long requests on many devices).
     """
 
     def __init__(self, model: NemotronH, variables: dict, *, eos_ids: Sequence[int], think_end_id: int | None = None,
                  prefill_chunk: int = 256, num_draft_tokens: int = 0, min_batch: int = 1, top_logprobs: int = 0,
-                 mesh: Mesh | None = None) -> None:
+                 mesh: Mesh | None = None, context_parallel: bool = False) -> None:
         config = model.config
         if config.remat != "none":
             config = config.replace(remat="none")
@@ -86,7 +87,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.min_batch = min_batch
         self.k = num_draft_tokens
-        self.programs = Programs(model, self.eos_ids, self.think_end_id, num_draft_tokens, top_logprobs, mesh)
+        self.programs = Programs(model, self.eos_ids, self.think_end_id, num_draft_tokens, top_logprobs, mesh,
+                                 context_parallel)
         self.stats = EngineStats()
         self._executables: dict[Any, Any] = {}
 

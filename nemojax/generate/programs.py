@@ -41,6 +41,7 @@ class Programs:
     num_draft_tokens: int
     top_logprobs: int  # how many alternatives a row may ask for (0: none)
     mesh: Mesh | None = None
+    context_parallel: bool = False  # KV caches sharded along the sequence (sharding.CONTEXT_PARALLEL_RULES)
 
     @property
     def k(self) -> int:
@@ -85,7 +86,8 @@ class Programs:
             return state
         replicated = NamedSharding(self.mesh, PartitionSpec())
         shardings = {name: jax.tree.map(lambda _: replicated, value) for name, value in state.items()}
-        shardings["cache"] = sharding.cache_shardings(state["cache"], self.mesh, sharding.head_units(self.model.config))
+        shardings["cache"] = sharding.cache_shardings(state["cache"], self.mesh, sharding.head_units(self.model.config),
+                                                      self.context_parallel)
         return jax.lax.with_sharding_constraint(state, shardings)
 
     # ---------------------------------------------------------------- prefill

@@ -24,11 +24,12 @@ def abstract_cache(config: ModelConfig, batch: int, max_len: int):
     return jax.eval_shape(lambda: init_cache(config, batch, max_len))
 
 
-def cache_bytes_per_device(config: ModelConfig, batch: int, max_len: int,
-                           mesh_shape: Mapping[str, int]) -> dict[str, int]:
-    """{"kv_cache", "ssm_state"}: bytes one device holds for `batch` sequences of `max_len` tokens."""
+def cache_bytes_per_device(config: ModelConfig, batch: int, max_len: int, mesh_shape: Mapping[str, int],
+                           context_parallel: bool = False) -> dict[str, int]:
+    """{"kv_cache", "ssm_state"}: bytes one device holds for `batch` sequences of `max_len` tokens
+    (`context_parallel`: KV entries sharded along the sequence, see `sharding.cache_shardings`)."""
     cache = abstract_cache(config, batch, max_len)
-    shardings = cache_shardings(cache, abstract_mesh(mesh_shape), head_units(config))
+    shardings = cache_shardings(cache, abstract_mesh(mesh_shape), head_units(config), context_parallel)
     out = {"kv_cache": 0, "ssm_state": 0}
     for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(cache), jax.tree.leaves(shardings),
                                       strict=True):

@@ -54,6 +54,7 @@ class PlanRequest:
     grouped_matmul: str = "kernel"     # how the routed experts are compiled (`nemojax.planning.matmuls`)
     kv_cache_dtype: str | None = None  # serving: "fp8" | "bf16" | "fp32" K/V storage (None: the compute dtype)
     request_tokens: int = 2**20        # the one long request whose cache the plan reports (1M tokens)
+    context_parallel: bool = False     # serving: KV caches sharded along the sequence
 
     def validate(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
@@ -97,7 +98,8 @@ def make_plan(config: ModelConfig, request: PlanRequest, devices: Sequence[jax.D
         memory.update(training_bytes_per_device(config, mesh_shape))
         config = training_config(config)
     else:
-        memory.update(cache_bytes_per_device(config, request.batch, request.seq_len, mesh_shape))
+        memory.update(cache_bytes_per_device(config, request.batch, request.seq_len, mesh_shape,
+                                             request.context_parallel))
     parts = []
     if request.compile_activations:
         mesh = build_mesh(mesh_shape, devices)
@@ -129,6 +131,7 @@ def make_plan(config: ModelConfig, request: PlanRequest, devices: Sequence[jax.D
         "weight_bytes_by_group": None if request.train else weights,
         "activation_parts": [dataclasses.asdict(p) for p in parts],
         "kv_cache_dtype": None if request.train else request.kv_cache_dtype,
+        "context_parallel": request.context_parallel and not request.train,
         "one_request": None if request.train else request_cache_bytes(config, request.request_tokens),
         "activation_method": COMBINE_NOTE[request.train] if parts else "not compiled (--no-compile)",
         "device": request.device,

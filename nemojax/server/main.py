@@ -50,7 +50,7 @@ def run_server(args: argparse.Namespace, defaults) -> int:
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
                     think_end_id=encoder.think_end_id, prefill_chunk=args.prefill_chunk,
                     num_draft_tokens=args.num_draft_tokens if args.speculative else 0, top_logprobs=TOP_LOGPROBS,
-                    mesh=mesh)
+                    mesh=mesh, context_parallel=args.context_parallel)
 
     def stop_finder(request):
         finder = StopStrings(request.stop, tokenizer)
