@@ -68,9 +68,9 @@ def _prefill(model, variables, forward, prompt_t, chunk: int, capacity: int):
     return np.concatenate(logits), cache
 
 
-@pytest.mark.parametrize("chunk", [3, 5, 8])
+@pytest.mark.parametrize("chunk", [3, 5])
 def test_chunked_prefill_equals_one_shot(tiny, prefill, chunk):
-    """Chunks of 3 and 5 tokens split the Mamba chunk (4), 8 spans two; attention runs over key blocks
+    """Chunks of 3 and 5 tokens split the Mamba chunk (4) (5 also spans two); attention runs over key blocks
     of 8 (so chunks skip the cache after them): logits and the final caches equal one forward."""
     model, _ = tiny
     want_logits, want = prefill(PROMPT)
