@@ -95,7 +95,7 @@ class Attention(nn.Module):
                                                     kv_cache.to_cache(v, v_scale, stored), valid, index, slot)
             k, v, offset = kv_cache.from_cache(k, k_scale, dtype), kv_cache.from_cache(v, v_scale, dtype), index
             if doc_bt is not None:
-                key_doc = documents.key_documents(doc_bt, k.shape[1], index)
+                key_doc = documents.key_documents(doc_bt, valid.shape[1], index)
         out = gqa_attention(q, k, v, causal_valid_bs=valid, query_offset=offset, query_doc_bt=doc_bt,
                             key_doc_bs=key_doc)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
