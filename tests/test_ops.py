@@ -150,3 +150,15 @@ def test_causal_attention_mask_is_built_per_block():
 
     assert largest_mask_residual(causal) == valid.size
     assert largest_mask_residual(explicit) >= 2 * 6 * 13
+
+
+def test_blocked_causal_attention_with_a_query_offset_per_row():
+    """Rows at different positions (continuous batching: each row's own cache index) in the blocked path
+    equal the explicit per-row causal mask."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (3, 5, 4, 8))
+    k, v = (jax.random.normal(key, (3, 13, 2, 8)) for key in keys[1:])
+    valid, offsets = jnp.ones((3, 13), bool), jnp.asarray([7, 2, 0], jnp.int32)
+    blocked = gqa_attention(q, k, v, key_block=4, causal_valid_bs=valid, query_offset=offsets)
+    np.testing.assert_allclose(blocked, gqa_attention(q, k, v, causal_mask(valid, offsets, 5), key_block=13),
+                               rtol=1e-6, atol=1e-6)

@@ -78,8 +78,9 @@ class _Mask(NamedTuple):
         if self.explicit_bts is not None:
             return block[0]
         valid_bk, key_pos_k = block
-        q_pos = jnp.arange(t)[:, None] + self.query_offset
-        return (key_pos_k[None, :] <= q_pos)[None] & valid_bk[:, None, :]
+        offset_b = jnp.broadcast_to(self.query_offset, (valid_bk.shape[0],))  # a scalar or one per row
+        q_pos_bt = jnp.arange(t)[None, :] + offset_b[:, None]
+        return (key_pos_k[None, None, :] <= q_pos_bt[:, :, None]) & valid_bk[:, None, :]
 
 
 def _empty_rows(q_btkrd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
