@@ -64,3 +64,38 @@ def test_entries_larger_than_the_budget_are_not_kept():
     assert cache.entries == {} and cache.nbytes == 0 and cache.lookup(keys) == []
     with pytest.raises(ValueError, match="block size"):
         PrefixCache(100, 0)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_row_span_and_states_round_trip_in_either_cache_layout(scan_layers):
+    """Copying one row's positions and states out and into another row moves exactly those entries, per
+    layer or stacked per kind (axes found by name, so a kv-major layout works the same)."""
+    import jax
+    import jax.numpy as jnp
+
+    from nemojax.config import from_hf_config
+    from nemojax.generate import caches
+    from nemojax.model import init_cache
+
+    config = from_hf_config(dict(vocab_size=40, hidden_size=16, hybrid_override_pattern="M*M*", num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=4, mamba_num_heads=2, mamba_head_dim=4,
+                                 ssm_state_size=4, n_groups=1, compute_dtype="float32", scan_layers=scan_layers))
+    cache = init_cache(config, 3, 12)
+    leaves, treedef = jax.tree.flatten(cache)
+    cache = jax.tree.unflatten(treedef, [jnp.arange(a.size).reshape(a.shape).astype(a.dtype) for a in leaves])
+
+    @jax.jit
+    def check(cache):
+        span, states = caches.row_span(cache, 0, 4, 4), caches.row_states(cache, 0)
+        moved = caches.put_row_states(caches.put_row_span(cache, 2, 8, span), 2, states)
+        rows = jnp.asarray([0, 1])
+        return (span, states, caches.row_span(moved, 2, 8, 4), caches.row_states(moved, 2),
+                caches.take_rows(moved, rows), caches.take_rows(cache, rows),  # other rows untouched
+                caches.row_span(moved, 2, 0, 8), caches.row_span(cache, 2, 0, 8))  # and row 2 before position 8
+
+    span, states, *pairs = check(cache)
+    for got, want in [(pairs[0], span), (pairs[1], states), (pairs[2], pairs[3]), (pairs[4], pairs[5])]:
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(g, w)
+    attention, mamba = (2, 2) if not scan_layers else (1, 1)  # per layer, or stacked per kind
+    assert len(span) == 3 * attention and len(states) == 1 + 2 * mamba  # k, v, valid; index, conv, ssm
