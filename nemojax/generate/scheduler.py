@@ -3,9 +3,11 @@ as soon as they finish.
 
 One `step()`:
 1. cancelled requests leave (waiting ones at once; running ones are released on the device);
-2. waiting requests take the free slots, first come first served;
+2. waiting requests take the free slots, first come first served; with a prefix cache
+   (`nemojax.generate.prefix_cache`) the deepest cached prefix of the prompt is restored into the slot;
 3. one prompt chunk for up to `prefill_rows` slots still being prefilled (rows whose prompt ends in
-   the chunk sample their first token and start decoding);
+   the chunk sample their first token and start decoding); with a prefix cache a chunk stops at a
+   block boundary it reaches, and the blocks and states there are snapshotted into the cache;
 4. one decode segment of up to `segment_steps` steps for every decoding row; when requests are
    waiting or being prefilled, it stops after the step in which any row finished, so a short request
    never waits for a long one;
@@ -92,7 +94,7 @@ class Scheduler:
     `max_len`: the longest prompt + completion any request may have (positions per slot); requests
     must respect it (`submit` raises ValueError otherwise). `min_length`: the first cache length; from
     `max_len` + 2K + 1 (K draft tokens) on, the cache never grows, so no program is compiled for a new
-    length while serving.
+    length while serving. `prefix`: the prefix cache in use (the engine's; None turns it off).
     """
 
     def __init__(self, engine: Engine, slots: int, max_len: int, segment_steps: int = 16,
