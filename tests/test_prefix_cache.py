@@ -1,6 +1,8 @@
 """The prefix cache's bookkeeping (host arrays stand in for device ones): chained block keys, the
 deepest usable hit, and least-recently-used eviction within the byte budget (the deepest blocks of a
-chain go first). Hits served by the scheduler are tests/test_scheduler.py's; the flags tests/test_serve.py's."""
+chain go first, a chain longer than the budget keeps its shallowest blocks); one row's cache entries
+copied out and back in either cache layout. Hits served by the scheduler are tests/test_scheduler.py's,
+the flags tests/test_serve.py's."""
 
 import numpy as np
 import pytest
@@ -15,10 +17,10 @@ STATES = (np.zeros(5, np.float32),)  # 20 bytes
 def fill(cache, prompt, states_at=None):
     """Store every key of `prompt`, with states at the block indices in `states_at` (default: all)."""
     keys = cache.keys(prompt)
-    for j, key in enumerate(keys):
-        cache.add_span(key, SPAN)
+    for j in range(len(keys)):
+        cache.add_span(keys, j, SPAN)
         if states_at is None or j in states_at:
-            cache.add_states(key, STATES)
+            cache.add_states(keys[:j + 1], STATES)
     cache.touch(keys)
     return keys
 
@@ -56,6 +58,13 @@ def test_eviction_keeps_the_budget_and_drops_deepest_least_recent_blocks():
     fill(cache, list(range(70, 79)))  # 2 entries: the other chain's deepest blocks go
     assert new[2] not in cache.entries and new[1] not in cache.entries and new[0] in cache.entries
     assert cache.nbytes <= cache.budget_bytes and len(cache.lookup(old)) == 2
+
+
+def test_a_chain_longer_than_the_budget_keeps_its_shallowest_blocks():
+    cache = PrefixCache(3 * 60, BLOCK)
+    keys = fill(cache, list(range(3, 24)))  # 5 blocks, room for 3
+    assert list(cache.entries) == keys[2::-1] and cache.nbytes == 3 * 60  # no orphaned deeper block
+    assert len(cache.lookup(keys)) == 3
 
 
 def test_entries_larger_than_the_budget_are_not_kept():

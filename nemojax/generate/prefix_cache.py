@@ -12,7 +12,9 @@ the block: the MTP block's entry at the block's last position was computed from 
 A hit at depth N (a multiple of the block size, below the prompt's length so that at least one token
 is prefilled and the first logits are computed) needs every block up to N and the states at N. The
 entries are device arrays; least recently used entries go when the byte budget is exceeded (a hit or
-an insertion makes a chain's shallow blocks the most recent, so the deepest blocks go first).
+an insertion makes a chain's shallow blocks the most recent, so the deepest blocks go first; a block
+is never stored without its parents, nor are its parents evicted to make room for it, so a prompt
+longer than the budget keeps its shallowest blocks).
 """
 
 from __future__ import annotations
@@ -92,17 +94,19 @@ class PrefixCache:
         entry = self.entries.get(key)
         return entry is not None and entry.states is not None
 
-    def add_span(self, key: Key, span: tuple[Any, ...]) -> None:
-        if key not in self.entries:
-            self._store(key, Entry(span))
+    def add_span(self, keys: Sequence[Key], j: int, span: tuple[Any, ...]) -> None:
+        """Store block `j` of the chain `keys` (kept only while blocks 0..j-1 are: a block without its
+        parents could never be used)."""
+        if keys[j] not in self.entries and (j == 0 or keys[j - 1] in self.entries):
+            self._store(keys[j], Entry(span), protected=keys[:j])
 
-    def add_states(self, key: Key, states: tuple[Any, ...]) -> None:
-        """Record the states after block `key` (whose span must be stored already)."""
-        entry = self.entries.get(key)
+    def add_states(self, keys: Sequence[Key], states: tuple[Any, ...]) -> None:
+        """Record the states after the chain's last block (whose span must be stored already)."""
+        entry = self.entries.get(keys[-1])
         if entry is not None and entry.states is None:
             self.nbytes -= entry.nbytes
-            del self.entries[key]
-            self._store(key, Entry(entry.span, states))
+            del self.entries[keys[-1]]
+            self._store(keys[-1], Entry(entry.span, states), protected=keys[:-1])
 
     def touch(self, keys: Sequence[Key]) -> None:
         """Mark a chain as just used: its shallowest block becomes the most recent."""
@@ -110,13 +114,21 @@ class PrefixCache:
             if key in self.entries:
                 self.entries.move_to_end(key)
 
-    def _store(self, key: Key, entry: Entry) -> None:
-        size = entry.nbytes
-        if size > self.budget_bytes:
+    def _store(self, key: Key, entry: Entry, protected: Sequence[Key]) -> None:
+        """Insert, evicting least recently used entries other than the new entry's parents (`protected`);
+        nothing is stored (or evicted) when that cannot make room."""
+        size, keep = entry.nbytes, set(protected)
+        victims, freed = [], 0
+        for old_key, old in self.entries.items():
+            if self.nbytes - freed + size <= self.budget_bytes:
+                break
+            if old_key not in keep:
+                victims.append(old_key)
+                freed += old.nbytes
+        if self.nbytes - freed + size > self.budget_bytes:
             return
-        while self.nbytes + size > self.budget_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.nbytes -= old.nbytes
+        for old_key in victims:
+            self.nbytes -= self.entries.pop(old_key).nbytes
             self.stats.evictions += 1
         self.entries[key] = entry
         self.nbytes += size

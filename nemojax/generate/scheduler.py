@@ -228,10 +228,10 @@ class Scheduler:
         begin, compile_before = time.perf_counter(), engine.stats.compile_seconds
         row = np.int32(ticket.slot)
         for j in prefix.missing(keys):
-            prefix.add_span(keys[j], engine.run("take_span", self.programs.take_span, self.state,
+            prefix.add_span(keys, j, engine.run("take_span", self.programs.take_span, self.state,
                                                 *engine.replicate((row, np.int32(j * b))), b))
-        prefix.add_states(keys[-1], engine.run("take_states", self.programs.take_states, self.state,
-                                               engine.replicate(row)))
+        prefix.add_states(keys, engine.run("take_states", self.programs.take_states, self.state,
+                                           engine.replicate(row)))
         prefix.touch(keys)
         engine.stats.prefill_seconds += time.perf_counter() - begin - (engine.stats.compile_seconds - compile_before)
 
