@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from nemojax.config import from_hf_config
-from nemojax.generate import Engine, Request
+from nemojax.generate import Engine, Request, caches
 from nemojax.generate.prefix_cache import PrefixCache
 from nemojax.generate.scheduler import MIN_LENGTH, Scheduler, Ticket
 from nemojax.model import NemotronH, init_variables
+from nemojax.sharding import cache_axes
 
 pytestmark = pytest.mark.xdist_group("scheduler")  # module fixtures share compiled programs
 SMALL = dict(vocab_size=40, hidden_size=32, hybrid_override_pattern="M*E", num_attention_heads=4,
@@ -219,16 +220,39 @@ def test_sessions_sharing_a_system_prompt_under_continuous_batching(engines, alo
 def test_prefix_cache_with_speculation(engines, alone):
     """MTP speculation: the MTP block's entry at a block's last position depends on the token after the
     block, so a prompt that leaves the cached one right after a boundary gets the shallower hit; the
-    outputs equal the speculative engine's without a cache and plain greedy decoding, and so do the
-    accepted drafts (the restored MTP caches draft as the recomputed ones do)."""
+    outputs and accepted drafts equal the speculative engine's without a cache and plain greedy decoding,
+    and the caches restored and prefilled equal those of a prefill from scratch."""
     _, speculative = engines
     rng = np.random.default_rng(7)
     first = list(rng.integers(3, 40, 20))
     other = first[:12] + [3 + (first[12] - 2) % 37] + list(rng.integers(3, 40, 7))  # leaves at position 12
     reqs = [request(i, p, 10) for i, p in enumerate([first, first + list(rng.integers(3, 40, 10)), other])]
-    hits = serve_in_turn(with_prefix(speculative), reqs)
+    cached = with_prefix(speculative)
+    hits = serve_in_turn(cached, reqs)
     reference = serve_in_turn(Scheduler(speculative, SLOTS, MAX_LEN, segment_steps=4), reqs)
     assert [h[2] for h in hits] == [0, 18, 6] and [h[3] for h in hits] == [20, 30 - 18, 20 - 6]
     for hit, ref, r in zip(hits, reference, reqs, strict=True):
         assert hit[0] == ref[0] == alone(r)[0] and hit[4] == ref[4]
-    assert sum(h[4] for h in hits) > 0
+    # The caches right after prefilling the next turn (a hit at 18 again): main stack and MTP block alike
+    # equal a prefill from scratch (the drafts of a random MTP block are rarely accepted, so the outputs
+    # alone would not show a wrong MTP cache).
+    restored = prefilled_row(cached, dataclasses.replace(reqs[1], index=9))
+    fresh = prefilled_row(Scheduler(speculative, SLOTS, MAX_LEN, segment_steps=4), reqs[1])
+    assert int(restored["index"][0]) == 30 and int(restored["mtp"]["index"][0]) == 29  # no token after the last
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(fresh), strict=True):
+        axes = cache_axes(path[-1].key, got.ndim)
+        if "length" in axes:  # entries past the row's position are scratch
+            written = np.arange(29 if path[0].key == "mtp" else 30)
+            got, want = (np.take(a, written, axis=axes.index("length")) for a in (got, want))
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def prefilled_row(scheduler, request):
+    """The caches of the request's row once its prompt is in them (before any decoding step)."""
+    ticket = scheduler.submit(Ticket(request))
+    scheduler._admit()
+    while not ticket.decoding:
+        scheduler._prefill([ticket])
+    row = caches.take_rows(scheduler.state["cache"], np.asarray([ticket.slot], np.int32))
+    scheduler.rows[ticket.slot], ticket.slot = None, None  # leave the slot (the row is done on the device)
+    return jax.device_get(row)
