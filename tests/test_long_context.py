@@ -11,7 +11,7 @@ import pytest
 from nemojax.config import from_hf_config
 from nemojax.model import NemotronH, init_cache, init_variables
 from nemojax.ops import attention as attention_ops
-from nemojax.ops.attention import causal_mask, gqa_attention
+from nemojax.ops.attention import causal_mask, default_key_block, gqa_attention
 from nemojax.sharding import cache_axes
 
 pytestmark = pytest.mark.xdist_group("long_context")
@@ -38,6 +38,13 @@ def test_blocked_attention_skips_blocks_after_the_last_visible_key():
     poisoned = (k.at[:, live_end:].set(jnp.nan), v.at[:, live_end:].set(jnp.nan))
     got = gqa_attention(q, *poisoned, key_block=block, causal_valid_bs=valid, query_offset=offset)
     np.testing.assert_allclose(got, gqa_attention(q, k, v, causal_mask(valid, offset, t)), rtol=1e-5, atol=1e-6)
+
+
+def test_few_query_key_blocks_divide_the_cache():
+    """Decoding takes blocks of 1024 keys, or 512 / 256 when they divide the cache (no padded copy);
+    prefill from 256 queries blocks of 256; keys that fit one block go at once."""
+    assert [default_key_block(1, s) for s in (2048, 1536, 1280, 1024)] == [1024, 512, 256, 1024]
+    assert default_key_block(300, 4096) == 256 and default_key_block(8, 24) == 24
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,13 @@ def gqa_attention_kv_major(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Arr
 
 def default_key_block(t: int, s: int) -> int:
     """Keys per block for t queries and s keys: KEY_BLOCK from MIN_QUERIES_FOR_BLOCKS queries on, else
-    FEW_QUERY_KEY_BLOCK; all s keys at once when they fit in one block."""
-    block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS else FEW_QUERY_KEY_BLOCK
+    FEW_QUERY_KEY_BLOCK, or a smaller power-of-two fraction of it down to KEY_BLOCK that divides s (a
+    block that does not divide s pads, i.e. copies, the keys); all s keys at once when they fit in one."""
+    block = KEY_BLOCK
+    if t < MIN_QUERIES_FOR_BLOCKS:
+        block = FEW_QUERY_KEY_BLOCK
+        while block > KEY_BLOCK and s % block:
+            block //= 2
     return s if s <= block else block
 
 
