@@ -102,7 +102,7 @@ def test_build_tokenizer_trains_once_then_reuses(tmp_path, text_setup):
 def test_packing_shapes_targets_and_full_coverage(text_setup):
     cfg, tokenizer = text_setup
     train, _ = data._split(cfg)
-    stream, _ = data.tokenize_documents(train, tokenizer)
+    stream, _, _ = data.tokenize_documents(train, tokenizer)
     assert (stream == EOS_ID).sum() == len(train)
     iterator = data.TokenBatches(cfg, tokenizer, batch_size=1, seq_len=16, seed=0)
     num_rows = iterator.num_rows
@@ -207,7 +207,7 @@ def test_heldout_is_fixed_disjoint_and_padded(text_setup):
     assert len(full) == len(seeded) == -(-heldout_pass.num_rows // 4) > 1
     for a, b in zip(full, seeded, strict=True):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
-    stream, _ = data.tokenize_documents(heldout, tokenizer)
+    stream, _, _ = data.tokenize_documents(heldout, tokenizer)
     assert sum(b["loss_mask"].sum() for b in full) == len(stream) - 1
     assert len(data.heldout_batches(cfg, tokenizer, batch_size=4, seq_len=16, num_batches=1)) == 1
 
@@ -235,7 +235,7 @@ def test_chat_mask_covers_exactly_the_assistant_tokens(tmp_path):
     data.validate_data_config(cfg)
     tokenizer = data.build_tokenizer(cfg, str(tmp_path / "work"))
     documents, _ = data._split(cfg)
-    tokens, mask = data.tokenize_documents(documents, tokenizer)
+    tokens, mask, _ = data.tokenize_documents(documents, tokenizer)
     whole = [tokenizer.encode(doc.text, add_special_tokens=False).ids + [EOS_ID] for doc in documents]
     assert tokens.tolist() == [token for ids in whole for token in ids]
     trained_text = "".join(text for doc in documents for text, trained in doc.segments if trained)
@@ -350,3 +350,28 @@ def test_unreadable_file_raises_data_error(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "open", refuse, raising=False)
     with pytest.raises(DataError, match="cannot read data file .*locked.txt: Permission denied"):
         data.validate_data_config(_files_config([path]))
+
+
+def test_packed_chats_carry_document_ids_and_no_target_crosses_a_document(tmp_path):
+    """With data.document_masking each row's `segments` change exactly after each chat's `</s>`, the
+    target that starts the next chat is not trained, and every other target keeps its assistant mask."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(record) for record in CHATS) + "\n")
+    cfg = _files_config([path], heldout_fraction=0.0, document_masking=True)
+    data.validate_data_config(cfg)
+    tokenizer = data.build_tokenizer(cfg, str(tmp_path / "work"))
+    documents, _ = data._split(cfg)
+    tokens, mask, ids = data.tokenize_documents(documents, tokenizer)
+    ends = np.flatnonzero(tokens == EOS_ID)
+    assert len(ends) == len(documents) and ids.min() == 1
+    np.testing.assert_array_equal(np.flatnonzero(np.diff(ids)), ends[:-1])  # a new id right after each `</s>`
+    batch = next(data.TokenBatches(cfg, tokenizer, batch_size=1, seq_len=len(tokens) - 1, seed=0))
+    np.testing.assert_array_equal(batch["segments"][0], ids[:-1])
+    crossing = ids[1:] != ids[:-1]
+    assert crossing.sum() == len(documents) - 1
+    np.testing.assert_array_equal(batch["loss_mask"][0], np.where(crossing, 0.0, mask[1:]))
+    plain = next(data.TokenBatches(_files_config([path], heldout_fraction=0.0), tokenizer, batch_size=1,
+                                   seq_len=len(tokens) - 1, seed=0))
+    assert "segments" not in plain
+    with pytest.raises(DataError, match="document_masking"):
+        data.validate_data_config(dict(_files_config([path]).to_dict(), document_masking="yes"))

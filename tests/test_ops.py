@@ -150,3 +150,55 @@ def test_causal_attention_mask_is_built_per_block():
 
     assert largest_mask_residual(causal) == valid.size
     assert largest_mask_residual(explicit) >= 2 * 6 * 13
+
+
+def test_packed_documents_join_the_per_block_causal_mask():
+    """Document numbers in the causal form (per-row query offsets, keys of a cache whose entries before
+    the offset continue document 0) equal the explicit causal-and-same-document mask, values and
+    gradients, and the blocked backward keeps neither a [b, t, s] mask nor [b, t, s] document numbers."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (2, 6, 4, 8))
+    k, v = (jax.random.normal(key, (2, 13, 2, 8)) for key in keys[1:])
+    valid = np.ones((2, 13), bool)
+    valid[1, :2] = False
+    offset = jnp.asarray([7, 4])
+    query_doc = jnp.asarray([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 2, 2]])
+    key_doc = np.zeros((2, 13), np.int32)
+    for row in range(2):
+        key_doc[row, int(offset[row]):int(offset[row]) + 6] = query_doc[row, :13 - int(offset[row])]
+    key_doc = jnp.asarray(key_doc)
+    causal_only = causal_mask(jnp.asarray(valid), offset, 6)
+    explicit_mask = causal_only & (query_doc[:, :, None] == key_doc[:, None, :])
+    assert explicit_mask.any(-1).all() and (explicit_mask != causal_only).any()  # documents hide keys
+
+    def explicit(q, k, v):
+        return gqa_attention(q, k, v, explicit_mask, key_block=4)
+
+    def packed(q, k, v):
+        return gqa_attention(q, k, v, key_block=4, causal_valid_bs=jnp.asarray(valid), query_offset=offset,
+                             query_doc_bt=query_doc, key_doc_bs=key_doc)
+
+    np.testing.assert_allclose(packed(q, k, v), _softmax_attention_numpy(q, k, v, explicit_mask), rtol=1e-5, atol=1e-6)
+    one_block = gqa_attention(q, k, v, causal_valid_bs=jnp.asarray(valid), query_offset=offset,
+                              query_doc_bt=query_doc, key_doc_bs=key_doc)
+    np.testing.assert_allclose(one_block, packed(q, k, v), rtol=1e-5, atol=1e-6)
+    for f, g in zip(jax.grad(lambda *a: jnp.sum(jnp.sin(packed(*a))), argnums=(0, 1, 2))(q, k, v),
+                    jax.grad(lambda *a: jnp.sum(jnp.sin(explicit(*a))), argnums=(0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(f, g, rtol=1e-5, atol=1e-6)
+    _, backward = jax.vjp(packed, q, k, v)
+    masks = [leaf for leaf in jax.tree.leaves(backward)
+             if leaf.dtype == bool or jnp.issubdtype(leaf.dtype, np.integer)]
+    assert masks and max(leaf.size for leaf in masks) == valid.size
+
+
+def test_blocked_causal_attention_takes_one_query_offset_per_row():
+    """The serving engine prefills rows at different cache positions (`query_offset` [b]): the blocked
+    causal form equals the explicit per-row mask (a batch of rows once failed to broadcast here)."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (3, 5, 4, 8))
+    k, v = (jax.random.normal(key, (3, 13, 2, 8)) for key in keys[1:])
+    valid = jnp.ones((3, 13), bool)
+    offset = jnp.asarray([0, 4, 8], jnp.int32)
+    blocked = gqa_attention(q, k, v, key_block=4, causal_valid_bs=valid, query_offset=offset)
+    explicit = gqa_attention(q, k, v, causal_mask(valid, offset, 5), key_block=13)
+    np.testing.assert_allclose(blocked, explicit, rtol=1e-6, atol=1e-6)

@@ -109,7 +109,7 @@ def test_chunked_loss_equals_full_logits_value_and_gradient(micro_model):
     the full [b, t, V] logits: value and the gradient of every parameter."""
     model, variables, batch = micro_model
     inputs, targets, mask = batch["inputs"], batch["targets"], batch["loss_mask"]
-    lm_den, mtp_den = token_counts(batch)
+    lm_den, (mtp_den,) = token_counts(batch)
 
     def full(params):
         v = {"params": params, "buffers": variables["buffers"]}
@@ -119,7 +119,7 @@ def test_chunked_loss_equals_full_logits_value_and_gradient(micro_model):
                 + 0.3 * masked_xent_sum(mtp_logits, targets[:, 1:], mask[:, 1:]) / mtp_den)
 
     def chunked(params):
-        return model_losses(model, params, variables["buffers"], batch, (lm_den, mtp_den), 0.3, 0.0, 12)[0]
+        return model_losses(model, params, variables["buffers"], batch, (lm_den, (mtp_den,)), 0.3, 0.0, 12)[0]
 
     (want, want_grads), (got, got_grads) = (jax.jit(jax.value_and_grad(f))(variables["params"])
                                             for f in (full, chunked))

@@ -30,9 +30,10 @@ TRAIN_QUANT = ("none", "nvfp4")
 KERNEL_CHOICES = ("auto", "pallas", "reference")
 # Fields that are nemojax choices, not part of a published config.json.
 NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels", "scan_layers", "moe_capacity_factor",
-                  "weight_formats", "kv_cache_quant", "train_quant", "train_quant_keep")
+                  "weight_formats", "kv_cache_quant", "train_quant", "train_quant_keep", "mtp_num_depths")
 # `scan_layers=None` resolves to True from this depth on (the published models: 52-108 layers).
 SCAN_LAYERS_FROM = 16
+MAX_MTP_DEPTHS = 8
 INT32_MAX = 2**31 - 1  # token ids, positions and sizes reach the device as int32
 
 
@@ -80,6 +81,9 @@ class ModelConfig:
     # Multi-token prediction.
     mtp_layer_types: tuple[str, ...] = ()
     num_nextn_predict_layers: int = 0
+    # How many times the one MTP block is chained (shared weights): depth k predicts token t+k+1 from
+    # depth k-1's output. The training loss averages the depths; Super and Ultra were trained with 2.
+    mtp_num_depths: int = 1
     # Misc.
     layer_norm_epsilon: float = 1e-5
     max_position_embeddings: int = 4096
@@ -258,6 +262,9 @@ def _validate(c: ModelConfig) -> None:
              f"0 or 1 supported (the published models share one MTP block), got {c.num_nextn_predict_layers}")
     _require(c.num_nextn_predict_layers == 0 or len(c.mtp_layer_types) > 0, "mtp_layer_types",
              "num_nextn_predict_layers > 0 needs an MTP pattern")
+    _require(isinstance(c.mtp_num_depths, int) and not isinstance(c.mtp_num_depths, bool)
+             and 1 <= c.mtp_num_depths <= MAX_MTP_DEPTHS, "mtp_num_depths",
+             f"must be an integer in [1, {MAX_MTP_DEPTHS}], got {c.mtp_num_depths!r}")
     for name in ("param_dtype", "compute_dtype"):
         value = getattr(c, name)
         _require(value in FLOAT_DTYPES, name, f"expected one of {FLOAT_DTYPES}, got {value!r}")

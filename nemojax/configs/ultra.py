@@ -60,7 +60,9 @@ PUBLISHED = {
 
 
 def get_model_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(PUBLISHED, param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True))
+    # mtp_num_depths=2: the one MTP block chained twice in training, as released.
+    return ml_collections.ConfigDict(dict(PUBLISHED, param_dtype="bfloat16", compute_dtype="bfloat16", scan_layers=True,
+                                          mtp_num_depths=2))
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -3,7 +3,8 @@
 Padding is exact: at positions where `valid` is False the conv input is zero and dt is zero, so
 the SSM state passes through unchanged (left-padded prompts start from a clean state), and the conv
 state kept in the cache is the last kernel-1 inputs up to each row's last valid position (a row padded
-on the right keeps its real inputs; see `filled_length`).
+on the right keeps its real inputs; see `filled_length`). Given document ids instead
+(`nemojax.model.documents`), the conv and SSM states restart at each document.
 
 Layout: the fused `in_proj` columns and the conv channels are stored group-major (for each of the
 `n_groups` groups: its z, x, B, C, dt columns; its x, B, C channels), not in the published order
@@ -28,6 +29,7 @@ import numpy as np
 
 from nemojax import sharding
 from nemojax.config import ModelConfig
+from nemojax.model import documents
 from nemojax.model.layers import GatedGroupRMSNorm, Linear, default_init, dtype_of, filled_length
 from nemojax.ops import dispatch, ssd
 
@@ -81,10 +83,14 @@ class CausalDepthwiseConv(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_btc: jax.Array, prefix_bkc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x_btc: jax.Array, prefix_bkc: jax.Array,
+                 doc_bt: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Returns (conv output [b,t,c], the last kernel-1 inputs as the new prefix).
 
-        Accumulated in float32, so the weight and bias gradients (sums over batch and time) are too."""
+        Accumulated in float32, so the weight and bias gradients (sums over batch and time) are too.
+        With packed documents (`doc_bt`, see `nemojax.model.documents`) each output sees only the
+        inputs of its own document, and the new prefix keeps only the last document's inputs.
+        """
         channels = x_btc.shape[-1]
         weight = self.param("weight", nn.with_logical_partitioning(
             nn.initializers.lecun_normal(in_axis=0, out_axis=1), ("conv_kernel", "conv_dim")),
@@ -92,7 +98,13 @@ class CausalDepthwiseConv(nn.Module):
         full = jnp.concatenate([prefix_bkc.astype(x_btc.dtype), x_btc], axis=1)
         t = x_btc.shape[1]
         w = weight.astype(jnp.float32)
-        out = sum(full[:, j:j + t].astype(jnp.float32) * w[j] for j in range(self.kernel_size))
+        if doc_bt is None:
+            out = sum(full[:, j:j + t].astype(jnp.float32) * w[j] for j in range(self.kernel_size))
+        else:
+            doc_full = documents.with_prefix(doc_bt, self.kernel_size - 1)
+            tap = lambda j: full[:, j:j + t].astype(jnp.float32) * (doc_full[:, j:j + t] == doc_bt)[..., None]
+            out = sum(tap(j) * w[j] for j in range(self.kernel_size))
+            full = full * (doc_full == doc_bt[:, -1:])[..., None].astype(full.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_dim",)),
                               (channels,), self.param_dtype)
@@ -110,6 +122,7 @@ class MambaMixer(nn.Module):
         c = self.config
         dtype, pdtype = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
         b, t, _ = x_btd.shape
+        valid_bt, doc_bt = documents.split_valid(valid_bt)
         h, p, g, n = c.mamba_num_heads, c.mamba_head_dim, c.n_groups, c.ssm_state_size
 
         inner_g, conv_g = c.mamba_inner // g, c.mamba_conv_dim // g  # per-group widths
@@ -124,7 +137,7 @@ class MambaMixer(nn.Module):
         prefix = (cache["conv"] if cache is not None
                   else jnp.zeros((b, c.conv_kernel - 1, c.mamba_conv_dim), dtype))
         conv_in = xbc
-        xbc, new_conv = CausalDepthwiseConv(c.conv_kernel, c.use_conv_bias, pdtype, name="conv1d")(xbc, prefix)
+        xbc, new_conv = CausalDepthwiseConv(c.conv_kernel, c.use_conv_bias, pdtype, name="conv1d")(xbc, prefix, doc_bt)
         xbc = jax.nn.silu(xbc)
         if mask is not None:
             xbc = xbc * mask
@@ -145,17 +158,26 @@ class MambaMixer(nn.Module):
         x_bthp = x.reshape(b, t, h, p)
         initial = cache["ssm"] if cache is not None else None
         if cache is not None and per_position_states:
-            y, state = ssd.ssd_sequential(x_bthp, dt, a, bm, cm, initial, all_states=True)
+            y, state = ssd.ssd_sequential(x_bthp, dt, a, bm, cm, initial, all_states=True, doc_bt=doc_bt)
             full = jnp.concatenate([prefix.astype(conv_in.dtype), conv_in], axis=1)
             new_conv = jnp.stack([full[:, i + 1:i + c.conv_kernel] for i in range(t)], axis=1)
+            if doc_bt is not None:  # the state after position i keeps only the inputs of i's document
+                doc_full = documents.with_prefix(doc_bt, c.conv_kernel - 1)
+                same = jnp.stack([doc_full[:, i + 1:i + c.conv_kernel] == doc_bt[:, i:i + 1] for i in range(t)], 1)
+                new_conv = new_conv * same[..., None].astype(new_conv.dtype)
         elif cache is not None and t == 1:
             y, state = dispatch.ssd_step(initial, x_bthp[:, 0], dt[:, 0], a, bm[:, 0], cm[:, 0], kernels=c.kernels)
             y = y[:, None]
         else:
-            y, state = dispatch.ssd_chunked(x_bthp, dt, a, bm, cm, c.chunk_size, initial, kernels=c.kernels)
+            y, state = dispatch.ssd_chunked(x_bthp, dt, a, bm, cm, c.chunk_size, initial, kernels=c.kernels,
+                                            doc_bt=doc_bt)
         if cache is not None and valid_bt is not None and not per_position_states:
             full = jnp.concatenate([prefix.astype(conv_in.dtype), conv_in], axis=1)
             end_b = filled_length(valid_bt, t)
+            if doc_bt is not None:  # the kept inputs are those of the last valid position's document
+                doc_full = documents.with_prefix(doc_bt, c.conv_kernel - 1)
+                last_b1 = jnp.take_along_axis(doc_full, (end_b + c.conv_kernel - 2)[:, None], axis=1)
+                full = full * (doc_full == last_b1)[..., None].astype(full.dtype)
             new_conv = jax.vmap(lambda f, e: jax.lax.dynamic_slice_in_dim(f, e, c.conv_kernel - 1))(full, end_b)
         y = y + d_skip.astype(jnp.float32)[:, None] * x_bthp.astype(jnp.float32)
         y = sharding.constrain(y.reshape(b, t, g, c.mamba_inner // g), ("batch", "length", "mamba_groups", None))

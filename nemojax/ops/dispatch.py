@@ -52,10 +52,19 @@ def _on_mesh(fn: Callable, args: tuple, logical: tuple, units: tuple, out_logica
 
 
 def ssd_chunked(x_bthp, dt_bth, a_h, b_btgn, c_btgn, chunk_size: int, initial_state_bhpn=None, *,
-                kernels: str = "auto") -> tuple[jax.Array, jax.Array]:
-    """`nemojax.ops.ssd.ssd_chunked` or `pallas_kernels.ssd.chunked_scan`."""
-    if resolve(kernels) == "reference":
-        return ssd.ssd_chunked(x_bthp, dt_bth, a_h, b_btgn, c_btgn, chunk_size, initial_state_bhpn)
+                kernels: str = "auto", doc_bt=None) -> tuple[jax.Array, jax.Array]:
+    """`nemojax.ops.ssd.ssd_chunked` or `pallas_kernels.ssd.chunked_scan`.
+
+    The Pallas scan cannot restart the state at document starts: with packed documents (`doc_bt`)
+    "auto" runs the reference scan, and an explicit "pallas" is refused (ConfigError).
+    """
+    choice = resolve(kernels)
+    if doc_bt is not None and kernels == "pallas":
+        raise ConfigError("config field `kernels`: the Pallas SSD scan does not restart the state at document "
+                          "starts (packed sequences); use kernels='auto' (reference scan for packed inputs) "
+                          "or 'reference'")
+    if choice == "reference" or doc_bt is not None:
+        return ssd.ssd_chunked(x_bthp, dt_bth, a_h, b_btgn, c_btgn, chunk_size, initial_state_bhpn, doc_bt)
     from pallas_kernels.ssd import chunked_scan
 
     b, h, p, n = x_bthp.shape[0], x_bthp.shape[2], x_bthp.shape[3], b_btgn.shape[3]

@@ -6,7 +6,11 @@ The recurrence per head h, for time t:
 `ssd_chunked` computes it in chunks (quadratic inside a chunk, a scan across chunks), exactly for
 any length: the tail is padded with dt = 0, which leaves the state untouched. `ssd_step` is the
 one-token update used when decoding. The Pallas kernels in `pallas_kernels/ssd.py` take the same
-arguments. All math is float32; the D skip and gating live in the mixer, not here.
+arguments (except `doc_bt`). All math is float32; the D skip and gating live in the mixer, not here.
+
+Packed documents (`doc_bt`, int [b, t], numbers that only grow, see `nemojax.model.documents`): the
+state restarts from zero wherever the number changes, i.e. at a start s, state_s = dt_s * x_s (outer)
+B_s. Document 0 continues the initial state.
 
 Shapes: b batch, t time, h heads, p head dim, g groups (B and C are shared by h/g heads), n state.
 """
@@ -41,8 +45,13 @@ def ssd_chunked(
     c_btgn: jax.Array,
     chunk_size: int,
     initial_state_bhpn: jax.Array | None = None,
+    doc_bt: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Chunked SSD scan. Returns (y [b,t,h,p] float32, final state [b,h,p,n] float32)."""
+    """Chunked SSD scan. Returns (y [b,t,h,p] float32, final state [b,h,p,n] float32).
+
+    With `doc_bt` every term that carries state from position j to position i is kept only when both
+    are in the same document: inside a chunk, into a chunk's end state, and across chunks.
+    """
     b, t, h, p = x_bthp.shape
     g, n = b_btgn.shape[2], b_btgn.shape[3]
     r = h // g
@@ -59,6 +68,18 @@ def ssd_chunked(
     a_bclh = dt * a_h.astype(_F32)
     a_cum_bclh = jnp.cumsum(a_bclh, axis=2)
     decay_bclsh = jnp.exp(_segment_sum(a_bclh)).reshape(b, nc, L, L, g, r)
+    to_end_bclh = jnp.exp(a_cum_bclh[:, :, -1:, :] - a_cum_bclh).reshape(b, nc, L, g, r)
+    chunk_decay_bch = jnp.exp(a_cum_bclh[:, :, -1, :]).reshape(b, nc, g, r)
+    from_start = jnp.exp(a_cum_bclh).reshape(b, nc, L, g, r)
+    if doc_bt is not None:
+        doc_bcl = jnp.pad(doc_bt, [(0, 0), (0, pad)], mode="edge").reshape(b, nc, L)
+        end_bc = doc_bcl[:, :, -1]
+        before_bc = jnp.concatenate([jnp.zeros_like(end_bc[:, :1]), end_bc[:, :-1]], axis=1)  # state entering
+        heads = lambda keep: keep.astype(_F32)[..., None, None]
+        decay_bclsh = decay_bclsh * heads(doc_bcl[:, :, :, None] == doc_bcl[:, :, None, :])
+        to_end_bclh = to_end_bclh * heads(doc_bcl == end_bc[:, :, None])
+        chunk_decay_bch = chunk_decay_bch * heads(end_bc == before_bc)
+        from_start = from_start * heads(doc_bcl == before_bc[:, :, None])
 
     # Inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_j+1..a_i) dt_j x_j.
     cb_bclsg = jnp.einsum("bclgn,bcsgn->bclsg", cm, bm)
@@ -66,9 +87,7 @@ def ssd_chunked(
     y_diag = jnp.einsum("bclsg,bclsgr,bcsgrp->bclgrp", cb_bclsg, decay_bclsh, xdt)
 
     # State contributed by each chunk alone, at the chunk's end.
-    to_end_bclh = jnp.exp(a_cum_bclh[:, :, -1:, :] - a_cum_bclh).reshape(b, nc, L, g, r)
     chunk_states = jnp.einsum("bclgn,bclgr,bclgrp->bcgrpn", bm, to_end_bclh, xdt)
-    chunk_decay_bch = jnp.exp(a_cum_bclh[:, :, -1, :]).reshape(b, nc, g, r)
 
     if initial_state_bhpn is None:
         state0 = jnp.zeros((b, g, r, p, n), _F32)
@@ -83,7 +102,6 @@ def ssd_chunked(
         carry_over, state0, (jnp.moveaxis(chunk_decay_bch, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
     prev_states = jnp.moveaxis(prev_states, 0, 1)  # state entering each chunk [b,c,g,r,p,n]
 
-    from_start = jnp.exp(a_cum_bclh).reshape(b, nc, L, g, r)
     y_off = jnp.einsum("bclgn,bcgrpn,bclgr->bclgrp", cm, prev_states, from_start)
     y = (y_diag + y_off).reshape(b, nc * L, h, p)[:, :t]
     return y, final.reshape(b, h, p, n)
@@ -119,23 +137,28 @@ def ssd_sequential(
     c_btgn: jax.Array,
     initial_state_bhpn: jax.Array | None = None,
     all_states: bool = False,
+    doc_bt: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The recurrence one step at a time (slow; the ground truth for tests and rollback).
 
     Returns (y [b,t,h,p], final state [b,h,p,n]); with `all_states`, the state after every
     position [b,t,h,p,n] instead of the final one (speculative decoding rolls back to any of them).
+    With `doc_bt` the state is zeroed before each position whose document number changes.
     """
     b, t, h, p = x_bthp.shape
     n = b_btgn.shape[-1]
     state0 = jnp.zeros((b, h, p, n), _F32) if initial_state_bhpn is None else initial_state_bhpn
+    doc_bt = jnp.zeros((b, t), jnp.int32) if doc_bt is None else doc_bt
+    keep_bt = doc_bt == jnp.concatenate([jnp.zeros_like(doc_bt[:, :1]), doc_bt[:, :-1]], axis=1)
 
     def step(state, inputs):
-        x, dt, bm, cm = inputs
+        x, dt, bm, cm, keep = inputs
+        state = state * keep.astype(_F32)[:, None, None, None]
         y, state = ssd_step(state, x, dt, a_h, bm, cm)
         return state, (y, state) if all_states else y
 
     final, out = jax.lax.scan(step, state0, tuple(jnp.moveaxis(v, 1, 0)
-                                                  for v in (x_bthp, dt_bth, b_btgn, c_btgn)), unroll=t <= 8)
+                                                  for v in (x_bthp, dt_bth, b_btgn, c_btgn, keep_bt)), unroll=t <= 8)
     if all_states:
         ys, states = out
         return jnp.moveaxis(ys, 0, 1), jnp.moveaxis(states, 0, 1)

@@ -5,6 +5,9 @@ into rows of seq_len + 1 tokens (neighbouring rows share one token, so every tok
 The train split visits its rows in a fresh seeded permutation each epoch, forever; the held-out split
 is one fixed pass. The train split is cut into `data.shards` streams (default: one per process) and
 each process tokenises only its own; the batches depend on the shard count, not on the process count.
+With `document_masking` (fine-tuning on packed chats) each batch also carries the document ids of its
+inputs (`segments`, see `nemojax.model.documents`) and a target that starts another document is not
+trained, so a row's documents train as if each were alone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from nemojax.chat import EOS
+from nemojax.config import INT32_MAX
 from nemojax.errors import ConfigError, DataError
 from nemojax.train import corpus
 from nemojax.train.tokenizer import (
@@ -47,6 +51,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             vocab_size=4096,
             max_corpus_bytes=8_000_000,  # cap on the stdlib corpus (about 2.3M tokens)
             shards=0,  # train streams; each process tokenises only its own (0: one per process; 1: one for all)
+            document_masking=False,  # batches carry `segments`: packed documents do not see each other
         )
     )
 
@@ -56,6 +61,8 @@ def validate_data_config(cfg: Mapping[str, Any]) -> None:
     shards = cfg.get("shards", 0)
     if not isinstance(shards, int) or isinstance(shards, bool) or not 0 <= shards <= 2**31 - 1:
         raise DataError(f"data.shards must be an integer >= 0 (0: one per process), got {shards!r}")
+    if not isinstance(cfg.get("document_masking", False), bool):
+        raise DataError(f"data.document_masking must be true or false, got {cfg['document_masking']!r}")
     if not 0 <= cfg["heldout_fraction"] < 1:
         raise DataError(f"data.heldout_fraction must be in [0, 1), got {cfg['heldout_fraction']}")
     if cfg["tokenizer_path"] and not os.path.exists(cfg["tokenizer_path"]):
@@ -84,10 +91,12 @@ def build_tokenizer(cfg: Mapping[str, Any], workdir: str) -> Tokenizer:
 
 
 class TokenBatches(Iterator[dict[str, np.ndarray]]):
-    """This process's rows of each global batch: `inputs`, `targets` (int32 [B, T]) and `loss_mask` (float32).
+    """This process's rows of each global batch: `inputs`, `targets` (int32 [B, T]) and `loss_mask` (float32),
+    and with `document_masking` the inputs' document ids `segments` (int32 [B, T]).
 
     B = batch_size // process_count. `loss_mask` is 0 where the target is not trained (chat prompts,
-    padding). `state()` / `restore()` resume exactly where an uninterrupted iterator would continue.
+    padding, and with `document_masking` a target that starts another document). `state()` / `restore()`
+    resume exactly where an uninterrupted iterator would continue.
 
     The train split is cut into `data.shards` streams (0: one per process): documents are assigned to a
     shard by a hash of their key, each shard is packed and ordered on its own, and every global batch
@@ -124,16 +133,18 @@ class TokenBatches(Iterator[dict[str, np.ndarray]]):
         self.local_batch_size = batch_size // process_count
         self.shards = num_shards(cfg, split, batch_size, process_count)
         eos_id = tokenizer.token_to_id(EOS)
+        masking = bool(cfg.get("document_masking", False))
         if self.shards == 1:
             order_seed = HELDOUT_ORDER_SEED if split == "heldout" else seed
-            self._streams = [_Rows(*packed_stream(cfg, tokenizer, split), seq_len, eos_id, (order_seed,))]
+            self._streams = [_Rows(*packed_stream(cfg, tokenizer, split), seq_len, eos_id, (order_seed,),
+                                  masking)]
             self._rows_per_stream = batch_size
             self._local = slice(process_index * self.local_batch_size, (process_index + 1) * self.local_batch_size)
         else:
             per_process = self.shards // process_count
             owned = range(process_index * per_process, (process_index + 1) * per_process)
             self._streams = [_Rows(*packed_stream(cfg, tokenizer, split, (shard, self.shards)), seq_len, eos_id,
-                                   (seed, shard)) for shard in owned]
+                                   (seed, shard), masking) for shard in owned]
             self._rows_per_stream = batch_size // self.shards
             self._local = slice(None)
         self._batches = 0
@@ -191,12 +202,13 @@ def num_shards(cfg: Mapping[str, Any], split: str, batch_size: int, process_coun
 
 class _Rows:
     """One packed stream cut into rows of seq_len + 1 tokens (neighbours share a token), visited in a fresh
-    seeded order each epoch."""
+    seeded order each epoch; with `document_masking` its batches carry the inputs' document ids."""
 
-    def __init__(self, tokens: np.ndarray, mask: np.ndarray, seq_len: int, eos_id: int, seed: tuple[int, ...]):
-        self.seq_len, self.seed = seq_len, seed
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, documents: np.ndarray, seq_len: int, eos_id: int,
+                 seed: tuple[int, ...], document_masking: bool = False):
+        self.seq_len, self.seed, self.document_masking = seq_len, seed, document_masking
         self.num_rows = max(1, -(-(len(tokens) - 1) // seq_len))
-        self.tokens, self.mask = _pad_to(tokens, mask, self.num_rows * seq_len + 1, eos_id)
+        self.tokens, self.mask, self.documents = _pad_to(tokens, mask, documents, self.num_rows * seq_len + 1, eos_id)
         self.seek(0, 0)
 
     @property
@@ -225,7 +237,12 @@ class _Rows:
         index_bt = np.maximum(rows, 0)[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         tokens_bt, mask_bt = self.tokens[index_bt], self.mask[index_bt]
         mask_bt = np.where(rows[:, None] >= 0, mask_bt, 0.0).astype(np.float32)
-        return {"inputs": tokens_bt[:, :-1], "targets": tokens_bt[:, 1:], "loss_mask": mask_bt[:, 1:]}
+        batch = {"inputs": tokens_bt[:, :-1], "targets": tokens_bt[:, 1:], "loss_mask": mask_bt[:, 1:]}
+        if self.document_masking:
+            documents_bt = self.documents[index_bt]
+            batch["loss_mask"] = batch["loss_mask"] * (documents_bt[:, 1:] == documents_bt[:, :-1])
+            batch["segments"] = documents_bt[:, :-1]
+        return batch
 
 
 def heldout_batches(
@@ -258,9 +275,9 @@ def heldout_batches(
 
 
 def packed_stream(cfg: Mapping[str, Any], tokenizer: Tokenizer, split: str,
-                  shard: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32 [N], trained float32 [N]) of a split: documents each followed by `</s>`. With
-    `shard` = (index, count) only that shard's documents (`shard_of`) are tokenised.
+                  shard: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens int32 [N], trained float32 [N], document ids int32 [N]) of a split: documents each followed
+    by `</s>`. With `shard` = (index, count) only that shard's documents (`shard_of`) are tokenised.
 
     Cached per process by data fields, tokenizer content and shard; the arrays are read-only.
     """
@@ -275,12 +292,12 @@ def packed_stream(cfg: Mapping[str, Any], tokenizer: Tokenizer, split: str,
             if not documents:
                 raise DataError(f"shard {shard[0]} of {shard[1]} of the {split} split has no documents: "
                                 "use fewer data.shards (or more documents)")
-        tokens, mask = tokenize_documents(documents, tokenizer)
-        tokens.setflags(write=False)
-        mask.setflags(write=False)
+        arrays = tokenize_documents(documents, tokenizer)
+        for array in arrays:
+            array.setflags(write=False)
         if len(_STREAM_CACHE) >= _STREAM_CACHE_SIZE:
             _STREAM_CACHE.pop(next(iter(_STREAM_CACHE)))
-        _STREAM_CACHE[key] = (tokens, mask)
+        _STREAM_CACHE[key] = arrays
     return _STREAM_CACHE[key]
 
 
@@ -289,25 +306,31 @@ def shard_of(key: str, shards: int) -> int:
     return int.from_bytes(hashlib.sha1(f"shard/{key}".encode()).digest()[:8], "big") * shards >> 64
 
 
-def tokenize_documents(documents: list[corpus.Document], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def tokenize_documents(documents: list[corpus.Document],
+                       tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encode each piece separately (so the mask is exact), then join documents with `</s>`.
 
     The `</s>` after a document is trained when the document's last piece is (plain text), not after
-    a chat, whose assistant turns already end in `<|im_end|>`.
+    a chat, whose assistant turns already end in `<|im_end|>`. Returns (tokens, trained, document ids):
+    ids count documents from 1 (0 is padding) and include the document's `</s>`.
     """
     eos_id = tokenizer.token_to_id(EOS)
     pieces = [segment for doc in documents for segment in doc.segments]
     encodings = iter(tokenizer.encode_batch([text for text, _ in pieces], add_special_tokens=False))
-    token_parts, mask_parts = [], []
+    token_parts, mask_parts, lengths = [], [], []
     for doc in documents:
+        length = 1
         for (_, trained), encoding in zip(doc.segments, encodings, strict=False):
             token_parts.append(np.asarray(encoding.ids, dtype=np.int32))
             mask_parts.append(np.full(len(encoding.ids), float(trained), dtype=np.float32))
+            length += len(encoding.ids)
         token_parts.append(np.asarray([eos_id], dtype=np.int32))
         mask_parts.append(np.asarray([float(doc.segments[-1][1])], dtype=np.float32))
+        lengths.append(length)
     if not token_parts:
-        return np.zeros(0, np.int32), np.zeros(0, np.float32)
-    return np.concatenate(token_parts), np.concatenate(mask_parts)
+        return np.zeros(0, np.int32), np.zeros(0, np.float32), np.zeros(0, np.int32)
+    ids = 1 + np.arange(len(lengths), dtype=np.int64) % (INT32_MAX - 1)  # neighbours always differ, never 0
+    return np.concatenate(token_parts), np.concatenate(mask_parts), np.repeat(ids, lengths).astype(np.int32)
 
 
 def _split(cfg: Mapping[str, Any]) -> tuple[list[corpus.Document], list[corpus.Document]]:
@@ -325,10 +348,12 @@ def _data_key(cfg: Mapping[str, Any]) -> tuple:
             template_dir)
 
 
-def _pad_to(tokens: np.ndarray, mask: np.ndarray, length: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Extend with untrained `</s>` so the last row is whole."""
+def _pad_to(tokens: np.ndarray, mask: np.ndarray, documents: np.ndarray, length: int,
+            eos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Extend with untrained `</s>` (document id 0: padding) so the last row is whole."""
     extra = length - len(tokens)
     return (
         np.concatenate([tokens, np.full(extra, eos_id, np.int32)]),
         np.concatenate([mask, np.zeros(extra, np.float32)]),
+        np.concatenate([documents, np.zeros(extra, np.int32)]),
     )

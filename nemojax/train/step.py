@@ -58,7 +58,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, cfg: ml_
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         params, buffers = state["params"], state["buffers"]
-        denominators = token_counts(batch)
+        denominators = token_counts(batch, model.config.mtp_num_depths)
         grad_fn = jax.value_and_grad(model_losses, argnums=1, has_aux=True)
         micro_batches = _split_micro(batch, accum)
         # The NVFP4 training recipe's random stream: new keys every step and micro-batch.
@@ -106,7 +106,7 @@ def make_eval_step(model: nn.Module, chunk_tokens: int = LOSS_CHUNK_TOKENS
     """(masked LM cross-entropy sum, masked token count) of one held-out batch (lm_head in chunks)."""
     def eval_step(state: TrainState, batch: Batch) -> tuple[jax.Array, jax.Array]:
         variables = {"params": state["params"], "buffers": state["buffers"]}
-        hidden, _ = model.apply(variables, batch["inputs"], method="hidden_states")
+        hidden, _ = model.apply(variables, batch["inputs"], batch.get("segments"), method="hidden_states")
         xent = chunked_xent_sum(lambda h, _: model.apply(variables, h, method="logits"), hidden, batch["targets"],
                                 batch["loss_mask"], chunk_tokens)
         return xent, jnp.sum(batch["loss_mask"])
