@@ -2,8 +2,8 @@
 bracket strings, then GRPO (configs grpo_tiny: both environments mixed, verifiable rewards, per-environment
 normalisation, KL to the starting model) on completing "a+b=" and closing bracket prefixes.
 
-    python bench/rlvr_demo.py [--workdir runs/rlvr_demo] [--base-steps 80] [--grpo-steps 60] [--lr 1e-4] [--prompts 8]
-                              [--out bench/results]
+    python bench/rlvr_demo.py [--workdir runs/rlvr_demo] [--base-steps 80] [--grpo-steps 100]
+                              [--lr 1e-4] [--prompts 8] [--out bench/results]
 
 Writes rlvr_demo.json and rlvr_demo.md: the sampled reward (temperature 1) per step and its means over
 windows of steps, per environment, and the greedy accuracy of the model before and after GRPO.
@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/rlvr_demo")
     parser.add_argument("--base-steps", type=int, default=80)
-    parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--grpo-steps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--prompts", type=int, default=8, help="prompts per environment per step")
     parser.add_argument("--out", default="bench/results")

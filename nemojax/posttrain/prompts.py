@@ -42,7 +42,7 @@ class DomainPrompts:
 
     def __init__(self, paths: tuple[str, ...], tokenizer: Tokenizer, prompt_tokens: int):
         train, _ = domain_split(tuple(paths))
-        self.tokens, _ = tokenize_documents(train, tokenizer)
+        self.tokens = tokenize_documents(train, tokenizer)[0]
         self.prompt_tokens = prompt_tokens
         if len(self.tokens) <= prompt_tokens:
             raise DataError(f"{', '.join(paths)}: {len(self.tokens)} tokens of training text, fewer than one "
