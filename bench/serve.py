@@ -1,15 +1,20 @@
 """Serving speed on this machine, each comparison measured in one run (ratios, not absolute claims).
 
-    python bench/serve.py [--quick] [--out bench/results]
+    python bench/serve.py [--quick] [--versus-only] [--out bench/results]
 
-1. nemojax vs the transformers reference on the same random checkpoint: prefill (batch x prompt)
-   and batch decoding (greedy, tokens/s).
-2. Decode time per token against context length: the hybrid model vs an attention-only model of
+1. The machine, in the same run: float32 matmul peak (a large matmul) and read bandwidth (a large
+   reduction), see bench/traffic.py.
+2. nemojax vs the transformers reference on the same random checkpoint: a prefill of 4 x 512 tokens
+   (time, useful FLOP/s and its fraction of the matmul peak), and greedy decoding of 128 new tokens
+   after 64-token prompts at batch 1, 8 and 32 (tokens/s, and each decoding step against its
+   bandwidth bound: the bytes it must move over the measured bandwidth). Medians of interleaved
+   repeats; the greedy tokens of both are compared.
+3. Decode time per token against context length: the hybrid model vs an attention-only model of
    the same shape (every Mamba layer replaced by attention).
-3. MTP speculative decoding: the hybrid model with an MTP block, briefly trained on counting
+4. MTP speculative decoding: the hybrid model with an MTP block, briefly trained on counting
    sequences so that its drafts are often right; speed-up over plain decoding at the measured
    acceptance rate, for several draft lengths.
-Writes serve.json and serve.md.
+Writes serve.json and serve.md (with --versus-only: parts 1-2 only, to serve_versus.json / .md).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import traffic  # noqa: E402
 
 import nemojax  # noqa: E402
 from nemojax.config import from_hf_config  # noqa: E402
@@ -48,26 +55,67 @@ def requests(ids: np.ndarray, max_new: int) -> list[Request]:
             for i, row in enumerate(ids)]
 
 
+def engine_run(engine: Engine, reqs: list[Request]) -> tuple[dict, list]:
+    """One timed generate (the engine compiled its programs before): throughput and the completions."""
+    engine.stats = type(engine.stats)()
+    completions = engine.generate(reqs)
+    s = engine.stats
+    steps = s.generated_tokens - len(reqs)  # the first token of each row comes from prefill
+    run = {"prefill_s": s.prefill_seconds, "decode_s": s.decode_seconds,
+           "decode_tokens_per_s": steps / max(s.decode_seconds, 1e-9),
+           "prefill_tokens_per_s": s.prefill_tokens / s.prefill_seconds,
+           **({k: v for k, v in stats_record(s, engine.k).items() if k in ("acceptance_rate",
+                                                                           "mean_accepted_length")})}
+    return run, completions
+
+
 def timed_engine_run(engine: Engine, reqs: list[Request], repeats: int = 3) -> dict:
-    """Warm up (compile) once, then the best of `repeats` runs' prefill and decode throughput."""
+    """Warm up (compile) once, then the median of `repeats` runs' prefill and decode throughput."""
     engine.generate(reqs)
-    best: dict = {}
-    for _ in range(repeats):
-        engine.stats = type(engine.stats)()
-        engine.generate(reqs)
-        s = engine.stats
-        steps = s.generated_tokens - len(reqs)  # the first token of each row comes from prefill
-        run = {"prefill_s": s.prefill_seconds, "decode_s": s.decode_seconds,
-               "decode_tokens_per_s": steps / s.decode_seconds,
-               "prefill_tokens_per_s": s.prefill_tokens / s.prefill_seconds,
-               **({k: v for k, v in stats_record(s, engine.k).items() if k in ("acceptance_rate",
-                                                                               "mean_accepted_length")})}
-        if not best or run["decode_s"] < best["decode_s"]:
-            best = run
-    return best
+    return _median_runs([engine_run(engine, reqs)[0] for _ in range(repeats)])
 
 
-def versus_transformers(batch: int, prompt: int, new: int) -> dict:
+def _median_runs(runs: list[dict]) -> dict:
+    return {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+
+
+def _hf_seconds(fn, *args) -> float:
+    import torch
+
+    begin = time.perf_counter()
+    with torch.no_grad():
+        fn(*args)
+    return time.perf_counter() - begin
+
+
+class Reference:
+    """The transformers model: prefill (one forward with a cache) and greedy generation, timed."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def prefill_s(self, ids: np.ndarray) -> float:
+        import torch
+
+        return _hf_seconds(lambda: self.model(input_ids=torch.as_tensor(ids), use_cache=True))
+
+    def generate(self, ids: np.ndarray, new: int) -> tuple[float, np.ndarray]:
+        import torch
+
+        begin = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(torch.as_tensor(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                      pad_token_id=0)
+        return time.perf_counter() - begin, out[:, ids.shape[1]:].numpy()
+
+    def decode_tokens_per_s(self, ids: np.ndarray, new: int) -> tuple[float, np.ndarray]:
+        """Decoding throughput: generate(new) - generate(1) removes the prefill and the first token."""
+        seconds, out = self.generate(ids, new)
+        first, _ = self.generate(ids, 1)
+        return ids.shape[0] * (new - 1) / (seconds - first), out
+
+
+def versus_transformers(sizes: dict, machine: dict) -> dict:
     import torch
     from hf_reference import make_checkpoint
 
@@ -76,34 +124,67 @@ def versus_transformers(batch: int, prompt: int, new: int) -> dict:
         reference = make_checkpoint(directory, PATTERN, seed=0, time_step_min=1e-6,
                                     **{k: v for k, v in SHAPE.items() if k != "max_position_embeddings"})
         model, variables = nemojax.load_pretrained(directory, dtype="float32", param_dtype="float32")
+    hf = Reference(reference)
+    return {"prefill": prefill_versus(model, variables, hf, sizes, machine),
+            "decode": [decode_versus(model, variables, hf, batch, sizes, machine) for batch in sizes["decode_batches"]]}
+
+
+def prefill_versus(model, variables, hf: Reference, sizes: dict, machine: dict) -> dict:
+    batch, prompt, repeats = sizes["prefill_batch"], sizes["prefill_prompt"], sizes["repeats"]
     ids = np.random.default_rng(0).integers(3, SHAPE["vocab_size"], (batch, prompt))
-    ours = timed_engine_run(Engine(model, variables, eos_ids=(2,), prefill_chunk=prompt), requests(ids, new))
-
-    x = torch.as_tensor(ids)
-
-    def hf_generate(n: int) -> float:
-        begin = time.perf_counter()
-        with torch.no_grad():
-            reference.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - begin
-
-    hf_generate(new), hf_generate(1)  # warm-up: the first calls of each length are much slower
-    hf_prefill = min(_timed_forward(reference, x) for _ in range(3))
-    hf_decode = min(hf_generate(new) - hf_generate(1) for _ in range(3))
-    hf = {"prefill_s": hf_prefill, "decode_s": hf_decode, "prefill_tokens_per_s": batch * prompt / hf_prefill,
-          "decode_tokens_per_s": batch * (new - 1) / hf_decode}
-    return {"batch": batch, "prompt": prompt, "new_tokens": new, "nemojax": ours, "transformers": hf,
-            "prefill_speedup": hf["prefill_s"] / ours["prefill_s"],
-            "decode_speedup": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"]}
+    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=prompt)
+    reqs = requests(ids, 1)
+    engine.generate(reqs)
+    hf.prefill_s(ids)
+    ours, theirs = [], []
+    for _ in range(repeats):  # interleaved, so that both see the same load
+        ours.append(engine_run(engine, reqs)[0]["prefill_s"])
+        theirs.append(hf.prefill_s(ids))
+    flops = traffic.prefill_flops(model.config, batch, prompt)
+    row = {"batch": batch, "prompt": prompt, "useful_gflop": flops / 1e9}
+    for name, times in (("nemojax", ours), ("transformers", theirs)):
+        seconds = float(np.median(times))
+        row[name] = {"seconds": seconds, "tokens_per_s": batch * prompt / seconds, "gflop_per_s": flops / seconds / 1e9,
+                     "fraction_of_peak": flops / seconds / machine["matmul_peak_flop_per_s"]}
+    row["speedup"] = row["transformers"]["seconds"] / row["nemojax"]["seconds"]
+    return row
 
 
-def _timed_forward(reference, x) -> float:
-    import torch
+def decode_versus(model, variables, hf: Reference, batch: int, sizes: dict, machine: dict) -> dict:
+    prompt, new, repeats = sizes["decode_prompt"], sizes["decode_new"], sizes["repeats"]
+    ids = np.random.default_rng(batch).integers(3, SHAPE["vocab_size"], (batch, prompt))
+    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=256)
+    reqs = requests(ids, new)
+    engine.generate(reqs)
+    hf.generate(ids, new), hf.generate(ids, 1)  # warm-up: the first calls of each length are much slower
+    ours, theirs = [], []
+    for _ in range(repeats):
+        run, completions = engine_run(engine, reqs)
+        ours.append(run["decode_tokens_per_s"])
+        tokens_per_s, hf_out = hf.decode_tokens_per_s(ids, new)
+        theirs.append(tokens_per_s)
+    out = np.asarray([c.output_ids for c in completions])
+    sequences = np.concatenate([ids, out], axis=1)
+    distinct = traffic.distinct_experts(model, variables, sequences, range(prompt, prompt + new - 1))
+    distinct_mean = [float(np.mean(layer)) for layer in distinct]
+    context = prompt + (new - 1) / 2  # mean cached tokens over the decoding steps
+    moved = traffic.decode_step_bytes(model.config, batch, context, distinct_mean)
+    bound_s = moved["total"] / machine["bandwidth_bytes_per_s"]
+    compute_s = traffic.decode_step_flops(model.config, batch, context) / machine["matmul_peak_flop_per_s"]
+    row = {"batch": batch, "prompt": prompt, "new_tokens": new, "distinct_experts_per_moe_layer": distinct_mean,
+           "step_bytes": moved, "bandwidth_bound_step_s": bound_s, "compute_bound_step_s": compute_s,
+           "greedy_tokens_equal": bool(np.array_equal(out, hf_out))}
+    for name, rates in (("nemojax", ours), ("transformers", theirs)):
+        rate = float(np.median(rates))
+        step_s = batch / rate
+        row[name] = {"tokens_per_s": rate, "step_s": step_s, "bandwidth_bound_fraction": bound_s / step_s}
+    row["speedup"] = row["nemojax"]["tokens_per_s"] / row["transformers"]["tokens_per_s"]
+    return row
 
-    begin = time.perf_counter()
-    with torch.no_grad():
-        reference(input_ids=x, use_cache=True)
-    return time.perf_counter() - begin
+
+def measure_machine() -> dict:
+    return {"matmul_peak_flop_per_s": traffic.measured_matmul_peak(),
+            "bandwidth_bytes_per_s": traffic.measured_bandwidth(), "load_average": os.getloadavg()}
 
 
 def context_scaling(contexts: list[int], new: int) -> list[dict]:
@@ -154,15 +235,40 @@ def speculation(train_steps: int, batches: list[int], drafts: list[int], new: in
 
 
 def markdown(results: dict) -> str:
-    v = results["versus_transformers"]
+    m, v = results["machine"], results["versus_transformers"]
+    p = v["prefill"]
     lines = [f"# Serving benchmark ({results['device']})", "",
-             f"## nemojax vs transformers (pattern {PATTERN}, hidden 256, 32 experts; batch {v['batch']}, "
-             f"prompt {v['prompt']}, {v['new_tokens']} new tokens, greedy, float32)", "",
-             "| | prefill tokens/s | decode tokens/s |", "|---|---|---|"]
+             f"Conditions: {results['conditions']}", "",
+             f"Machine, measured in this run: float32 matmul peak {m['matmul_peak_flop_per_s'] / 1e9:.1f} GFLOP/s "
+             f"(2048^3, best of 5), read bandwidth {m['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+             "(512 MB sum, best of 5).", "",
+             f"## nemojax vs transformers (pattern {PATTERN}, hidden 256, 32 experts top-4, float32, same checkpoint)",
+             "", f"Prefill {p['batch']} x {p['prompt']} tokens ({p['useful_gflop']:.2f} useful GFLOP), median of "
+             f"{results['sizes']['repeats']} interleaved runs:", "",
+             "| | seconds | tokens/s | GFLOP/s | fraction of matmul peak |", "|---|---|---|---|---|"]
     for name in ("nemojax", "transformers"):
-        lines.append(f"| {name} | {v[name]['prefill_tokens_per_s']:.0f} | {v[name]['decode_tokens_per_s']:.1f} |")
-    lines += [f"| speed-up | {v['prefill_speedup']:.1f}x | {v['decode_speedup']:.1f}x |", "",
-              "## Decode time per token vs context (batch 1)", "",
+        r = p[name]
+        lines.append(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['gflop_per_s']:.1f} | "
+                     f"{r['fraction_of_peak']:.2f} |")
+    lines += [f"| speed-up | {p['speedup']:.2f}x | | | |", "",
+              f"Greedy decoding, {v['decode'][0]['prompt']}-token prompts, {v['decode'][0]['new_tokens']} new tokens "
+              f"(bound: the bytes a step must move over the read bandwidth; bench/traffic.py):", "",
+              "| batch | nemojax tokens/s | transformers tokens/s | speed-up | nemojax ms/step "
+              "| bandwidth-bound ms/step | fraction of bound | step MB | distinct experts/layer | tokens equal |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in v["decode"]:
+        lines.append(f"| {r['batch']} | {r['nemojax']['tokens_per_s']:.0f} | {r['transformers']['tokens_per_s']:.0f} | "
+                     f"{r['speedup']:.1f}x | {1e3 * r['nemojax']['step_s']:.3f} | "
+                     f"{1e3 * r['bandwidth_bound_step_s']:.3f} | "
+                     f"{r['nemojax']['bandwidth_bound_fraction']:.2f} | {r['step_bytes']['total'] / 1e6:.1f} | "
+                     f"{np.mean(r['distinct_experts_per_moe_layer']):.1f} | {r['greedy_tokens_equal']} |")
+    one = {r["batch"]: r["nemojax"]["tokens_per_s"] for r in v["decode"]}
+    if 1 in one:
+        lines += ["", "nemojax tokens/s relative to batch 1: " + ", ".join(
+            f"batch {b}: {rate / one[1]:.2f}x" for b, rate in one.items())]
+    if "context_scaling" not in results:
+        return "\n".join(lines) + "\n"
+    lines += ["", "## Decode time per token vs context (batch 1)", "",
               "| context | hybrid ms/token | attention-only ms/token |", "|---|---|---|"]
     by = {(r["model"], r["context"]): r["ms_per_token"] for r in results["context_scaling"]}
     for context in sorted({r["context"] for r in results["context_scaling"]}):
@@ -180,24 +286,37 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run)")
+    parser.add_argument("--versus-only", action="store_true", help="only the machine and the transformers comparison")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats per comparison")
+    parser.add_argument("--decode-new", type=int, default=None, help="new tokens per decoding comparison")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
-    sizes = dict(batch=4, prompt=512, new=64, contexts=[512, 2048, 8192], train_steps=150, spec_batches=[1, 4],
-                 drafts=[1, 2, 3])
+    sizes = dict(prefill_batch=4, prefill_prompt=512, decode_batches=[1, 8, 32], decode_prompt=64, decode_new=128,
+                 repeats=5, contexts=[512, 2048, 8192], train_steps=150, spec_batches=[1, 4], drafts=[1, 2, 3])
     if args.quick:
-        sizes = dict(batch=2, prompt=64, new=16, contexts=[128, 512], train_steps=20, spec_batches=[1], drafts=[2])
-    results = {
-        "device": f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPU cores",
-        "sizes": sizes,
-        "versus_transformers": versus_transformers(sizes["batch"], sizes["prompt"], sizes["new"]),
-        "context_scaling": context_scaling(sizes["contexts"], 32),
-        "speculation": speculation(sizes["train_steps"], sizes["spec_batches"], sizes["drafts"], 64),
-    }
+        sizes = dict(prefill_batch=2, prefill_prompt=64, decode_batches=[1, 8], decode_prompt=16, decode_new=8,
+                     repeats=2, contexts=[128, 512], train_steps=20, spec_batches=[1], drafts=[2])
+    if args.repeats:
+        sizes["repeats"] = args.repeats
+    if args.decode_new:
+        sizes["decode_new"] = args.decode_new
+    began = time.strftime("%Y-%m-%d %H:%M:%S")
+    machine = measure_machine()
+    results = {"device": f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPU cores",
+               "sizes": sizes, "machine": machine,
+               "versus_transformers": versus_transformers(sizes, machine)}
+    if not args.versus_only:
+        results["context_scaling"] = context_scaling(sizes["contexts"], 32)
+        results["speculation"] = speculation(sizes["train_steps"], sizes["spec_batches"], sizes["drafts"], 64)
+    results["conditions"] = (f"run {began} to {time.strftime('%H:%M:%S')}, load average (1/5/15 min) "
+                             f"{'/'.join(f'{x:.1f}' for x in machine['load_average'])} at the start and "
+                             f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end (a shared machine)")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "serve.json"), "w") as f:
+    name = "serve_versus" if args.versus_only else "serve"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=2, default=lambda o: dataclasses.asdict(o))
     table = markdown(results)
-    with open(os.path.join(args.out, "serve.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table)
     print(table)
 

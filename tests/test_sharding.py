@@ -208,7 +208,7 @@ def test_cached_decoding_on_mesh_equals_single_device(setup):
     assert _rel_err(logits, expected) < 1e-5
     kv, ssm = new_cache["layers"][1]["k"], new_cache["layers"][0]["ssm"]
     assert kv.sharding.is_equivalent_to(shardings["layers"][1]["k"], kv.ndim)
-    assert kv.addressable_shards[0].data.shape == (BATCH // 4, LENGTH, 1, cfg.head_dim)
+    assert kv.addressable_shards[0].data.shape == (BATCH // 4, 1, LENGTH, cfg.head_dim)  # [b, kv_heads, s, d]
     assert ssm.addressable_shards[0].data.shape == (BATCH // 4, 2, cfg.mamba_head_dim, cfg.ssm_state_size)
 
 

@@ -13,6 +13,8 @@ the tokens emitted since the host last drained them (`out`, `fill`, and their lo
   can hand the slot to a waiting request).
 - `release`: finish rows the host stops (stop strings, cancelled requests).
 - `drain`: what was emitted since the last drain (replicated on a mesh), and the emit buffer emptied.
+- `take_span` / `take_states` / `put_span` / `put_states`: copy one row's KV positions or its Mamba
+  states out of the slot state and back (the prefix cache's snapshots, `nemojax.generate.prefix_cache`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,31 @@ class Programs:
                                        state[name], value)
         return self.constrain(state)
 
+    # ---------------------------------------------------------------- prefix reuse
+    def _reused(self, cache: dict) -> dict:
+        """The caches a prefix snapshot holds: all of them (the MTP block's only when it drafts)."""
+        return {name: part for name, part in cache.items() if name != "mtp" or self.k}
+
+    def take_span(self, state: State, row, start, size: int) -> tuple:
+        """Row `row`'s KV entries (and validity) at positions [start, start + size)."""
+        return caches.row_span(self._reused(state["cache"]), row, start, size)
+
+    def take_states(self, state: State, row) -> tuple:
+        """Row `row`'s Mamba conv and SSM states and write positions."""
+        return caches.row_states(self._reused(state["cache"]), row)
+
+    def put_span(self, state: State, row, start, span: tuple) -> State:
+        """`take_span`'s inverse: `span` written at positions [start, ...) of row `row`."""
+        cache = state["cache"]
+        return self.constrain(dict(state, cache=dict(cache, **caches.put_row_span(self._reused(cache), row, start,
+                                                                                   span))))
+
+    def put_states(self, state: State, row, states: tuple) -> State:
+        """`take_states`'s inverse."""
+        cache = state["cache"]
+        return self.constrain(dict(state, cache=dict(cache, **caches.put_row_states(self._reused(cache), row,
+                                                                                      states))))
+
     # ---------------------------------------------------------------- decoding
     def segment(self, variables: dict, state: State, steps, exit_on_finish, *, use_sort: bool, greedy: bool,
                 logprobs: bool) -> State:
@@ -173,7 +200,7 @@ class Programs:
                                             method="forward")
         cache = caches.keep_rows(cache, state["cache"], ~state["done"])
         keys = sampling.row_keys(state["keys"], state["count"])
-        token = (jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32) if greedy
+        token = (sampling.greedy_tokens(logits[:, 0]) if greedy
                  else sampling.sample(keys, logits[:, 0], state["params"], use_sort))
         return self._emit(dict(state, cache=cache), token[:, None], jnp.ones_like(token),
                           logits if logprobs else None)
@@ -197,7 +224,7 @@ class Programs:
         drafts, draft_probs = [], []
         for j in range(k):
             if greedy:
-                draft = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+                draft = sampling.greedy_tokens(logits_bv)
             else:
                 probs = sampling.token_probs(logits_bv, params, use_sort)
                 draft = sampling.sample_from_probs(sampling.row_keys(state["keys"], count + j, stream=1), probs)

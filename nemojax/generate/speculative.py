@@ -47,7 +47,7 @@ def accept(keys_accept_b: jax.Array, keys_residual_b: jax.Array, drafts_bk: jax.
 def accept_greedy(drafts_bk: jax.Array, target_logits_bkv: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`accept` for an all-greedy batch without probabilities or randomness: the longest prefix of
     drafts equal to the target's argmax, then the target's argmax after it."""
-    target = jnp.argmax(target_logits_bkv, axis=-1).astype(jnp.int32)
+    target = sampling.greedy_tokens(target_logits_bkv)
     matches = drafts_bk == target[:, :drafts_bk.shape[1]]
     count = jnp.sum(jnp.cumprod(matches.astype(jnp.int32), axis=1), axis=1)
     return count.astype(jnp.int32), jnp.take_along_axis(target, count[:, None], axis=1)[:, 0]

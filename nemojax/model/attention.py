@@ -1,6 +1,7 @@
 """Grouped-query self-attention with no positional encoding (Nemotron-H `*` layers).
 
-Cache (decoding): {"k", "v": [b, max_len, kv_heads, head_dim], "valid": [b, max_len] bool}. Every row
+Cache (decoding): {"k", "v": [b, kv_heads, max_len, head_dim], "valid": [b, max_len] bool}, kv-head-major
+so that a decoding step reads it in place (`nemojax.ops.attention.gqa_attention_kv_major`). Every row
 has its own write position (`index`, [b]): entry j of row b holds the key of position j of that row's
 sequence, so rows of one batch can be at different lengths (continuous batching). A query at position
 p of row b sees the valid entries at positions <= p: with no positional encoding, the mask is all
@@ -25,13 +26,13 @@ from nemojax import sharding
 from nemojax.config import ModelConfig
 from nemojax.model import documents
 from nemojax.model.layers import Linear, default_init, dtype_of, scale_param
-from nemojax.ops.attention import gqa_attention
+from nemojax.ops.attention import gqa_attention, gqa_attention_kv_major
 
 KVCache = dict[str, jax.Array]
 
 
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "valid": jnp.zeros((batch, max_len), bool)}
 
@@ -42,16 +43,18 @@ def write_kv_cache(cache: KVCache, k_btkd: jax.Array, v_btkd: jax.Array, valid_b
 
     `slot` None: `cache` is this layer's own. Otherwise `cache` is stacked over layers and `slot` is this
     layer's row. Positions past the cache's end are dropped (never clamped onto earlier entries).
-    Returns (new cache, this layer's keys [b, s, kv, d], values, validity [b, s]).
+    Returns (new cache, this layer's keys [b, kv, s, d], values, validity [b, s]).
     """
     b, t = valid_bt.shape
     rows = jnp.arange(b)[:, None]
     positions = jnp.broadcast_to(index_b, (b,))[:, None] + jnp.arange(t)[None, :]
-    where = (rows, positions) if slot is None else (slot, rows, positions)
+    valid_at = (rows, positions) if slot is None else (slot, rows, positions)
+    # [.., b, kv, s, d] indexed at (rows, :, positions): the indexed [b, t] comes first, then kv, d
+    kv_at = (rows, slice(None), positions) if slot is None else (slot, rows, slice(None), positions)
     new = {
-        "k": cache["k"].at[where].set(k_btkd.astype(cache["k"].dtype), mode="drop"),
-        "v": cache["v"].at[where].set(v_btkd.astype(cache["v"].dtype), mode="drop"),
-        "valid": cache["valid"].at[where].set(valid_bt, mode="drop"),
+        "k": cache["k"].at[kv_at].set(k_btkd.astype(cache["k"].dtype), mode="drop"),
+        "v": cache["v"].at[kv_at].set(v_btkd.astype(cache["v"].dtype), mode="drop"),
+        "valid": cache["valid"].at[valid_at].set(valid_bt, mode="drop"),
     }
     if slot is None:
         return new, new["k"], new["v"], new["valid"]
@@ -90,9 +93,9 @@ class Attention(nn.Module):
             new_cache, k, v, valid = write_kv_cache(cache, k, v, valid, index, slot)
             k, v, offset = k.astype(dtype), v.astype(dtype), index
             if doc_bt is not None:
-                key_doc = documents.key_documents(doc_bt, k.shape[1], index)
-        out = gqa_attention(q, k, v, causal_valid_bs=valid, query_offset=offset, query_doc_bt=doc_bt,
-                            key_doc_bs=key_doc)
+                key_doc = documents.key_documents(doc_bt, valid.shape[1], index)
+        attend = gqa_attention if cache is None else gqa_attention_kv_major  # the cache is kv-head-major
+        out = attend(q, k, v, causal_valid_bs=valid, query_offset=offset, query_doc_bt=doc_bt, key_doc_bs=key_doc)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         out_init = default_init(0.02 / math.sqrt(2 * c.num_layers))
         out = Linear(c.hidden_size, ("heads", "embed"), dtype, pdtype, out_init, config=c, name="o_proj")(

@@ -4,9 +4,10 @@ computed in a latent space, plus a shared expert on the full-width input.
 The router runs in float32. `e_score_correction_bias` lives in the `buffers` collection: it only
 chooses experts (it never weights them) and is updated by load balancing, not by gradients.
 Routed experts are dropless: token copies are sorted by expert and go through one grouped matmul
-per projection (`nemojax.ops.expert_banks.bank_matmul`, for float, FP8 or NVFP4 experts), never every
-expert on every token. Expert-parallel (an "expert" mesh axis) they may be bounded by
-`moe_capacity_factor` (dropped copies are counted).
+per projection (`nemojax.ops.expert_banks.bank_matmul`, for float, FP8 or NVFP4 experts; float experts
+both projections at once, `nemojax.ops.expert_banks.bank_mlp`), never every expert on every token.
+Expert-parallel (an "expert" mesh axis) they may be bounded by `moe_capacity_factor` (dropped copies
+are counted).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from nemojax.model.layers import (
     weight_format,
 )
 from nemojax.model.mlp import MLP
-from nemojax.ops.expert_banks import Bank, as_bank, bank_matmul, num_experts
+from nemojax.ops.expert_banks import Bank, as_bank, bank_mlp, num_experts
 from nemojax.ops.expert_parallel import expert_parallel_moe, uses_expert_parallelism
 from nemojax.quant.nvfp4 import BLOCK
 
@@ -66,8 +67,7 @@ def dropless_experts(x_td: jax.Array, ids_tk: jax.Array, weights_tk: jax.Array, 
     order = jnp.argsort(flat_ids, stable=True)
     token = order // k
     group_sizes = jnp.bincount(flat_ids, length=num_experts(up))
-    h = relu2(bank_matmul(x_td[token], up, group_sizes, kernels=kernels))
-    y = bank_matmul(h, down, group_sizes, kernels=kernels)
+    y = bank_mlp(x_td[token], up, down, group_sizes, relu2, kernels=kernels)
     y = y.astype(jnp.float32) * weights_tk.reshape(-1)[order][:, None]
     return jnp.zeros((t, y.shape[-1]), jnp.float32).at[token].add(y)
 

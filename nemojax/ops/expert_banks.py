@@ -7,6 +7,7 @@ A bank is a dict of per-expert arrays stacked on a leading expert axis (a bare a
 - nvfp4: {"weight": uint8 [E, N, K/2], "weight_scale": float8_e4m3fn [E, N, K/16],
           "weight_scale_2": float32 [E]}   (the ModelOpt layout: [out, in], packed along in)
 
+`bank_mlp` runs both projections of the experts (float banks: `nemojax.ops.expert_mlp.grouped_mlp`).
 `bank_matmul` dispatches to the float expert matmul (`expert_matmul`, replaceable in a context with
 `use_expert_matmul`: the planner compiles GPU code this way), `grouped_fp8_matmul` or the NVFP4 grouped
 matmul (reference or Pallas kernel, `nemojax.ops.dispatch`);
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from nemojax.ops import dispatch
+from nemojax.ops.expert_mlp import grouped_mlp
 from nemojax.ops.grouped_matmul import grouped_matmul
 from nemojax.ops.quantized_matmul import grouped_fp8_matmul
 from nemojax.quant.nvfp4 import BLOCK
@@ -36,9 +38,10 @@ Matmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def expert_matmul(x_mk: jax.Array, w_ekn: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
-    """The float experts' grouped matmul: weights cast to the activations' dtype, float32 results (so the
-    weight gradient leaves the matmul in float32 and is reduced across devices in float32)."""
-    return grouped_matmul(x_mk, w_ekn.astype(x_mk.dtype), group_sizes_e, preferred_element_type=jnp.float32)
+    """The float experts' grouped matmul: each chosen expert's weight cast to the activations' dtype (a
+    decoding step converts only the routed experts, never the whole bank), float32 results (so the weight
+    gradient leaves the matmul in float32 and is reduced across devices in float32)."""
+    return grouped_matmul(x_mk, w_ekn, group_sizes_e, preferred_element_type=jnp.float32)
 
 
 _EXPERT_MATMUL: contextvars.ContextVar[Matmul] = contextvars.ContextVar("expert_matmul", default=expert_matmul)
@@ -87,6 +90,17 @@ def bank_matmul(x_mk: jax.Array, bank: Bank, group_sizes_e: jax.Array, *, kernel
     if fmt == "nvfp4-train":
         return nvfp4_train_grouped_matmul(x_mk, bank["kernel"], group_sizes_e, bank["train_rng"])
     return current_expert_matmul()(x_mk, bank["kernel"], group_sizes_e).astype(x_mk.dtype)
+
+
+def bank_mlp(x_mk: jax.Array, up: Bank, down: Bank, group_sizes_e: jax.Array,
+             activation: Callable[[jax.Array], jax.Array], *, kernels: str = "auto") -> jax.Array:
+    """activation(x @ up[g]) @ down[g] for rows sorted by expert: [M, N] in x's dtype. Float banks with the
+    default expert matmul take `grouped_mlp` (both projections in one pass over the experts on CPU, the
+    same values); otherwise two `bank_matmul` calls."""
+    if bank_format(up) == bank_format(down) == "float" and current_expert_matmul() is expert_matmul:
+        return grouped_mlp(x_mk, up["kernel"], down["kernel"], group_sizes_e, activation)
+    h = activation(bank_matmul(x_mk, up, group_sizes_e, kernels=kernels))
+    return bank_matmul(h, down, group_sizes_e, kernels=kernels)
 
 
 def num_experts(bank: Bank) -> int:

@@ -6,9 +6,9 @@
   float32 product (one multiply per output instead of one per weight).
 - `nvfp4_matmul(x, packed_nk, block_scale_nk, global_scale)` (W4A16): the ModelOpt layout [N, K/2]
   (see `nemojax.quant.nvfp4`), dequantised to x's dtype, then x @ W.T.
-- `grouped_fp8_matmul(x, w_ekn, scale_e, group_sizes)`: FP8 experts through `grouped_matmul` (the
-  upcast is exact), each row's output scaled by its expert's scale. (NVFP4 experts have their own op,
-  `nemojax.ops.grouped_matmul_nvfp4`.)
+- `grouped_fp8_matmul(x, w_ekn, scale_e, group_sizes)`: FP8 experts through `grouped_matmul` (which
+  upcasts only the routed experts, exactly), each row's output scaled by its expert's scale. (NVFP4
+  experts have their own op, `nemojax.ops.grouped_matmul_nvfp4`.)
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def grouped_fp8_matmul(x_mk: jax.Array, w_ekn: jax.Array, scale_e: jax.Array, gr
     if scale_e.shape != w_ekn.shape[:1] or x_mk.shape[-1] != w_ekn.shape[1]:
         raise QuantizationError(f"grouped_fp8_matmul: x {tuple(x_mk.shape)}, weight {tuple(w_ekn.shape)} and scale "
                                 f"{tuple(scale_e.shape)} disagree (expected [M, K], [E, K, N], [E])")
-    y = grouped_matmul(x_mk, w_ekn.astype(x_mk.dtype), group_sizes_e, preferred_element_type=jnp.float32)
+    y = grouped_matmul(x_mk, w_ekn, group_sizes_e, preferred_element_type=jnp.float32)
     row = jnp.arange(x_mk.shape[0], dtype=jnp.int32)
     group = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes_e), row, side="right"), w_ekn.shape[0] - 1)
     return (y * scale_e.astype(jnp.float32)[group][:, None]).astype(x_mk.dtype)

@@ -19,22 +19,30 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _F32 = jnp.float32
 
 
-def _segment_sum(a_bclh: jax.Array) -> jax.Array:
-    """seg[..., i, j, h] = sum_{j < k <= i} a[k] for i >= j, -inf above the diagonal.
+def _segment_sum(a_l: jax.Array) -> jax.Array:
+    """seg[..., i, j] = sum_{j < k <= i} a[..., k] for i >= j, -inf above the diagonal.
 
     Summing masked copies (rather than subtracting cumulative sums) keeps it accurate when the
-    cumulative decay is large.
+    cumulative decay is large. The masked sums are one matmul against a constant 0/1 tensor
+    [i, j, k] (exact products, float32 sums): a cumulative sum on CPU is a windowed reduction that
+    XLA fuses into, and recomputes for, every consumer element.
     """
-    length = a_bclh.shape[2]
-    a_bclsh = jnp.broadcast_to(a_bclh[:, :, :, None, :], a_bclh.shape[:3] + (length,) + a_bclh.shape[3:])
-    strict = jnp.tril(jnp.ones((length, length), bool), -1)[None, None, :, :, None]
-    seg = jnp.cumsum(jnp.where(strict, a_bclsh, 0.0), axis=2)
-    causal = jnp.tril(jnp.ones((length, length), bool))[None, None, :, :, None]
-    return jnp.where(causal, seg, -jnp.inf)
+    length = a_l.shape[-1]
+    k = np.arange(length)
+    pick_ijk = (k[None, None, :] <= k[:, None, None]) & (k[None, None, :] > k[None, :, None])
+    seg = jnp.einsum("ijk,...k->...ij", jnp.asarray(pick_ijk, a_l.dtype), a_l, precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(np.tril(np.ones((length, length), bool)), seg, -jnp.inf)
+
+
+def _cumulative_sum(a_l: jax.Array) -> jax.Array:
+    """Running sum over the last axis, as a matmul with a lower-triangular 0/1 matrix (see above)."""
+    lower_ik = jnp.asarray(np.tril(np.ones((a_l.shape[-1],) * 2)), a_l.dtype)
+    return jnp.einsum("ik,...k->...i", lower_ik, a_l, precision=jax.lax.Precision.HIGHEST)
 
 
 def ssd_chunked(
@@ -49,6 +57,8 @@ def ssd_chunked(
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked SSD scan. Returns (y [b,t,h,p] float32, final state [b,h,p,n] float32).
 
+    Inside a chunk the arrays are laid out head-major ([b, chunk, g, r, L, ...]) so that each of the
+    scan's matmuls has its batch dimensions first and reads its operands without a transpose.
     With `doc_bt` every term that carries state from position j to position i is kept only when both
     are in the same document: inside a chunk, into a chunk's end state, and across chunks.
     """
@@ -60,34 +70,34 @@ def ssd_chunked(
     x, dt, bm, cm = (jnp.pad(v.astype(_F32), [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2))
                      for v in (x_bthp, dt_bth, b_btgn, c_btgn))
     nc, L = (t + pad) // chunk_size, chunk_size
-    x = x.reshape(b, nc, L, g, r, p)
-    dt = dt.reshape(b, nc, L, h)
-    bm = bm.reshape(b, nc, L, g, n)
-    cm = cm.reshape(b, nc, L, g, n)
+    x_bcgrlp = x.reshape(b, nc, L, g, r, p).transpose(0, 1, 3, 4, 2, 5)
+    dt_bcgrl = dt.reshape(b, nc, L, g, r).transpose(0, 1, 3, 4, 2)
+    bm_bcgln = bm.reshape(b, nc, L, g, n).transpose(0, 1, 3, 2, 4)
+    cm_bcgln = cm.reshape(b, nc, L, g, n).transpose(0, 1, 3, 2, 4)
 
-    a_bclh = dt * a_h.astype(_F32)
-    a_cum_bclh = jnp.cumsum(a_bclh, axis=2)
-    decay_bclsh = jnp.exp(_segment_sum(a_bclh)).reshape(b, nc, L, L, g, r)
-    to_end_bclh = jnp.exp(a_cum_bclh[:, :, -1:, :] - a_cum_bclh).reshape(b, nc, L, g, r)
-    chunk_decay_bch = jnp.exp(a_cum_bclh[:, :, -1, :]).reshape(b, nc, g, r)
-    from_start = jnp.exp(a_cum_bclh).reshape(b, nc, L, g, r)
+    a_bcgrl = dt_bcgrl * a_h.astype(_F32).reshape(g, r)[:, :, None]
+    a_cum_bcgrl = _cumulative_sum(a_bcgrl)
+    decay_bcgrls = jnp.exp(_segment_sum(a_bcgrl))
+    to_end_bcgrl = jnp.exp(a_cum_bcgrl[..., -1:] - a_cum_bcgrl)
+    chunk_decay_bcgr = jnp.exp(a_cum_bcgrl[..., -1])
+    from_start_bcgrl = jnp.exp(a_cum_bcgrl)
     if doc_bt is not None:
         doc_bcl = jnp.pad(doc_bt, [(0, 0), (0, pad)], mode="edge").reshape(b, nc, L)
         end_bc = doc_bcl[:, :, -1]
         before_bc = jnp.concatenate([jnp.zeros_like(end_bc[:, :1]), end_bc[:, :-1]], axis=1)  # state entering
-        heads = lambda keep: keep.astype(_F32)[..., None, None]
-        decay_bclsh = decay_bclsh * heads(doc_bcl[:, :, :, None] == doc_bcl[:, :, None, :])
-        to_end_bclh = to_end_bclh * heads(doc_bcl == end_bc[:, :, None])
-        chunk_decay_bch = chunk_decay_bch * heads(end_bc == before_bc)
-        from_start = from_start * heads(doc_bcl == before_bc[:, :, None])
+        heads = lambda keep: keep.astype(_F32)[:, :, None, None]  # [b, c, ...] -> [b, c, 1, 1, ...]
+        decay_bcgrls = decay_bcgrls * heads(doc_bcl[:, :, :, None] == doc_bcl[:, :, None, :])
+        to_end_bcgrl = to_end_bcgrl * heads(doc_bcl == end_bc[:, :, None])
+        chunk_decay_bcgr = chunk_decay_bcgr * heads(end_bc == before_bc)
+        from_start_bcgrl = from_start_bcgrl * heads(doc_bcl == before_bc[:, :, None])
 
     # Inside each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(a_j+1..a_i) dt_j x_j.
-    cb_bclsg = jnp.einsum("bclgn,bcsgn->bclsg", cm, bm)
-    xdt = x * dt.reshape(b, nc, L, g, r)[..., None]
-    y_diag = jnp.einsum("bclsg,bclsgr,bcsgrp->bclgrp", cb_bclsg, decay_bclsh, xdt)
+    cb_bcgls = jnp.einsum("bcgln,bcgsn->bcgls", cm_bcgln, bm_bcgln)
+    xdt_bcgrlp = x_bcgrlp * dt_bcgrl[..., None]
+    y_diag = jnp.einsum("bcgrls,bcgrsp->bcgrlp", cb_bcgls[:, :, :, None] * decay_bcgrls, xdt_bcgrlp)
 
     # State contributed by each chunk alone, at the chunk's end.
-    chunk_states = jnp.einsum("bclgn,bclgr,bclgrp->bcgrpn", bm, to_end_bclh, xdt)
+    chunk_states = jnp.einsum("bcgln,bcgrlp->bcgrpn", bm_bcgln, xdt_bcgrlp * to_end_bcgrl[..., None])
 
     if initial_state_bhpn is None:
         state0 = jnp.zeros((b, g, r, p, n), _F32)
@@ -99,11 +109,11 @@ def ssd_chunked(
         return state * decay[..., None, None] + new, state
 
     final, prev_states = jax.lax.scan(
-        carry_over, state0, (jnp.moveaxis(chunk_decay_bch, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+        carry_over, state0, (jnp.moveaxis(chunk_decay_bcgr, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
     prev_states = jnp.moveaxis(prev_states, 0, 1)  # state entering each chunk [b,c,g,r,p,n]
 
-    y_off = jnp.einsum("bclgn,bcgrpn,bclgr->bclgrp", cm, prev_states, from_start)
-    y = (y_diag + y_off).reshape(b, nc * L, h, p)[:, :t]
+    y_off = jnp.einsum("bcgln,bcgrpn->bcgrlp", cm_bcgln, prev_states) * from_start_bcgrl[..., None]
+    y = (y_diag + y_off).transpose(0, 1, 4, 2, 3, 5).reshape(b, nc * L, h, p)[:, :t]
     return y, final.reshape(b, h, p, n)
 
 
@@ -123,9 +133,11 @@ def ssd_step(
     decay = jnp.exp(dt * a_h.astype(_F32).reshape(g, r))
     x = x_bhp.astype(_F32).reshape(b, g, r, p)
     state = state_bhpn.astype(_F32).reshape(b, g, r, p, n)
-    state = state * decay[..., None, None] + jnp.einsum(
-        "bgr,bgrp,bgn->bgrpn", dt, x, b_bgn.astype(_F32))
-    y = jnp.einsum("bgrpn,bgn->bgrp", state, c_bgn.astype(_F32))
+    bm, cm = b_bgn.astype(_F32), c_bgn.astype(_F32)
+    xdt = x * dt[..., None]
+    # y = new_state . C, expanded so that it reads the old state (no second pass over the new one).
+    y = decay[..., None] * jnp.einsum("bgrpn,bgn->bgrp", state, cm) + xdt * jnp.sum(bm * cm, axis=-1)[:, :, None, None]
+    state = state * decay[..., None, None] + xdt[..., None] * bm[:, :, None, None, :]
     return y.reshape(b, h, p), state.reshape(b, h, p, n)
 
 

@@ -204,8 +204,8 @@ def place(value: Any, sharding: NamedSharding) -> jax.Array:
 
 # Decoding-cache leaves (see `nemojax.model.init_cache`) by their key: logical axes per dimension.
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": ("batch", "length", "kv_heads", None),
-    "v": ("batch", "length", "kv_heads", None),
+    "k": ("batch", "kv_heads", "length", None),
+    "v": ("batch", "kv_heads", "length", None),
     "valid": ("batch", "length"),
     "conv": ("batch", None, "conv_dim"),
     "ssm": ("batch", "mamba_heads", None, None),
