@@ -20,8 +20,8 @@ of the decoding cache, read in place (with [b, s, kv_heads, d] every decoding st
 the whole cache into that order). With at most FEW_QUERIES queries (decoding, speculative
 verification) the scores are computed keys-first ([s, d] keys times the few [d] queries): the keys,
 the big operand, are then read in their stored order, where queries-first reads them transposed
-(measured on CPU, bench/results/serve.md: about 2x less attention time per decoding step at batch 8
-than products summed over one axis, the earlier form, and no copy of the cache).
+(measured on CPU against products summed over one axis, the earlier form: a little slower at batch 1,
+faster from batch 2 on, no copy of the cache; bench/results/decode_scaling.md).
 """
 
 from __future__ import annotations

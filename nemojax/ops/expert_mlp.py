@@ -5,8 +5,8 @@ experts' `expert_matmul`) with the activation between them (the reference, used
 on GPU/TPU and for many rows). On CPU at decoding sizes (at most FUSED_MAX_ROWS rows) it runs one loop
 over the non-empty one-group tiles of rows that applies both projections of a tile's expert before
 moving on: half the loop iterations of two grouped matmuls, and the tile's hidden activations never
-leave the cache (measured in bench/serve.py's model: a decoding step's routed experts about 0.2 ms
-faster at batch 1 and 0.4 ms at batch 8 on a loaded 2-core machine). The products are the same ones,
+leave the cache (measured faster at batch 1 and 8 in bench/serve.py's model, see
+bench/results/decode_scaling.md). The products are the same ones,
 in the same dtypes, so the values are equal. Its backward is the reference's (recomputed), so
 training at these sizes pays one extra forward of the experts; larger batches take the reference.
 """
