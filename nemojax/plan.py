@@ -3,14 +3,15 @@
     python -m nemojax.plan CONFIG [--mesh data=..,fsdp=..,tensor=..,expert=..] [--devices N]
         [--weights bf16|fp8|nvfp4-experts|nvfp4|release] [--batch B --seq-len T] [--prefill-chunk C] [--train]
         [--remat none|full|dots] [--grouped-matmul kernel|ragged-dot|cpu-tiled] [--device h100-80gb|h200|...]
-        [--json] [--no-compile]
+        [--kv-cache-dtype fp8|bf16|fp32] [--context-parallel] [--request-tokens N] [--json] [--no-compile]
 
 CONFIG is a configs/ name (tiny, nano, super, ultra), a configs/*.py file, a config.json or a
 checkpoint directory (Hugging Face, a nemojax model directory, a training workdir or step directory).
 Activation memory comes from ahead-of-time compiles on as many fake CPU devices as the mesh has (no
 real memory is used). A mesh axis with more shards than the model can use (tensor beyond the heads,
 expert beyond the experts, fsdp beyond the hidden size, data beyond the batch) is refused before any
-device is simulated. See docs/planning.md.
+device is simulated. A serving plan also reports the whole cache of one request of --request-tokens
+tokens (default 1,048,576) with bf16 and with fp8 KV. See docs/planning.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from nemojax.cli.common import int_in, report_errors
-from nemojax.config import INT32_MAX, resolve_model_config
+from nemojax.config import INT32_MAX, KV_CACHE_DTYPES, resolve_model_config
 from nemojax.errors import ConfigError
 from nemojax.planning.layout import MAX_DEVICES, check_mesh_for_model, mesh_devices, mesh_text, use_fake_cpu_devices
 from nemojax.planning.matmuls import GROUPED_MATMUL_CHOICES
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the routed experts are compiled: a grouped GEMM kernel (default), XLA's ragged_dot "
                         "lowering, or the CPU path (docs/planning.md)")
     p.add_argument("--device", default="h200", choices=sorted(DEVICE_MEMORY), help="accelerator memory to check")
+    p.add_argument("--kv-cache-dtype", default=None, choices=sorted(KV_CACHE_DTYPES),
+                   help="serving: K/V storage of the attention caches (default: the compute dtype)")
+    p.add_argument("--context-parallel", action="store_true",
+                   help="serving: KV caches sharded along the sequence over the mesh axes the batch leaves unused")
+    p.add_argument("--request-tokens", type=int_in(1), default=2**20,
+                   help="serving: report the whole cache of one request this long (default 1,048,576)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--no-compile", action="store_true", help="skip the activation compiles (fast)")
     return p
@@ -83,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
     check_mesh_for_model(mesh_shape, config, args.batch, compile=not args.no_compile)
     request = PlanRequest(mesh_shape=mesh_shape, weights=args.weights, batch=args.batch, seq_len=args.seq_len,
                           prefill_chunk=args.prefill_chunk, train=args.train, device=args.device,
-                          compile_activations=not args.no_compile, grouped_matmul=args.grouped_matmul)
+                          compile_activations=not args.no_compile, grouped_matmul=args.grouped_matmul,
+                          kv_cache_dtype=args.kv_cache_dtype, request_tokens=args.request_tokens,
+                          context_parallel=args.context_parallel)
     request.validate()  # everything is checked before a device is simulated
     use_fake_cpu_devices(1 if args.no_compile else mesh_devices(mesh_shape))
     plan = make_plan(config, request, name=args.config)

@@ -88,6 +88,7 @@ def _serve(checkpoint: str, prompts: str, output: str, devices: int, *extra: str
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     command = [sys.executable, os.path.join(REPO, "serve.py"), "--checkpoint", checkpoint, "--prompts", prompts,
                "--output", output, "--max-new-tokens", "6", "--ignore-eos", "--batch-size", "4", "--no-progress",
+               "--prefix-block", "4",
                *(["--mesh", "data=2,tensor=2,expert=2"] if mesh else []), *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -95,7 +96,8 @@ def _serve(checkpoint: str, prompts: str, output: str, devices: int, *extra: str
 def test_serve_py_two_processes_match_one_process(tmp_path):
     """serve.py on 2 processes x 4 devices (sharded weights and caches, expert parallelism) writes the
     same completions as 1 process x 8 devices without --mesh (the default: fsdp over all 8); so do 2
-    processes x 4 devices without --mesh."""
+    processes x 4 devices without --mesh. The last line restores 8 tokens from the prefix cache (sharded
+    caches copied out and back, the same schedule on every process)."""
     import jax
 
     from nemojax.checkpoint.orbax import save_model
@@ -113,11 +115,13 @@ def test_serve_py_two_processes_match_one_process(tmp_path):
     rng = np.random.default_rng(0)
     lines = [{"input_ids": rng.integers(3, 64, n).tolist()} for n in (3, 11, 6, 9, 4)]
     lines[2]["temperature"], lines[2]["seed"] = 0.9, 5
+    lines[4]["input_ids"] = lines[1]["input_ids"][:8] + lines[4]["input_ids"]  # waits for a slot, then a prefix hit
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     one, two, default = (str(tmp_path / f"{name}.jsonl") for name in ("one", "two", "default"))
     port, default_port = _free_port(), _free_port()
-    runs = [_serve(checkpoint, str(prompts), one, 8, mesh=False)] + [
-        _serve(checkpoint, str(prompts), two, 4, *_joined(i, port)) for i in range(2)]
+    stats = [str(tmp_path / f"stats{i}.json") for i in range(2)]
+    runs = [_serve(checkpoint, str(prompts), one, 8, "--stats", stats[0], mesh=False)] + [
+        _serve(checkpoint, str(prompts), two, 4, "--stats", stats[1], *_joined(i, port)) for i in range(2)]
     for run in runs:
         _finish(run)
     for run in [_serve(checkpoint, str(prompts), default, 4, *_joined(i, default_port), mesh=False) for i in range(2)]:
@@ -126,6 +130,7 @@ def test_serve_py_two_processes_match_one_process(tmp_path):
     assert len(want) == 5 and all(len(r["output_ids"]) == 6 for r in want)
     assert [json.loads(line) for line in open(two)] == want
     assert [json.loads(line) for line in open(default)] == want
+    assert [json.load(open(path))["cached_tokens"] for path in stats] == [8, 8]
 
 
 def test_cluster_detection_and_flag_checks(monkeypatch):

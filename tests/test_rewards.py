@@ -26,6 +26,13 @@ def test_format_check_is_a_full_match():
     assert score("format", "12", {"pattern": pattern}).value == 0.0
 
 
+def test_balanced_brackets_scores_prompt_plus_answer():
+    assert score("balanced_brackets", "))", {"prompt": "(()("}).value == 1.0
+    assert score("balanced_brackets", ")", {"prompt": "(()("}).value == 0.0
+    assert score("balanced_brackets", ")x)", {"prompt": "(()("}).value == 0.0
+    assert score("balanced_brackets", ")(", {"prompt": "("}).value == 0.0  # closes early, then reopens
+
+
 def test_unit_tests_pass_and_fail():
     assert score("unit_tests", SOLUTION, {"tests": TESTS}) == (1.0, None)
     wrong = SOLUTION.replace("a + b", "a - b")
@@ -43,7 +50,8 @@ def test_a_hanging_program_times_out_and_its_children_die(tmp_path):
     assert time.monotonic() - start < 10
     time.sleep(2.5)
     assert not marker.exists()
-    assert score("unit_tests", "while True:\n    pass", {"tests": "", "timeout_s": 0.5}) == (0.0, None)
+    value, error = score("unit_tests", "while True:\n    pass", {"tests": "", "timeout_s": 0.5})
+    assert value == 0.0 and "TimeoutError" in error and "timed out" in error  # counted as a failed reward
 
 
 def test_memory_and_file_limits_stop_the_program():

@@ -1,5 +1,6 @@
 """serve.py end to end on a tiny nemojax checkpoint with a tokenizer: every kind of line, bad lines
-reported in place, stop strings, statistics, and exit status 2 for unreadable input."""
+reported in place, stop strings, statistics, the prefix cache's flags, and exit status 2 for unreadable
+input."""
 
 import json
 import shutil
@@ -10,6 +11,7 @@ import pytest
 import serve
 from nemojax.chat import render_messages
 from nemojax.checkpoint.orbax import LAYOUT_VERSION, save_model
+from nemojax.cli import serve as serve_cli
 from nemojax.config import from_hf_config
 from nemojax.generate import Defaults, Engine
 from nemojax.generate.loading import load_checkpoint, load_encoder
@@ -80,6 +82,29 @@ def test_cli_serves_every_line_kind_and_reports_bad_lines(checkpoint, tmp_path):
     assert 0 <= summary["acceptance_rate"] <= 1 and summary["num_draft_tokens"] == 2
     # each verification yields its accepted drafts plus one token of its own
     assert summary["mean_accepted_length"] == pytest.approx(1 + 2 * summary["acceptance_rate"])
+
+
+def test_cli_prefix_cache_restores_a_shared_prompt_and_reports_it(checkpoint, tmp_path):
+    """The second line extends the first (30 tokens): it restores 3 blocks of 8 and prefills the other 16;
+    --stats reports it with the timings. --no-prefix-cache (or 0 GB) builds no cache."""
+    first = list(range(20, 50))
+    lines = [json.dumps({"input_ids": first}), json.dumps({"input_ids": first + list(range(60, 70))})]
+    prompts, output, stats = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "stats.json"
+    prompts.write_text("\n".join(lines) + "\n")
+    flags = ["--checkpoint", str(checkpoint), "--prompts", str(prompts), "--output", str(output)]
+    assert serve.main(flags + ["--max-new-tokens", "2", "--batch-size", "1", "--prefix-block", "8",
+                               "--prefill-chunk", "16", "--stats", str(stats), "--no-progress"]) == 0
+    summary = json.loads(stats.read_text())
+    assert summary["cached_tokens"] == 24 and summary["prefill_tokens"] == 30 + 16
+    assert summary["prefill_seconds"] > 0 and summary["decode_seconds"] > 0 and summary["ttft_seconds"] > 0
+    assert summary["decode_ms_per_token"] == pytest.approx(1000 * summary["decode_seconds"] / 2)  # 1 per request
+    options = serve_cli.engine_options(serve_cli.parse_args(flags))
+    assert options["prefix_cache_bytes"] == int(serve_cli.DEFAULT_PREFIX_CACHE_GB * 1e9) > 0
+    model, variables = load_checkpoint(str(checkpoint))
+    for off in (["--no-prefix-cache"], ["--prefix-cache-gb", "0"]):
+        options = serve_cli.engine_options(serve_cli.parse_args(flags + off))
+        assert options["prefix_cache_bytes"] == 0
+        assert Engine(model, variables, eos_ids=(2,), **options).prefix_cache is None
 
 
 def test_stop_strings_cut_text_and_ids(checkpoint):

@@ -1,7 +1,8 @@
 """The OpenAI-compatible server on loopback, driven by the official `openai` client: chat and completions,
 streaming equal to plain responses (greedy), n > 1, log-probabilities, stop strings, reasoning split,
 tools and tool messages accepted, 400s for bad requests, a client that disconnects mid-stream frees its
-slot, /health, /models, /metrics, and greedy server output equal to serve.py's jsonl mode."""
+slot, /health, /models, /metrics, greedy server output equal to serve.py's jsonl mode, and the prefix
+cache's restored tokens in usage."""
 
 import json
 import socket
@@ -65,7 +66,7 @@ def server(checkpoint):
     encoder, tokenizer = load_encoder(str(checkpoint))
     model, variables = load_checkpoint(str(checkpoint))
     engine = Engine(model, variables, eos_ids=(2,) + end_of_turn_ids(tokenizer), think_end_id=encoder.think_end_id,
-                    prefill_chunk=16, top_logprobs=20)
+                    prefill_chunk=16, top_logprobs=20, prefix_cache_bytes=10**8, prefix_block_size=16)
 
     def stop_finder(request):
         finder = StopStrings(request.stop, tokenizer)
@@ -122,6 +123,19 @@ def test_completions_plain_and_streamed_agree(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         choice.finish_reason]
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_usage_reports_the_tokens_restored_from_the_prefix_cache(client):
+    """A prompt of 40 tokens leaves the blocks of 16 ending at 16 and 32 in the cache: a longer prompt that
+    starts with it restores 32 tokens, and the same prompt again restores 32 and answers as it did from
+    nothing (equality with recomputation in detail is tests/test_scheduler.py's)."""
+    first = list(range(300, 340))
+    one = client.completions.create(model="tiny", prompt=first, **GREEDY)
+    assert one.usage.prompt_tokens == 40 and one.usage.prompt_tokens_details.cached_tokens == 0
+    two = client.completions.create(model="tiny", prompt=first + list(range(400, 410)), **GREEDY)
+    assert two.usage.prompt_tokens == 50 and two.usage.prompt_tokens_details.cached_tokens == 32
+    again = client.completions.create(model="tiny", prompt=first, **GREEDY)
+    assert again.usage.prompt_tokens_details.cached_tokens == 32 and again.choices[0].text == one.choices[0].text
 
 
 def test_chat_plain_and_streamed_agree_with_reasoning_split(client):

@@ -6,11 +6,16 @@
         [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S] [--stop STR ...] [--ignore-eos]
         [--batch-size B] [--speculative mtp --num-draft-tokens K] [--reasoning on|off|medium|low]
         [--thinking-budget N] [--stats STATS.json] [--mesh data=..,fsdp=..,tensor=..,expert=..]
+        [--prefix-cache-gb GB | --no-prefix-cache] [--prefix-block N]
+        [--kv-cache-dtype fp8|bf16|fp32] [--context-parallel]
 
 Without --prompts, the server answers GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (streamed as server-sent events with "stream": true), GET /health and GET /metrics until interrupted;
 the command-line settings are the defaults of every request. Both modes run the same continuous-batching
-scheduler over --batch-size decode slots.
+scheduler over --batch-size decode slots, and the same prefix cache (on by default, --prefix-cache-gb
+of device memory): a prompt that starts with an earlier prompt's whole --prefix-block blocks restores
+their attention KV entries and Mamba states instead of prefilling them (`cached_tokens` in the stats
+and in the server's usage).
 
 PATH is a Hugging Face directory (published layout), a nemojax model directory, or a train.py
 workdir (latest checkpoint that restores, and its tokenizer). Input lines (split on "\n" only): {"prompt": ...},
@@ -29,6 +34,10 @@ before any work.
 may be -1 for the rest; the default fsdp=-1 uses every device of every process). Several hosts: start
 one process per host with the same arguments plus `--coordinator-address/--num-processes/--process-id`
 (or let a cluster such as SLURM be detected); process 0 writes the output.
+
+`--kv-cache-dtype` stores the attention layers' keys and values in FP8 (E4M3, with the checkpoint's
+per-tensor k_scale / v_scale when it has them, else scale 1), bfloat16 or float32 (default: the compute
+dtype); FP8 halves the KV cache of bfloat16 (accuracy cost: docs/long_context.md).
 """
 
 from __future__ import annotations
@@ -40,9 +49,11 @@ import math
 import os
 import sys
 
-from nemojax.cli.common import int_in, report_errors
+from nemojax.cli.common import float_in, int_in, report_errors
 
 MAX_DRAFT_TOKENS = 16
+KV_CACHE_CHOICES = ("fp8", "bf16", "fp32")  # the keys of nemojax.config.KV_CACHE_DTYPES (checked by a test)
+DEFAULT_PREFIX_CACHE_GB = 2.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -75,11 +86,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="server: requests that may wait for a slot; beyond them the server answers 429")
     p.add_argument("--served-model-name", default=None, help="server: the model id (default: the checkpoint's name)")
     p.add_argument("--prefill-chunk", type=int_in(1), default=256, help="prompt tokens per prefill step")
+    p.add_argument("--prefix-cache-gb", type=float_in(0, 1e6), default=DEFAULT_PREFIX_CACHE_GB,
+                   help="device memory (GB, 1e9 bytes) for the prefix cache: prompts that start with an earlier "
+                        "prompt's whole blocks restore them instead of prefilling them (0 = off)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="turn the prefix cache off")
+    p.add_argument("--prefix-block", type=int_in(1, 1 << 20), default=64, help="tokens per prefix-cache block")
     p.add_argument("--speculative", choices=["mtp"], default=None)
     p.add_argument("--num-draft-tokens", type=int_in(1, MAX_DRAFT_TOKENS), default=3)
     p.add_argument("--reasoning", choices=REASONING_MODES, default="on")
     p.add_argument("--thinking-budget", type=int_in(0), default=None, help="force </think> after N thinking tokens")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_CHOICES,
+                   help="K/V storage of the attention caches (default: the compute dtype)")
+    p.add_argument("--context-parallel", action="store_true",
+                   help="shard the KV caches along the sequence over the mesh axes the batch leaves unused")
     p.add_argument("--stats", default=None, help="write throughput statistics (JSON) here")
     p.add_argument("--mesh", default="fsdp=-1",
                    help="device mesh, e.g. tensor=4,expert=2; -1 takes the remaining devices (default: fsdp=-1)")
@@ -116,7 +136,7 @@ def serve_http(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dtype {args.dtype}: expected one of {FLOAT_DTYPES}")
     if not os.path.isdir(args.checkpoint):
         raise CheckpointError(f"--checkpoint {args.checkpoint}: no such checkpoint directory")
-    return run_server(args, defaults_of(args))
+    return run_server(args, defaults_of(args), engine_options(args))
 
 
 def check_inputs(args: argparse.Namespace) -> int | None:
@@ -151,6 +171,13 @@ def defaults_of(args: argparse.Namespace):
     return Defaults(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
                     ignore_eos=args.ignore_eos, thinking_budget=args.thinking_budget, reasoning=args.reasoning)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The Engine settings both modes take from the flags (besides the model)."""
+    return dict(prefill_chunk=args.prefill_chunk, num_draft_tokens=args.num_draft_tokens if args.speculative else 0,
+                prefix_cache_bytes=0 if args.no_prefix_cache else int(args.prefix_cache_gb * 1e9),
+                prefix_block_size=args.prefix_block, context_parallel=args.context_parallel)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -230,10 +257,9 @@ def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | No
     from nemojax.generate.stats import stats_record
 
     encoder, tokenizer = encoding
-    model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh)
+    model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh, args.kv_cache_dtype)
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
-                    think_end_id=encoder.think_end_id, prefill_chunk=args.prefill_chunk,
-                    num_draft_tokens=args.num_draft_tokens if args.speculative else 0, mesh=mesh)
+                    think_end_id=encoder.think_end_id, mesh=mesh, **engine_options(args))
     with tqdm(total=total, initial=answered, disable=args.no_progress or not main_process, unit="line") as bar:
         serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
                      args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar,

@@ -4,6 +4,8 @@
     nemojax-train --config configs/tiny.py --workdir runs/ft --init-from CHECKPOINT
 
 --config is a packaged config name (tiny, nano, super, ultra) or an ml-collections config file.
+A config with a `posttrain` block (mopd_tiny, grpo_tiny) runs on-policy post-training instead
+(MOPD or GRPO, `nemojax.posttrain`), with the same workdir, checkpoints, resume and signals.
 
 Any config field is overridable as --config.field=value (nested: --config.optimizer.learning_rate=1e-3);
 an unknown field is an error. Rerunning with the same --workdir resumes from its newest checkpoint that
@@ -22,6 +24,7 @@ import jax
 
 from nemojax.cli.common import int_in, report_errors
 from nemojax.distributed import add_distributed_flags, initialize
+from nemojax.posttrain.loop import is_posttrain_config, train_onpolicy
 from nemojax.train.loop import TrainingDiverged, train
 from nemojax.train.run_config import load_run_config
 from nemojax.train.stopping import TrainingStopped
@@ -53,7 +56,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     try:
-        last = train(cfg, args.workdir, init_from=args.init_from, stop_at=args.stop_at)
+        if is_posttrain_config(cfg):  # MOPD / GRPO: the on-policy loop (nemojax.posttrain)
+            last = train_onpolicy(cfg, args.workdir, init_from=args.init_from, stop_at=args.stop_at)
+        else:
+            last = train(cfg, args.workdir, init_from=args.init_from, stop_at=args.stop_at)
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1

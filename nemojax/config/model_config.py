@@ -24,13 +24,16 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 WEIGHT_FORMATS = ("nvfp4", "fp8")
 KV_CACHE_QUANT = ("none", "fp8")
+# --kv-cache-dtype choices -> the dtype the attention layers' decoding caches store K and V in.
+KV_CACHE_DTYPES = {"fp8": "float8_e4m3fn", "bf16": "bfloat16", "fp32": "float32"}
 TRAIN_QUANT = ("none", "nvfp4")
 # "pallas": the Pallas GPU kernels, "reference": the pure-JAX ops, "auto": kernels on a GPU only
 # (nemojax.ops.dispatch).
 KERNEL_CHOICES = ("auto", "pallas", "reference")
 # Fields that are nemojax choices, not part of a published config.json.
 NEMOJAX_FIELDS = ("param_dtype", "compute_dtype", "remat", "kernels", "scan_layers", "moe_capacity_factor",
-                  "weight_formats", "kv_cache_quant", "train_quant", "train_quant_keep", "mtp_num_depths")
+                  "weight_formats", "kv_cache_quant", "kv_cache_dtype", "train_quant", "train_quant_keep",
+                  "mtp_num_depths")
 # `scan_layers=None` resolves to True from this depth on (the published models: 52-108 layers).
 SCAN_LAYERS_FROM = 16
 MAX_MTP_DEPTHS = 8
@@ -107,6 +110,10 @@ class ModelConfig:
     weight_formats: tuple[tuple[str, str], ...] = ()
     # "fp8": attention layers hold the checkpoint's k_scale / v_scale (FP8 KV-cache scales).
     kv_cache_quant: str = "none"
+    # The decoding caches' K/V dtype (a KV_CACHE_DTYPES value); None: the compute dtype. float8_e4m3fn
+    # stores e4m3(x / scale) with the per-tensor k_scale / v_scale of the checkpoint (kv_cache_quant
+    # "fp8"), else scale 1 (nemojax.quant.kv_cache).
+    kv_cache_dtype: str | None = None
     # "nvfp4": linears train with the NVFP4 recipe (`nemojax.quant.training`), except the weight keys
     # matching a `train_quant_keep` pattern (fnmatch), which stay in the compute dtype.
     train_quant: str = "none"
@@ -278,6 +285,8 @@ def _validate(c: ModelConfig) -> None:
     _require(not bad_formats, "weight_formats", f"unknown formats {bad_formats}; expected {WEIGHT_FORMATS}")
     _require(c.kv_cache_quant in KV_CACHE_QUANT, "kv_cache_quant",
              f"expected one of {KV_CACHE_QUANT}, got {c.kv_cache_quant!r}")
+    _require(c.kv_cache_dtype is None or c.kv_cache_dtype in KV_CACHE_DTYPES.values(), "kv_cache_dtype",
+             f"expected one of {sorted(KV_CACHE_DTYPES.values())} or null, got {c.kv_cache_dtype!r}")
     _require(c.train_quant in TRAIN_QUANT, "train_quant", f"expected one of {TRAIN_QUANT}, got {c.train_quant!r}")
     mixed = nonuniform_formats(c.layer_types, c.weight_formats) if c.scan_layers else []
     _require(not mixed, "weight_formats", "scanned layers (scan_layers=true) need one format per weight across "

@@ -128,3 +128,56 @@ def capacity(cache: Cache) -> int | None:
     lengths = [leaf.shape[axes.index("length")] for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
                if "length" in (axes := cache_axes(path[-1].key, leaf.ndim))]
     return min(lengths, default=None)
+
+
+# ---------------------------------------------------------------- one row's positions and states (prefix reuse)
+def _split(cache: Cache) -> tuple[list[tuple[tuple[str | None, ...], jax.Array]], Any]:
+    """(each leaf with its logical axes, in flatten order; the tree structure)."""
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(cache)
+    return [(cache_axes(path[-1].key, leaf.ndim), leaf) for path, leaf in pairs], treedef
+
+
+def row_span(cache: Cache, row: jax.Array, start: jax.Array, size: int) -> tuple[jax.Array, ...]:
+    """Positions [start, start + size) of row `row` of every leaf with a sequence axis (KV entries and their
+    validity), in flatten order, without the batch axis."""
+    span = []
+    for axes, leaf in _split(cache)[0]:
+        if "length" in axes:
+            one = jnp.take(leaf, row, axis=axes.index("batch"))
+            length = [a for a in axes if a != "batch"].index("length")
+            span.append(jax.lax.dynamic_slice_in_dim(one, start, size, axis=length))
+    return tuple(span)
+
+
+def put_row_span(cache: Cache, row: jax.Array, start: jax.Array, span: Sequence[jax.Array]) -> Cache:
+    """`cache` with `row_span(cache, row, start, len)` replaced by `span`."""
+    leaves, treedef = _split(cache)
+    pieces = iter(span)
+    out = []
+    for axes, leaf in leaves:
+        if "length" in axes:
+            corner = [jnp.int32(0)] * leaf.ndim
+            corner[axes.index("batch")], corner[axes.index("length")] = row, start
+            update = jnp.expand_dims(next(pieces).astype(leaf.dtype), axes.index("batch"))
+            leaf = jax.lax.dynamic_update_slice(leaf, update, corner)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def row_states(cache: Cache, row: jax.Array) -> tuple[jax.Array, ...]:
+    """Row `row` of every leaf without a sequence axis (Mamba conv and SSM states, write positions), in
+    flatten order, without the batch axis."""
+    return tuple(jnp.take(leaf, row, axis=axes.index("batch")) for axes, leaf in _split(cache)[0]
+                 if "length" not in axes)
+
+
+def put_row_states(cache: Cache, row: jax.Array, states: Sequence[jax.Array]) -> Cache:
+    """`cache` with `row_states(cache, row)` replaced by `states`."""
+    leaves, treedef = _split(cache)
+    pieces = iter(states)
+    out = []
+    for axes, leaf in leaves:
+        if "length" not in axes:
+            leaf = leaf.at[(slice(None),) * axes.index("batch") + (row,)].set(next(pieces).astype(leaf.dtype))
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)

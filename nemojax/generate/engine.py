@@ -27,11 +27,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nemojax import sharding
 from nemojax.errors import ConfigError
+from nemojax.generate.prefix_cache import PrefixCache
 from nemojax.generate.programs import Programs
 from nemojax.generate.requests import Request
 from nemojax.generate.scheduler import Scheduler, Ticket
 from nemojax.model import NemotronH
 from nemojax.sharding.placement import shard_variables
+
+DEFAULT_PREFIX_BLOCK = 64  # tokens per prefix-cache block
 
 
 @dataclasses.dataclass
@@ -52,6 +55,9 @@ class EngineStats:
     compile_seconds: float = 0.0
     verify_steps: int = 0  # speculative: row-steps that verified K drafts
     accepted_drafts: int = 0
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache (not in prefill_tokens)
+    first_tokens: int = 0  # requests that produced a first token
+    ttft_seconds: float = 0.0  # summed over those requests: submission to first token read back
 
 
 def next_pow2(n: int) -> int:
@@ -64,12 +70,16 @@ class Engine:
     `generate` uses at least `min_batch` slots (a power of two: one compiled shape serves every smaller
     batch). `top_logprobs`: the most alternatives per token a request may ask for (0: log-probabilities
     of the chosen tokens only). With `mesh`, generation runs sharded over it (variables are placed on
-    it if they are not already).
+    it if they are not already). `prefix_cache_bytes` > 0 keeps a prefix cache of that many bytes
+    (`nemojax.generate.prefix_cache`) in blocks of `prefix_block_size` tokens, shared by every scheduler
+    of the engine. `context_parallel` shards the KV caches along the sequence over the batch mesh axes the
+    rows leave unused (long requests on many devices).
     """
 
     def __init__(self, model: NemotronH, variables: dict, *, eos_ids: Sequence[int], think_end_id: int | None = None,
                  prefill_chunk: int = 256, num_draft_tokens: int = 0, min_batch: int = 1, top_logprobs: int = 0,
-                 mesh: Mesh | None = None) -> None:
+                 mesh: Mesh | None = None, prefix_cache_bytes: int = 0,
+                 prefix_block_size: int = DEFAULT_PREFIX_BLOCK, context_parallel: bool = False) -> None:
         config = model.config
         if config.remat != "none":
             config = config.replace(remat="none")
@@ -86,8 +96,11 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.min_batch = min_batch
         self.k = num_draft_tokens
-        self.programs = Programs(model, self.eos_ids, self.think_end_id, num_draft_tokens, top_logprobs, mesh)
+        self.programs = Programs(model, self.eos_ids, self.think_end_id, num_draft_tokens, top_logprobs, mesh,
+                                 context_parallel)
         self.stats = EngineStats()
+        self.prefix_cache = (PrefixCache(prefix_cache_bytes, prefix_block_size, with_next_token=self.k > 0)
+                             if prefix_cache_bytes > 0 else None)
         self._executables: dict[Any, Any] = {}
 
     def scheduler(self, slots: int, max_len: int, segment_steps: int = 16, prefill_rows: int | None = None
@@ -139,7 +152,7 @@ class Engine:
         return executable(*(a for i, a in enumerate(args) if i not in static))
 
 
-_DONATED = {"prefill": (1,), "segment": (1,), "release": (0,), "drain": (0,)}
+_DONATED = {"prefill": (1,), "segment": (1,), "release": (0,), "drain": (0,), "put_span": (0,), "put_states": (0,)}
 
 
 def _signature(leaf: Any) -> Any:

@@ -17,6 +17,7 @@ from nemojax.chat import IM_END, THINK_END, THINK_START
 from nemojax.chat_template import ChatTemplate
 from nemojax.checkpoint import orbax
 from nemojax.checkpoint.hf import load_pretrained
+from nemojax.config import KV_CACHE_DTYPES
 from nemojax.errors import CheckpointError, NemojaxError
 from nemojax.generate.requests import Encoder
 from nemojax.model import NemotronH
@@ -24,19 +25,25 @@ from nemojax.model import NemotronH
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def load_checkpoint(path: str, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[NemotronH, dict]:
+def load_checkpoint(path: str, dtype: str | None = None, mesh: Mesh | None = None,
+                    kv_cache_dtype: str | None = None) -> tuple[NemotronH, dict]:
     """(model, variables) from any supported checkpoint layout, sharded onto `mesh` if given;
-    CheckpointError when unreadable."""
+    CheckpointError when unreadable. `kv_cache_dtype` ("fp8" | "bf16" | "fp32", None: the compute
+    dtype) sets the model's decoding-cache K/V storage."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
     try:
         if orbax.is_nemojax_dir(path):
-            return orbax.load_model(path, dtype=dtype, mesh=mesh)
-        return load_pretrained(path, dtype=dtype, mesh=mesh)
+            model, variables = orbax.load_model(path, dtype=dtype, mesh=mesh)
+        else:
+            model, variables = load_pretrained(path, dtype=dtype, mesh=mesh)
     except NemojaxError:
         raise
     except Exception as e:  # any reader failure (corrupt JSON, truncated tensors, ...) is a bad checkpoint
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+    if kv_cache_dtype is not None:
+        model = NemotronH(model.config.replace(kv_cache_dtype=KV_CACHE_DTYPES[kv_cache_dtype]))
+    return model, variables
 
 
 def tokenizer_dir(path: str) -> str | None:

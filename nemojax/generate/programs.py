@@ -13,6 +13,8 @@ the tokens emitted since the host last drained them (`out`, `fill`, and their lo
   can hand the slot to a waiting request).
 - `release`: finish rows the host stops (stop strings, cancelled requests).
 - `drain`: what was emitted since the last drain (replicated on a mesh), and the emit buffer emptied.
+- `take_span` / `take_states` / `put_span` / `put_states`: copy one row's KV positions or its Mamba
+  states out of the slot state and back (the prefix cache's snapshots, `nemojax.generate.prefix_cache`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Programs:
     num_draft_tokens: int
     top_logprobs: int  # how many alternatives a row may ask for (0: none)
     mesh: Mesh | None = None
+    context_parallel: bool = False  # KV caches sharded along the sequence (sharding.CONTEXT_PARALLEL_RULES)
 
     @property
     def k(self) -> int:
@@ -85,7 +88,8 @@ class Programs:
             return state
         replicated = NamedSharding(self.mesh, PartitionSpec())
         shardings = {name: jax.tree.map(lambda _: replicated, value) for name, value in state.items()}
-        shardings["cache"] = sharding.cache_shardings(state["cache"], self.mesh, sharding.head_units(self.model.config))
+        shardings["cache"] = sharding.cache_shardings(state["cache"], self.mesh, sharding.head_units(self.model.config),
+                                                      self.context_parallel)
         return jax.lax.with_sharding_constraint(state, shardings)
 
     # ---------------------------------------------------------------- prefill
@@ -135,6 +139,31 @@ class Programs:
             state[name] = jax.tree.map(lambda a, v: a.at[starting].set(v.astype(a.dtype), mode="drop"),
                                        state[name], value)
         return self.constrain(state)
+
+    # ---------------------------------------------------------------- prefix reuse
+    def _reused(self, cache: dict) -> dict:
+        """The caches a prefix snapshot holds: all of them (the MTP block's only when it drafts)."""
+        return {name: part for name, part in cache.items() if name != "mtp" or self.k}
+
+    def take_span(self, state: State, row, start, size: int) -> tuple:
+        """Row `row`'s KV entries (and validity) at positions [start, start + size)."""
+        return caches.row_span(self._reused(state["cache"]), row, start, size)
+
+    def take_states(self, state: State, row) -> tuple:
+        """Row `row`'s Mamba conv and SSM states and write positions."""
+        return caches.row_states(self._reused(state["cache"]), row)
+
+    def put_span(self, state: State, row, start, span: tuple) -> State:
+        """`take_span`'s inverse: `span` written at positions [start, ...) of row `row`."""
+        cache = state["cache"]
+        return self.constrain(dict(state, cache=dict(cache, **caches.put_row_span(self._reused(cache), row, start,
+                                                                                   span))))
+
+    def put_states(self, state: State, row, states: tuple) -> State:
+        """`take_states`'s inverse."""
+        cache = state["cache"]
+        return self.constrain(dict(state, cache=dict(cache, **caches.put_row_states(self._reused(cache), row,
+                                                                                      states))))
 
     # ---------------------------------------------------------------- decoding
     def segment(self, variables: dict, state: State, steps, exit_on_finish, *, use_sort: bool, greedy: bool,

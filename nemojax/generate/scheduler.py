@@ -3,9 +3,11 @@ as soon as they finish.
 
 One `step()`:
 1. cancelled requests leave (waiting ones at once; running ones are released on the device);
-2. waiting requests take the free slots, first come first served;
+2. waiting requests take the free slots, first come first served; with a prefix cache
+   (`nemojax.generate.prefix_cache`) the deepest cached prefix of the prompt is restored into the slot;
 3. one prompt chunk for up to `prefill_rows` slots still being prefilled (rows whose prompt ends in
-   the chunk sample their first token and start decoding);
+   the chunk sample their first token and start decoding); with a prefix cache a chunk stops at a
+   block boundary it reaches, and the blocks and states there are snapshotted into the cache;
 4. one decode segment of up to `segment_steps` steps for every decoding row; when requests are
    waiting or being prefilled, it stops after the step in which any row finished, so a short request
    never waits for a long one;
@@ -66,6 +68,8 @@ class Ticket:
     verify_steps: int = 0
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the cache
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of prefilled
+    prefix_keys: list = dataclasses.field(default_factory=list)  # the prompt's block keys in the prefix cache
     _cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     @property
@@ -90,7 +94,7 @@ class Scheduler:
     `max_len`: the longest prompt + completion any request may have (positions per slot); requests
     must respect it (`submit` raises ValueError otherwise). `min_length`: the first cache length; from
     `max_len` + 2K + 1 (K draft tokens) on, the cache never grows, so no program is compiled for a new
-    length while serving.
+    length while serving. `prefix`: the prefix cache in use (the engine's; None turns it off).
     """
 
     def __init__(self, engine: Engine, slots: int, max_len: int, segment_steps: int = 16,
@@ -107,6 +111,7 @@ class Scheduler:
         self.waiting: collections.deque[Ticket] = collections.deque()
         self.rows: list[Ticket | None] = [None] * slots
         self._releases: list[int] = []
+        self.prefix = engine.prefix_cache
 
     # ---------------------------------------------------------------- requests
     def submit(self, ticket: Ticket) -> Ticket:
@@ -167,8 +172,68 @@ class Scheduler:
         for slot in range(self.slots):
             if self.rows[slot] is None and self.waiting:
                 ticket = self.waiting.popleft()
-                ticket.slot, ticket.prefilled = slot, 0
+                ticket.slot, ticket.prefilled, ticket.cached_tokens = slot, 0, 0
                 self.rows[slot] = ticket
+                if self.prefix is not None:
+                    self._restore(ticket)
+
+    # ---------------------------------------------------------------- prefix cache
+    def _restore(self, ticket: Ticket) -> None:
+        """Put the deepest cached prefix of the ticket's prompt into its slot: the prompt continues after it."""
+        prefix, engine = self.prefix, self.engine
+        ticket.prefix_keys = prefix.keys(ticket.request.prompt_ids)
+        entries = prefix.lookup(ticket.prefix_keys)
+        if not entries:
+            return
+        begin, compile_before = time.perf_counter(), engine.stats.compile_seconds
+        depth = len(entries) * prefix.block_size
+        self._ensure_length(depth)
+        row = np.int32(ticket.slot)
+        for j, entry in enumerate(entries):
+            self.state = engine.run("put_span", self.programs.put_span, self.state,
+                                    *engine.replicate((row, np.int32(j * prefix.block_size))), entry.span)
+        self.state = engine.run("put_states", self.programs.put_states, self.state, engine.replicate(row),
+                                entries[-1].states)
+        jax.block_until_ready(self.state["done"])
+        engine.stats.prefill_seconds += time.perf_counter() - begin - (engine.stats.compile_seconds - compile_before)
+        ticket.prefilled = ticket.cached_tokens = depth
+        engine.stats.cached_tokens += depth
+
+    def _segment_end(self, ticket: Ticket, chunk: int) -> int:
+        """Where the ticket's next prefill chunk stops: after `chunk` tokens or at the prompt's end; with
+        the prefix cache, at a block boundary when one is passed (the deepest one before the prompt's
+        last token included), so that the states there can be snapshotted exactly."""
+        length = len(ticket.request.prompt_ids)
+        end = min(ticket.prefilled + chunk, length)
+        if self.prefix is None:
+            return end
+        b = self.prefix.block_size
+        deepest = (length - 1) // b * b
+        if ticket.prefilled < deepest:
+            end = min(end, deepest)
+        aligned = end // b * b
+        return aligned if aligned > ticket.prefilled else end
+
+    def _snapshot(self, ticket: Ticket) -> None:
+        """After a chunk that stopped at a block boundary below the prompt's end: store the blocks up to
+        it that the cache lacks and the states there."""
+        prefix, engine = self.prefix, self.engine
+        b, end = prefix.block_size, ticket.prefilled
+        if end % b or end >= len(ticket.request.prompt_ids):
+            return
+        keys = ticket.prefix_keys[:end // b]
+        if prefix.has_states(keys[-1]):
+            prefix.touch(keys)
+            return
+        begin, compile_before = time.perf_counter(), engine.stats.compile_seconds
+        row = np.int32(ticket.slot)
+        for j in prefix.missing(keys):
+            prefix.add_span(keys, j, engine.run("take_span", self.programs.take_span, self.state,
+                                                *engine.replicate((row, np.int32(j * b))), b))
+        prefix.add_states(keys, engine.run("take_states", self.programs.take_states, self.state,
+                                           engine.replicate(row)))
+        prefix.touch(keys)
+        engine.stats.prefill_seconds += time.perf_counter() - begin - (engine.stats.compile_seconds - compile_before)
 
     def _prefill(self, tickets: Sequence[Ticket]) -> None:
         """One chunk for each of `tickets` (each continues where its prompt stands)."""
@@ -183,9 +248,10 @@ class Scheduler:
         starting = []
         for i, t in enumerate(tickets):
             prompt = t.request.prompt_ids
-            part = prompt[t.prefilled:t.prefilled + chunk]
+            end = self._segment_end(t, chunk)
+            part = prompt[t.prefilled:end]
             ids[i, :len(part)], valid[i, :len(part)] = part, True
-            following = prompt[t.prefilled + 1:t.prefilled + 1 + chunk]
+            following = prompt[t.prefilled + 1:end + 1]
             next_ids[i, :len(following)], next_valid[i, :len(following)] = following, True
             rows[i], fresh[i] = t.slot, t.prefilled == 0
             t.prefilled += len(part)
@@ -203,6 +269,9 @@ class Scheduler:
         jax.block_until_ready(self.state["done"])
         engine.stats.prefill_seconds += time.perf_counter() - begin - (engine.stats.compile_seconds - compile_before)
         engine.stats.prefill_tokens += int(valid.sum())
+        if self.prefix is not None:
+            for t in tickets:
+                self._snapshot(t)
 
     def _segment(self, decoding: Sequence[Ticket], exit_on_finish: bool) -> None:
         engine, k = self.engine, self.programs.k
@@ -273,6 +342,9 @@ class Scheduler:
         self.engine.stats.generated_tokens += len(ticket.output_ids)
         self.engine.stats.accepted_drafts += ticket.accepted_drafts
         self.engine.stats.verify_steps += ticket.verify_steps
+        if ticket.first_token_at is not None:
+            self.engine.stats.first_tokens += 1
+            self.engine.stats.ttft_seconds += ticket.first_token_at - ticket.submitted_at
         if ticket.on_update is not None:
             ticket.on_update(ticket)
         return ticket

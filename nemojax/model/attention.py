@@ -27,11 +27,14 @@ from nemojax.config import ModelConfig
 from nemojax.model import documents
 from nemojax.model.layers import Linear, default_init, dtype_of, scale_param
 from nemojax.ops.attention import gqa_attention, gqa_attention_kv_major
+from nemojax.quant import kv_cache
 
 KVCache = dict[str, jax.Array]
 
 
 def init_kv_cache(config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+    """Empty K/V entries in `config.kv_cache_dtype` (None: `dtype`) and their validity."""
+    dtype = jnp.dtype(config.kv_cache_dtype or dtype)
     shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "valid": jnp.zeros((batch, max_len), bool)}
@@ -72,9 +75,9 @@ class Attention(nn.Module):
         dtype, pdtype = dtype_of(c.compute_dtype), dtype_of(c.param_dtype)
         b, t, _ = x_btd.shape
         hd = c.head_dim
-        if c.kv_cache_quant == "fp8":  # the checkpoint's FP8 KV-cache scales, kept (the cache stays in `dtype`)
-            scale_param(self, "k_scale")
-            scale_param(self, "v_scale")
+        k_scale = v_scale = 1.0  # an FP8 cache without the checkpoint's scales (nemojax.quant.kv_cache)
+        if c.kv_cache_quant == "fp8":  # the checkpoint's FP8 KV-cache scales (used by an FP8 cache only)
+            k_scale, v_scale = scale_param(self, "k_scale"), scale_param(self, "v_scale")
         q = Linear(c.num_attention_heads * hd, ("embed", "heads"), dtype, pdtype, config=c, name="q_proj")(x_btd)
         k = Linear(c.num_key_value_heads * hd, ("embed", "kv_heads"), dtype, pdtype, config=c, name="k_proj")(x_btd)
         v = Linear(c.num_key_value_heads * hd, ("embed", "kv_heads"), dtype, pdtype, config=c, name="v_proj")(x_btd)
@@ -90,8 +93,10 @@ class Attention(nn.Module):
         if cache is None:
             new_cache, offset = None, 0
         else:
-            new_cache, k, v, valid = write_kv_cache(cache, k, v, valid, index, slot)
-            k, v, offset = k.astype(dtype), v.astype(dtype), index
+            stored = cache["k"].dtype
+            new_cache, k, v, valid = write_kv_cache(cache, kv_cache.to_cache(k, k_scale, stored),
+                                                    kv_cache.to_cache(v, v_scale, stored), valid, index, slot)
+            k, v, offset = kv_cache.from_cache(k, k_scale, dtype), kv_cache.from_cache(v, v_scale, dtype), index
             if doc_bt is not None:
                 key_doc = documents.key_documents(doc_bt, valid.shape[1], index)
         attend = gqa_attention if cache is None else gqa_attention_kv_major  # the cache is kv-head-major

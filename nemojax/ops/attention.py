@@ -7,8 +7,13 @@ neither pass keeps a [t, s] score matrix, and a causal mask is built per key blo
 validity and positions (the model's case), and, for packed documents, from the queries' and keys'
 document numbers (a query sees only keys of its own document). So training memory grows with t, not
 t·s, packed or not, and on CPU it is about 2x faster than one block for prefill and training lengths
-(t >= 256). Blocks whose keys are all masked (a decoding cache beyond the write index) are skipped.
-Decoding steps (few queries) take the one-block path, which is faster there.
+(t >= 256). Blocks whose keys are all masked (a decoding cache beyond the write index) are skipped:
+the forward visits the key blocks only up to the last one a query can see, so a prefill chunk does not
+read the cache after it and a decoding step against a long cache costs O(current length), not
+O(capacity). Few queries (decoding, speculative verification, prefill chunks under
+MIN_QUERIES_FOR_BLOCKS) use blocks of FEW_QUERY_KEY_BLOCK keys once the keys outgrow one such block, so
+no score matrix is larger than t x max(KEY_BLOCK, FEW_QUERY_KEY_BLOCK): the memory of a prefill chunk
+is set by the chunk, not by the prompt.
 
 Keys and values are taken kv-head-major ([b, kv_heads, s, d], `gqa_attention_kv_major`): the layout
 of the decoding cache, read in place (with [b, s, kv_heads, d] every decoding step would first copy
@@ -31,6 +36,7 @@ import numpy as np
 KEY_BLOCK = 256
 MIN_QUERIES_FOR_BLOCKS = 256
 FEW_QUERIES = 8
+FEW_QUERY_KEY_BLOCK = 1024
 _F32 = jnp.float32
 
 
@@ -46,10 +52,10 @@ def gqa_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_
     <= offset + i, and the mask is built one key block at a time, so no [b, t, s] array is kept (nor
     saved for the backward). With packed documents the causal form also takes the document numbers of
     the queries `query_doc_bt` [b, t] and of the keys `key_doc_bs` [b, s] (ints, see
-    `nemojax.model.documents`): a query sees a key only when their numbers are equal. A query row whose
-    mask is all False returns zeros. Returns [b, t, heads, d] in q's dtype. `key_block`: keys per block
-    (None: KEY_BLOCK when t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK, else all keys at once,
-    differentiated by plain autodiff).
+    `nemojax.model.documents`): a query sees a key only when their numbers are equal.
+    A query row whose mask is all False returns zeros. Returns [b, t, heads, d] in q's dtype.
+    `key_block`: keys per block (None: `default_key_block(t, s)`; one block of all keys is differentiated
+    by plain autodiff).
     """
     return gqa_attention_kv_major(q_bthd, jnp.swapaxes(k_bskd, 1, 2), jnp.swapaxes(v_bskd, 1, 2), mask_bts,
                                   key_block, causal_valid_bs=causal_valid_bs, query_offset=query_offset,
@@ -64,7 +70,7 @@ def gqa_attention_kv_major(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Arr
     b, t, h, d = q_bthd.shape
     kv, s = k_bksd.shape[1], k_bksd.shape[2]
     if key_block is None:
-        key_block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS and s > KEY_BLOCK else s
+        key_block = default_key_block(t, s)
     mask = _Mask(mask_bts, causal_valid_bs, jnp.asarray(query_offset, jnp.int32), query_doc_bt, key_doc_bs)
     q = jnp.moveaxis(q_bthd.reshape(b, t, kv, h // kv, d), 1, 3)  # [b, kv, r, t, d]
     if key_block >= s:
@@ -72,6 +78,18 @@ def gqa_attention_kv_major(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Arr
     else:
         out = _blocked_attention(q, k_bksd, v_bksd, mask, key_block)
     return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d).astype(q_bthd.dtype)
+
+
+def default_key_block(t: int, s: int) -> int:
+    """Keys per block for t queries and s keys: KEY_BLOCK from MIN_QUERIES_FOR_BLOCKS queries on, else
+    FEW_QUERY_KEY_BLOCK, or a smaller power-of-two fraction of it down to KEY_BLOCK that divides s (a
+    block that does not divide s pads, i.e. copies, the keys); all s keys at once when they fit in one."""
+    block = KEY_BLOCK
+    if t < MIN_QUERIES_FOR_BLOCKS:
+        block = FEW_QUERY_KEY_BLOCK
+        while block > KEY_BLOCK and s % block:
+            block //= 2
+    return s if s <= block else block
 
 
 class _Mask(NamedTuple):

@@ -9,11 +9,11 @@ from typing import Any
 
 import jax
 
-from nemojax.config import ModelConfig
+from nemojax.config import KV_CACHE_DTYPES, ModelConfig
 from nemojax.errors import ConfigError
 from nemojax.ops.expert_banks import use_expert_matmul
 from nemojax.planning import activations
-from nemojax.planning.caches import cache_bytes_per_device
+from nemojax.planning.caches import cache_bytes_per_device, request_cache_bytes
 from nemojax.planning.counts import count_parameters
 from nemojax.planning.layout import build_mesh, mesh_devices, mesh_text
 from nemojax.planning.matmuls import GROUPED_MATMUL_CHOICES, planning_matmul
@@ -52,6 +52,9 @@ class PlanRequest:
     device: str = "h200"
     compile_activations: bool = True
     grouped_matmul: str = "kernel"     # how the routed experts are compiled (`nemojax.planning.matmuls`)
+    kv_cache_dtype: str | None = None  # serving: "fp8" | "bf16" | "fp32" K/V storage (None: the compute dtype)
+    request_tokens: int = 2**20        # the one long request whose cache the plan reports (1M tokens)
+    context_parallel: bool = False     # serving: KV caches sharded along the sequence
 
     def validate(self) -> None:
         if self.weights not in WEIGHT_FORMATS:
@@ -66,6 +69,11 @@ class PlanRequest:
         for name in ("batch", "seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype: expected one of {sorted(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
+        if self.request_tokens < 1:
+            raise ConfigError("--request-tokens must be a positive integer")
         if self.prefill_chunk is not None and not 1 <= self.prefill_chunk <= self.seq_len:
             raise ConfigError("--prefill-chunk must be between 1 and --seq-len")
 
@@ -80,6 +88,8 @@ def make_plan(config: ModelConfig, request: PlanRequest, devices: Sequence[jax.D
     request.validate()
     start = time.perf_counter()
     config = serving_config(config)
+    if request.kv_cache_dtype is not None and not request.train:
+        config = config.replace(kv_cache_dtype=KV_CACHE_DTYPES[request.kv_cache_dtype])
     mesh_shape = dict(request.mesh_shape)
     counts = count_parameters(config)
     weights = weight_bytes_per_device(config, mesh_shape, request.weights)
@@ -88,7 +98,8 @@ def make_plan(config: ModelConfig, request: PlanRequest, devices: Sequence[jax.D
         memory.update(training_bytes_per_device(config, mesh_shape))
         config = training_config(config)
     else:
-        memory.update(cache_bytes_per_device(config, request.batch, request.seq_len, mesh_shape))
+        memory.update(cache_bytes_per_device(config, request.batch, request.seq_len, mesh_shape,
+                                             request.context_parallel))
     parts = []
     if request.compile_activations:
         mesh = build_mesh(mesh_shape, devices)
@@ -119,6 +130,9 @@ def make_plan(config: ModelConfig, request: PlanRequest, devices: Sequence[jax.D
         "bytes_per_device": {**memory, "total": total},
         "weight_bytes_by_group": None if request.train else weights,
         "activation_parts": [dataclasses.asdict(p) for p in parts],
+        "kv_cache_dtype": None if request.train else request.kv_cache_dtype,
+        "context_parallel": request.context_parallel and not request.train,
+        "one_request": None if request.train else request_cache_bytes(config, request.request_tokens),
         "activation_method": COMBINE_NOTE[request.train] if parts else "not compiled (--no-compile)",
         "device": request.device,
         "device_memory_bytes": capacity,
@@ -157,6 +171,17 @@ def format_plan(plan: Mapping[str, Any]) -> str:
             lines.append(f"  {p['name']:<20}{p['count']:>6}{_gb(p['peak_bytes'])}{_gb(p['saved_bytes'])}"
                          f"{p['compile_seconds']:>8.1f}s")
     lines += [f"  method: {plan['activation_method']}", ""]
+    one = plan.get("one_request")
+    if one:
+        lines += [f"one request of {one['tokens']:,} tokens (its whole cache, before sharding)",
+                  f"  {'':<34}{'bf16 KV':>14}{'fp8 KV':>14}",
+                  f"  {'KV per attention layer':<34}{_gb(one['kv_bytes_per_attention_layer_bf16']):>14}"
+                  f"{_gb(one['kv_bytes_per_attention_layer_fp8']):>14}",
+                  f"  {'KV, ' + str(one['attention_layers']) + ' attention layers':<34}{_gb(one['kv_bytes_bf16']):>14}"
+                  f"{_gb(one['kv_bytes_fp8']):>14}",
+                  f"  {'Mamba state, ' + str(one['mamba_layers']) + ' layers':<34}{_gb(one['mamba_state_bytes']):>14}"
+                  f"{_gb(one['mamba_state_bytes']):>14}",
+                  f"  {'total':<34}{_gb(one['total_bytes_bf16']):>14}{_gb(one['total_bytes_fp8']):>14}", ""]
     verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
     lines.append(f"verdict: {verdict} on {plan['device']} ({plan['device_memory_bytes'] / 1e9:.0f} GB): "
                  f"headroom {plan['headroom_bytes'] / 1e9:.2f} GB  (planned in {plan['plan_seconds']} s)")

@@ -134,8 +134,10 @@ async def _wait(stream: Stream, request: Request) -> bool:
 def _usage(job: Job, outputs: list[ChoiceOutput]) -> dict[str, Any]:
     prompt = sum(len(p) for p in job.prompts)
     completion = sum(len(o.ticket.output_ids) for o in outputs)
+    cached = sum(max(o.ticket.cached_tokens for o in outputs[i * job.n:(i + 1) * job.n])
+                 for i in range(len(job.prompts)))  # prompt tokens count once per prompt, not per choice
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0}}
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _response(job: Job, outputs: list[ChoiceOutput]) -> dict[str, Any]:

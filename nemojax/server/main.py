@@ -28,7 +28,8 @@ def check_server_inputs(args: argparse.Namespace) -> None:
         raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from e
 
 
-def run_server(args: argparse.Namespace, defaults) -> int:
+def run_server(args: argparse.Namespace, defaults, engine_options: dict) -> int:
+    """`engine_options`: the Engine settings from the flags (`nemojax.cli.serve.engine_options`)."""
     import uvicorn
 
     from nemojax.generate import Engine
@@ -41,16 +42,14 @@ def run_server(args: argparse.Namespace, defaults) -> int:
     check_server_inputs(args)
     encoder, tokenizer = load_encoder(args.checkpoint)
     mesh = None if args.mesh is None else make_mesh(**parse_mesh(args.mesh))
-    model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh)
+    model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh, args.kv_cache_dtype)
     context = model.config.max_position_embeddings
     if args.max_model_len is not None:
         if args.max_model_len > context:
             raise ConfigError(f"--max-model-len {args.max_model_len} is beyond the model's context of {context}")
         context = args.max_model_len
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
-                    think_end_id=encoder.think_end_id, prefill_chunk=args.prefill_chunk,
-                    num_draft_tokens=args.num_draft_tokens if args.speculative else 0, top_logprobs=TOP_LOGPROBS,
-                    mesh=mesh)
+                    think_end_id=encoder.think_end_id, top_logprobs=TOP_LOGPROBS, mesh=mesh, **engine_options)
 
     def stop_finder(request):
         finder = StopStrings(request.stop, tokenizer)

@@ -5,6 +5,7 @@
 from nemojax.sharding.rules import (
     BATCH_AXES,
     CACHE_AXES,
+    CONTEXT_PARALLEL_RULES,
     LOGICAL_RULES,
     MESH_AXES,
     batch_sharding,
@@ -22,6 +23,6 @@ from nemojax.sharding.rules import (
     use_mesh,
 )
 
-__all__ = ["BATCH_AXES", "CACHE_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_sharding", "cache_axes", "cache_shardings",
-           "constrain", "context_mesh", "head_units", "logical_to_spec", "make_mesh", "parse_mesh", "place",
-           "resolve_mesh_shape", "sized_spec", "use_mesh"]
+__all__ = ["BATCH_AXES", "CACHE_AXES", "CONTEXT_PARALLEL_RULES", "LOGICAL_RULES", "MESH_AXES", "batch_sharding",
+           "cache_axes", "cache_shardings", "constrain", "context_mesh", "head_units", "logical_to_spec", "make_mesh",
+           "parse_mesh", "place", "resolve_mesh_shape", "sized_spec", "use_mesh"]

@@ -213,6 +213,11 @@ CACHE_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 
+# Context parallelism: the sequence axis of the KV caches over the batch mesh axes their rows leave unused
+# (one long request on many devices), as far as they divide the cache length.
+CONTEXT_PARALLEL_RULES = tuple((name, BATCH_AXES if name == "length" else target) for name, target in LOGICAL_RULES)
+
+
 def cache_axes(name: str, ndim: int) -> tuple[str | None, ...]:
     """Logical axes of a cache leaf by its key; a leaf with one more dimension is stacked over layers."""
     names = CACHE_AXES[name]
@@ -231,17 +236,20 @@ def head_units(config: ModelConfig) -> dict[str, int]:
             "mamba_inner": groups, "mamba_heads": groups, "mamba_proj": groups, "conv_dim": groups}
 
 
-def cache_shardings(cache: Any, mesh: Mesh | AbstractMesh, units: Mapping[str, int] | None = None) -> Any:
+def cache_shardings(cache: Any, mesh: Mesh | AbstractMesh, units: Mapping[str, int] | None = None,
+                    context_parallel: bool = False) -> Any:
     """NamedShardings for a decoding cache (arrays or ShapeDtypeStructs): rows over the batch axes,
     KV heads / conv channels / SSM heads over tensor where they divide (counted in `units`, see
-    `head_units`; raw sizes if None), stacked layers replicated."""
+    `head_units`; raw sizes if None), stacked layers replicated. `context_parallel`: the KV entries'
+    sequence axis over the batch axes the rows do not use (CONTEXT_PARALLEL_RULES)."""
+    rules = CONTEXT_PARALLEL_RULES if context_parallel else LOGICAL_RULES
     mesh_shape = dict(mesh.shape)
     units = units or {}
 
     def one(path: tuple, leaf: Any) -> NamedSharding:
         names = cache_axes(path[-1].key, len(leaf.shape))
         dims = [units.get(n, d) if n is not None else d for n, d in zip(names, leaf.shape, strict=True)]
-        return NamedSharding(mesh, sized_spec(names, dims, mesh_shape))
+        return NamedSharding(mesh, sized_spec(names, dims, mesh_shape, rules))
 
     return jax.tree_util.tree_map_with_path(one, cache)
 

@@ -4,6 +4,8 @@ A reward function takes (completion text, example record) and returns a float. B
 - "exact_match": 1.0 when the completion's final answer (the text after the last `</think>`, stripped
   and with whitespace runs collapsed) equals `example["answer"]`;
 - "format": 1.0 when the completion matches the regular expression `example["pattern"]` (fullmatch);
+- "balanced_brackets": 1.0 when `example["prompt"]` followed by the completion's final answer is a
+  balanced string of round brackets (nothing else);
 - "unit_tests": 1.0 when `example["tests"]` (Python source run after the completion's code) exits 0 in
   a separate interpreter (`python -I`, empty environment, a fresh temporary working directory, its own
   session) under a wall-clock timeout and CPU, memory, file-size and process-count limits.
@@ -54,6 +56,18 @@ def format_match(completion: str, example: Mapping[str, Any]) -> float:
     return float(re.fullmatch(example["pattern"], completion, flags=re.DOTALL) is not None)
 
 
+def balanced_brackets(completion: str, example: Mapping[str, Any]) -> float:
+    text = example["prompt"] + final_answer(completion)
+    depth = 0
+    for char in text:
+        if char not in "()":
+            return 0.0
+        depth += 1 if char == "(" else -1
+        if depth < 0:
+            return 0.0
+    return float(depth == 0)
+
+
 class SandboxLimits(NamedTuple):
     timeout_s: float = 10.0
     cpu_s: int = 10
@@ -94,9 +108,11 @@ def run_python(source: str, limits: SandboxLimits = DEFAULT_LIMITS) -> tuple[int
 
 def unit_tests(completion: str, example: Mapping[str, Any]) -> float:
     """1.0 when the completion's code followed by `example["tests"]` exits 0 (`example["timeout_s"]`, if
-    given, replaces the default wall-clock limit)."""
+    given, replaces the default wall-clock limit); TimeoutError when it runs past the limit."""
     limits = DEFAULT_LIMITS._replace(timeout_s=float(example.get("timeout_s", DEFAULT_LIMITS.timeout_s)))
-    code, _ = run_python(final_answer_code(completion) + "\n\n" + example["tests"], limits)
+    code, message = run_python(final_answer_code(completion) + "\n\n" + example["tests"], limits)
+    if code is None:
+        raise TimeoutError(message)  # `score` turns it into reward 0 with the reason kept
     return float(code == 0)
 
 
@@ -107,7 +123,8 @@ def final_answer_code(completion: str) -> str:
     return blocks[-1] if blocks else answer
 
 
-REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "format": format_match, "unit_tests": unit_tests}
+REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "format": format_match, "unit_tests": unit_tests,
+                                "balanced_brackets": balanced_brackets}
 
 
 def register(name: str, fn: RewardFn) -> None:
