@@ -15,10 +15,13 @@ import pytest
 
 from nemojax.checkpoint.orbax import latest_step, load_model, save_model
 from nemojax.errors import ConfigError
-from nemojax.model import init_variables
+from nemojax.generate.engine import Engine
+from nemojax.generate.requests import Request
+from nemojax.generate.scheduler import Ticket
+from nemojax.model import NemotronH, init_variables
 from nemojax.posttrain import prompts
 from nemojax.posttrain.loop import train_onpolicy
-from nemojax.posttrain.objectives import forward_logits
+from nemojax.posttrain.objectives import forward_logits, forward_logprobs
 from nemojax.posttrain.rollouts import pack
 from nemojax.posttrain.scoring import MopdScorer, Teacher
 from nemojax.train import rewards
@@ -118,6 +121,25 @@ def test_rollout_packing_masks_only_generated_targets():
     np.testing.assert_array_equal(rollouts.inputs_nt, [[5, 6, 7, 9, 2], [8, 10, 11, 12, 0]])
     np.testing.assert_array_equal(rollouts.targets_nt, [[6, 7, 9, 2, 0], [10, 11, 12, 0, 0]])
     np.testing.assert_array_equal(rollouts.mask_nt, [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]])
+
+
+def test_training_logprobs_of_rollouts_equal_the_engines_sampling_logprobs():
+    """The GRPO loss scores the tokens the engine drew, at the positions it drew them: log p(token) of the
+    packed rollouts (right-padded rows of different prompt lengths, first generated token included) under
+    the training forward equals the log-probability the engine sampled it with at temperature 1."""
+    config = model_config(load_run_config("grpo_tiny", MICRO))
+    variables = jax.jit(init_variables, static_argnums=0)(config, jax.random.key(3))
+    prompt_ids = [[40, 41, 42, 43, 44], [50], [60, 61, 62], [70, 71]]
+    engine = Engine(NemotronH(config), variables, eos_ids=(2,))
+    scheduler = engine.scheduler(4, 12)
+    tickets = [scheduler.submit(Ticket(Request(i, tuple(p), 5, 1.0, 0, 1.0, 0.0, 11, (), False, None),
+                                       logprobs=True)) for i, p in enumerate(prompt_ids)]
+    scheduler.run_until_idle()
+    rollouts = pack(prompt_ids, [t.output_ids for t in tickets], 13, 2, [t.finish_reason for t in tickets])
+    logp = np.asarray(forward_logprobs(config)(variables, rollouts.inputs_nt, rollouts.targets_nt))
+    for row, ticket in enumerate(tickets):
+        assert len(ticket.output_ids) >= 1
+        np.testing.assert_allclose(logp[row][rollouts.mask_nt[row] > 0], ticket.token_logprobs, atol=1e-4)
 
 
 def test_prompts_depend_only_on_seed_step_and_source():

@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
         optimizer=dict(learning_rate=1e-3, schedule="constant", warmup_steps=5, weight_decay=0.0),
         posttrain=dict(
             method="grpo",
-            prompts_per_source=4,
+            prompts_per_source=32,  # fewer gives a gradient too noisy for Adam here (docs/post-training.md)
             group_size=8,
             max_new_tokens=4,
             temperature=1.0,
