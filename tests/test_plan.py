@@ -144,8 +144,9 @@ def test_grouped_gemm_stand_in_has_a_grouped_gemms_buffers():
 
 
 def test_moe_plans_compile_the_chosen_grouped_matmul():
-    """The CPU tiles (one weight copy per tile) and XLA's ragged_dot expansion (one operand copy per expert)
-    both need more than a grouped GEMM: the choice changes the compiled MoE part."""
+    """The choice changes the compiled MoE part: XLA's ragged_dot expansion (one operand copy per expert)
+    needs more than a grouped GEMM's shapes, and the CPU path compiles its own loop (whose temporaries
+    depend on the XLA version: a weight copy per tile on jax 0.10, none on jax 0.12)."""
     config = serving_config(resolve_model_config("tiny"))
     mesh = build_mesh(parse_mesh("tensor=2"), jax.devices()[:2])
     part = next(p for p in activations.model_parts(config) if p.name == "moe")
@@ -153,7 +154,8 @@ def test_moe_plans_compile_the_chosen_grouped_matmul():
     for choice in matmuls.GROUPED_MATMUL_CHOICES:
         with use_expert_matmul(matmuls.planning_matmul(choice)):
             peaks[choice] = activations.serving_part(part, config, mesh, batch=2, chunk=64, max_len=64).peak_bytes
-    assert peaks["kernel"] < peaks["cpu-tiled"] and peaks["kernel"] < peaks["ragged-dot"], peaks
+    assert peaks["kernel"] < peaks["ragged-dot"] and peaks["cpu-tiled"] < peaks["ragged-dot"], peaks
+    assert peaks["cpu-tiled"] != peaks["kernel"], peaks
 
 
 def test_scanned_layers_without_full_remat_keep_every_kinds_residuals():
