@@ -30,15 +30,29 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
 from nemojax.generate.requests import Request
 
-if TYPE_CHECKING:
-    from nemojax.generate.engine import Engine
+
+class EngineLike(Protocol):
+    """What the scheduler uses of `nemojax.generate.engine.Engine` (named here, so the scheduler does not
+    import the engine module that imports it)."""
+
+    programs: Any
+    variables: Any
+    stats: Any
+    prefix_cache: Any
+    prefill_chunk: int
+
+    def replicate(self, value: Any) -> Any: ...
+
+    def partial(self, fn: Callable, **static: Any) -> Callable: ...
+
+    def run(self, name: str, fn: Callable, *args: Any) -> Any: ...
 
 MIN_CHUNK = 16
 MIN_LENGTH = 64
@@ -97,7 +111,7 @@ class Scheduler:
     length while serving. `prefix`: the prefix cache in use (the engine's; None turns it off).
     """
 
-    def __init__(self, engine: Engine, slots: int, max_len: int, segment_steps: int = 16,
+    def __init__(self, engine: EngineLike, slots: int, max_len: int, segment_steps: int = 16,
                  prefill_rows: int | None = None, min_length: int = MIN_LENGTH) -> None:
         self.engine, self.slots, self.max_len = engine, slots, max_len
         self.segment_steps = segment_steps
