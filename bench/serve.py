@@ -104,7 +104,9 @@ class Reference:
 
         begin = time.perf_counter()
         with torch.no_grad():
-            out = self.model.generate(torch.as_tensor(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            # No end-of-sequence id: every row runs `new` tokens, as the engine's ignore_eos rows do (min_new_tokens
+            # would instead forbid the id, and the runs differ from the first step where it is the argmax).
+            out = self.model.generate(torch.as_tensor(ids), max_new_tokens=new, do_sample=False, eos_token_id=None,
                                       pad_token_id=0)
         return time.perf_counter() - begin, out[:, ids.shape[1]:].numpy()
 
@@ -126,7 +128,27 @@ def versus_transformers(sizes: dict, machine: dict) -> dict:
         model, variables = nemojax.load_pretrained(directory, dtype="float32", param_dtype="float32")
     hf = Reference(reference)
     return {"prefill": prefill_versus(model, variables, hf, sizes, machine),
-            "decode": [decode_versus(model, variables, hf, batch, sizes, machine) for batch in sizes["decode_batches"]]}
+            "decode": [decode_versus(model, variables, hf, batch, sizes, machine) for batch in sizes["decode_batches"]],
+            "batch_scaling": batch_scaling(model, variables, sizes)}
+
+
+def batch_scaling(model, variables, sizes: dict) -> list[dict]:
+    """Decode tokens/s per batch size with the batches' runs alternating (1, 8, 32, 1, 8, ...) and nothing else in
+    between, so that every batch sees the same machine: the batch-scaling measurement (the decode table's rows
+    are measured one batch after another, each alternating with transformers)."""
+    prompt, new, repeats = sizes["decode_prompt"], sizes["decode_new"], sizes["repeats"]
+    runs = {}
+    for batch in sizes["decode_batches"]:
+        engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=256)
+        reqs = requests(np.random.default_rng(batch).integers(3, SHAPE["vocab_size"], (batch, prompt)), new)
+        engine.generate(reqs)
+        runs[batch] = (engine, reqs, [])
+    for _ in range(repeats):
+        for engine, reqs, rates in runs.values():
+            rates.append(engine_run(engine, reqs)[0]["decode_tokens_per_s"])
+    first = float(np.median(next(iter(runs.values()))[2]))
+    return [{"batch": batch, "tokens_per_s": float(np.median(rates)), "runs": rates,
+             "relative_to_first": float(np.median(rates)) / first} for batch, (_, _, rates) in runs.items()]
 
 
 def prefill_versus(model, variables, hf: Reference, sizes: dict, machine: dict) -> dict:
@@ -262,10 +284,12 @@ def markdown(results: dict) -> str:
                      f"{1e3 * r['bandwidth_bound_step_s']:.3f} | "
                      f"{r['nemojax']['bandwidth_bound_fraction']:.2f} | {r['step_bytes']['total'] / 1e6:.1f} | "
                      f"{np.mean(r['distinct_experts_per_moe_layer']):.1f} | {r['greedy_tokens_equal']} |")
-    one = {r["batch"]: r["nemojax"]["tokens_per_s"] for r in v["decode"]}
-    if 1 in one:
-        lines += ["", "nemojax tokens/s relative to batch 1: " + ", ".join(
-            f"batch {b}: {rate / one[1]:.2f}x" for b, rate in one.items())]
+    scaling = v["batch_scaling"]
+    lines += ["", f"Batch scaling (nemojax alone, the batches' runs alternating, median of {len(scaling[0]['runs'])}):",
+              "", f"| batch | decode tokens/s | relative to batch {scaling[0]['batch']} | runs (tokens/s) |",
+              "|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['tokens_per_s']:.0f} | {r['relative_to_first']:.2f}x | "
+              f"{', '.join(f'{x:.0f}' for x in r['runs'])} |" for r in scaling]
     if "context_scaling" not in results:
         return "\n".join(lines) + "\n"
     lines += ["", "## Decode time per token vs context (batch 1)", "",
