@@ -326,7 +326,8 @@ def main() -> None:
         sizes["decode_new"] = args.decode_new
     began = time.strftime("%Y-%m-%d %H:%M:%S")
     machine = measure_machine()
-    results = {"device": f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPU cores",
+    results = {"device": f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPU cores, "
+                         f"jax {jax.__version__}",
                "sizes": sizes, "machine": machine,
                "versus_transformers": versus_transformers(sizes, machine)}
     if not args.versus_only:
