@@ -153,7 +153,10 @@ def _signal_when(metrics: str, steps: int, signum: int) -> threading.Thread:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_a_checkpoint_and_a_corrupt_newest_one_falls_back(tokenizer, tmp_path, capsys, signum):
+def test_signal_saves_a_checkpoint_and_a_corrupt_newest_one_falls_back(tokenizer, tmp_path, capsys, request, signum):
+    # A job started in the background inherits SIGINT ignored, which the run rightly keeps: handle it here.
+    inherited = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    request.addfinalizer(lambda: signal.signal(signum, inherited))
     workdir = str(tmp_path / "run")
     argv = ["--config", TINY, "--workdir", workdir, *SMALL, f"--config.data.tokenizer_path={tokenizer}",
             "--config.num_steps=100000", "--config.checkpoint_every=2", "--config.keep_checkpoints=3"]
