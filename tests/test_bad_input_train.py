@@ -158,8 +158,9 @@ def test_signal_saves_a_checkpoint_and_a_corrupt_newest_one_falls_back(tokenizer
     inherited = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     request.addfinalizer(lambda: signal.signal(signum, inherited))
     workdir = str(tmp_path / "run")
+    # 400 steps: far more than the signal needs, few enough that a missed signal fails the test, not hangs it.
     argv = ["--config", TINY, "--workdir", workdir, *SMALL, f"--config.data.tokenizer_path={tokenizer}",
-            "--config.num_steps=100000", "--config.checkpoint_every=2", "--config.keep_checkpoints=3"]
+            "--config.num_steps=400", "--config.checkpoint_every=2", "--config.keep_checkpoints=3"]
     before = signal.getsignal(signum)
     _signal_when(os.path.join(workdir, "metrics.jsonl"), 5, signum)
     assert main(argv) == 128 + signum
