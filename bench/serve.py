@@ -127,28 +127,33 @@ def versus_transformers(sizes: dict, machine: dict) -> dict:
                                     **{k: v for k, v in SHAPE.items() if k != "max_position_embeddings"})
         model, variables = nemojax.load_pretrained(directory, dtype="float32", param_dtype="float32")
     hf = Reference(reference)
+    decoders = {batch: decoding_engine(model, variables, batch, sizes) for batch in sizes["decode_batches"]}
     return {"prefill": prefill_versus(model, variables, hf, sizes, machine),
-            "decode": [decode_versus(model, variables, hf, batch, sizes, machine) for batch in sizes["decode_batches"]],
-            "batch_scaling": batch_scaling(model, variables, sizes)}
+            "decode": [decode_versus(model, variables, hf, *decoders[batch], sizes, machine)
+                       for batch in sizes["decode_batches"]],
+            "batch_scaling": batch_scaling(decoders, sizes["repeats"])}
 
 
-def batch_scaling(model, variables, sizes: dict) -> list[dict]:
+def decoding_engine(model, variables, batch: int, sizes: dict) -> tuple[np.ndarray, Engine, list[Request]]:
+    """(prompt ids, an engine with its programs compiled, the requests) for the decoding comparisons."""
+    ids = np.random.default_rng(batch).integers(3, SHAPE["vocab_size"], (batch, sizes["decode_prompt"]))
+    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=256)
+    reqs = requests(ids, sizes["decode_new"])
+    engine.generate(reqs)
+    return ids, engine, reqs
+
+
+def batch_scaling(decoders: dict, repeats: int) -> list[dict]:
     """Decode tokens/s per batch size with the batches' runs alternating (1, 8, 32, 1, 8, ...) and nothing else in
     between, so that every batch sees the same machine: the batch-scaling measurement (the decode table's rows
     are measured one batch after another, each alternating with transformers)."""
-    prompt, new, repeats = sizes["decode_prompt"], sizes["decode_new"], sizes["repeats"]
-    runs = {}
-    for batch in sizes["decode_batches"]:
-        engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=256)
-        reqs = requests(np.random.default_rng(batch).integers(3, SHAPE["vocab_size"], (batch, prompt)), new)
-        engine.generate(reqs)
-        runs[batch] = (engine, reqs, [])
+    rates = {batch: [] for batch in decoders}
     for _ in range(repeats):
-        for engine, reqs, rates in runs.values():
-            rates.append(engine_run(engine, reqs)[0]["decode_tokens_per_s"])
-    first = float(np.median(next(iter(runs.values()))[2]))
-    return [{"batch": batch, "tokens_per_s": float(np.median(rates)), "runs": rates,
-             "relative_to_first": float(np.median(rates)) / first} for batch, (_, _, rates) in runs.items()]
+        for batch, (_, engine, reqs) in decoders.items():
+            rates[batch].append(engine_run(engine, reqs)[0]["decode_tokens_per_s"])
+    first = float(np.median(next(iter(rates.values()))))
+    return [{"batch": batch, "tokens_per_s": float(np.median(runs)), "runs": runs,
+             "relative_to_first": float(np.median(runs)) / first} for batch, runs in rates.items()]
 
 
 def prefill_versus(model, variables, hf: Reference, sizes: dict, machine: dict) -> dict:
@@ -172,12 +177,10 @@ def prefill_versus(model, variables, hf: Reference, sizes: dict, machine: dict) 
     return row
 
 
-def decode_versus(model, variables, hf: Reference, batch: int, sizes: dict, machine: dict) -> dict:
+def decode_versus(model, variables, hf: Reference, ids: np.ndarray, engine: Engine, reqs: list[Request],
+                  sizes: dict, machine: dict) -> dict:
+    batch = ids.shape[0]
     prompt, new, repeats = sizes["decode_prompt"], sizes["decode_new"], sizes["repeats"]
-    ids = np.random.default_rng(batch).integers(3, SHAPE["vocab_size"], (batch, prompt))
-    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=256)
-    reqs = requests(ids, new)
-    engine.generate(reqs)
     hf.generate(ids, new), hf.generate(ids, 1)  # warm-up: the first calls of each length are much slower
     ours, theirs = [], []
     for _ in range(repeats):
