@@ -54,6 +54,8 @@ from nemojax.cli.common import float_in, int_in, report_errors
 MAX_DRAFT_TOKENS = 16
 KV_CACHE_CHOICES = ("fp8", "bf16", "fp32")  # the keys of nemojax.config.KV_CACHE_DTYPES (checked by a test)
 DEFAULT_PREFIX_CACHE_GB = 2.0
+BATCH_SEGMENT_STEPS = 32  # each round costs a dispatch and a read-back: longer rounds when nothing streams
+SERVER_SEGMENT_STEPS = 8
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -76,8 +78,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop strings (need a tokenizer)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence ids")
     p.add_argument("--batch-size", type=int_in(1), default=8, help="decode slots (requests generated together)")
-    p.add_argument("--segment-steps", type=int_in(1, 1024), default=8,
-                   help="decoding steps between scheduling rounds (new requests enter, finished ones leave)")
+    p.add_argument("--segment-steps", type=int_in(1, 1024), default=None,
+                   help="decoding steps between scheduling rounds (new requests enter, finished ones leave; a "
+                        "round also ends when a row finishes while requests wait). Default: "
+                        f"{BATCH_SEGMENT_STEPS} for batch generation, {SERVER_SEGMENT_STEPS} for the server (its "
+                        "streams receive tokens per round)")
     p.add_argument("--host", default="127.0.0.1", help="server: address to listen on")
     p.add_argument("--port", type=int_in(0, 65535), default=8000, help="server: port")
     p.add_argument("--max-model-len", type=int_in(2), default=None,
@@ -132,6 +137,7 @@ def serve_http(args: argparse.Namespace) -> int:
     from nemojax.server.main import run_server
 
     check_settings(dataclasses.asdict(defaults_of(args)), ConfigError, lambda field: "--" + field.replace("_", "-"))
+    args = argparse.Namespace(**dict(vars(args), segment_steps=args.segment_steps or SERVER_SEGMENT_STEPS))
     if args.dtype is not None and dtype_name(args.dtype) not in FLOAT_DTYPES:
         raise ConfigError(f"--dtype {args.dtype}: expected one of {FLOAT_DTYPES}")
     if not os.path.isdir(args.checkpoint):
@@ -149,6 +155,7 @@ def check_inputs(args: argparse.Namespace) -> int | None:
     from nemojax.generate.requests import check_settings
 
     check_settings(dataclasses.asdict(defaults_of(args)), ConfigError, lambda field: "--" + field.replace("_", "-"))
+    args = argparse.Namespace(**dict(vars(args), segment_steps=args.segment_steps or SERVER_SEGMENT_STEPS))
     if args.dtype is not None and dtype_name(args.dtype) not in FLOAT_DTYPES:
         raise ConfigError(f"--dtype {args.dtype}: expected one of {FLOAT_DTYPES}")
     if not os.path.isdir(args.checkpoint):
@@ -263,7 +270,7 @@ def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | No
     with tqdm(total=total, initial=answered, disable=args.no_progress or not main_process, unit="line") as bar:
         serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
                      args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar,
-                     segment_steps=args.segment_steps)
+                     segment_steps=args.segment_steps or BATCH_SEGMENT_STEPS)
     return stats_record(engine.stats, engine.k)
 
 

@@ -110,19 +110,6 @@ def grow(cache: Cache, length: int) -> Cache:
     return _map_leaves(cache, pad)
 
 
-def keep_rows(new: Cache, old: Cache, active_b: jax.Array) -> Cache:
-    """`new` for active rows; inactive rows keep their write positions and Mamba states from `old` (their
-    KV entries may have been written past their index, which is harmless)."""
-    def choose(path: tuple, n: jax.Array, o: jax.Array) -> jax.Array:
-        axes = cache_axes(path[-1].key, n.ndim)
-        if "length" in axes:
-            return n
-        batch = axes.index("batch")
-        return jnp.where(active_b.reshape((1,) * batch + (-1,) + (1,) * (n.ndim - batch - 1)), n, o)
-
-    return jax.tree_util.tree_map_with_path(choose, new, old)
-
-
 def capacity(cache: Cache) -> int | None:
     """Positions per row (None for a model without attention layers: Mamba states need no room)."""
     lengths = [leaf.shape[axes.index("length")] for path, leaf in jax.tree_util.tree_leaves_with_path(cache)

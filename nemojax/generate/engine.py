@@ -60,6 +60,9 @@ class EngineStats:
     ttft_seconds: float = 0.0  # summed over those requests: submission to first token read back
 
 
+GENERATE_SEGMENT_STEPS = 32  # `generate` reads tokens back only between segments: each costs a dispatch
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -111,10 +114,11 @@ class Engine:
     def generate(self, requests: Sequence[Request], stop_check: Callable[[int, list[int]], bool] | None = None,
                  segment_steps: int | None = None) -> list[Completion]:
         """Serve `requests` together (one slot each) and return their completions in order.
-        `stop_check(i, ids)` is asked between segments whether request i should stop."""
+        `stop_check(i, ids)` is asked between segments (of `segment_steps` decoding steps, default
+        GENERATE_SEGMENT_STEPS) whether request i should stop."""
         slots = max(self.min_batch, next_pow2(len(requests)))
         max_len = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-        steps = segment_steps if stop_check is not None and segment_steps else 16
+        steps = segment_steps or GENERATE_SEGMENT_STEPS
         scheduler = self.scheduler(slots, max_len, steps)
         tickets = [scheduler.submit(Ticket(r, None if stop_check is None else functools.partial(stop_check, i)))
                    for i, r in enumerate(requests)]

@@ -8,9 +8,10 @@ the tokens emitted since the host last drained them (`out`, `fill`, and their lo
 - `prefill`: one prompt chunk for n rows gathered from their slots (right-padded: real tokens first),
   written back in place; rows whose prompt ends in the chunk sample their first token and start.
 - `segment`: up to `steps` decoding steps of every row in a `lax.while_loop` (plain: one token per
-  step; speculative: MTP drafts + one verifying forward); rows that are `done` change nothing but
-  scratch KV entries past their position. It can stop as soon as a row finishes (so that the host
-  can hand the slot to a waiting request).
+  step; speculative: MTP drafts + one verifying forward). Rows that are `done` emit nothing; the
+  `held` rows (prompts partly prefilled) keep their caches exactly (the step's input is masked for
+  them), while finished and free rows run on scratch until their slot's next prompt resets it. It
+  can stop as soon as a row finishes (so that the host can hand the slot to a waiting request).
 - `release`: finish rows the host stops (stop strings, cancelled requests).
 - `drain`: what was emitted since the last drain (replicated on a mesh), and the emit buffer emptied.
 - `take_span` / `take_states` / `put_span` / `put_states`: copy one row's KV positions or its Mamba
@@ -166,11 +167,12 @@ class Programs:
                                                                                       states))))
 
     # ---------------------------------------------------------------- decoding
-    def segment(self, variables: dict, state: State, steps, exit_on_finish, *, use_sort: bool, greedy: bool,
-                logprobs: bool) -> State:
+    def segment(self, variables: dict, state: State, steps, exit_on_finish, held_b, *, use_sort: bool,
+                greedy: bool, logprobs: bool) -> State:
         """Up to `steps` decoding steps. With `exit_on_finish` the loop also ends after the step in which
-        any row finished."""
-        step = self._speculative_step if self.k else self._plain_step
+        any row finished. `held_b`: rows whose caches must not change (a prompt partly prefilled)."""
+        step = (self._speculative_step if self.k
+                else lambda variables, s, *options: self._plain_step(variables, s, held_b, *options))
         done_before = state["done"]
 
         def cond(carry):
@@ -197,10 +199,14 @@ class Programs:
             view = jax.lax.with_sharding_constraint(view, NamedSharding(self.mesh, PartitionSpec()))
         return self.constrain(dict(state, fill=jnp.zeros_like(state["fill"]))), view
 
-    def _plain_step(self, variables: dict, state: State, use_sort: bool, greedy: bool, logprobs: bool) -> State:
-        logits, _, cache = self.model.apply(variables, state["token"][:, None], cache=state["cache"],
-                                            method="forward")
-        cache = caches.keep_rows(cache, state["cache"], ~state["done"])
+    def _plain_step(self, variables: dict, state: State, held_b, use_sort: bool, greedy: bool,
+                    logprobs: bool) -> State:
+        """One token per row. The held rows' input is masked (`valid` False: their write positions, Mamba
+        states and KV validity stay as they are); every other row, finished or free ones included, runs
+        as if active: their scratch results are never read (a slot's next prompt resets it), and masking
+        them would cost a select over all the caches per step."""
+        logits, _, cache = self.model.apply(variables, state["token"][:, None], ~held_b[:, None],
+                                            cache=state["cache"], method="forward")
         keys = sampling.row_keys(state["keys"], state["count"])
         token = (sampling.greedy_tokens(logits[:, 0]) if greedy
                  else sampling.sample(keys, logits[:, 0], state["params"], use_sort))

@@ -298,8 +298,9 @@ class Scheduler:
                        greedy=all(r.temperature == 0 for r in requests), logprobs=any(t.logprobs for t in decoding))
         begin = time.perf_counter()
         compile_before = engine.stats.compile_seconds
+        held = np.asarray([t is not None and not t.decoding and t.prefilled > 0 for t in self.rows])
         self.state = engine.run("segment", engine.partial(self.programs.segment, **options), engine.variables,
-                                self.state, *engine.replicate((np.int32(steps), np.bool_(exit_on_finish))))
+                                self.state, *engine.replicate((np.int32(steps), np.bool_(exit_on_finish), held)))
         jax.block_until_ready(self.state["done"])
         engine.stats.decode_seconds += time.perf_counter() - begin - (engine.stats.compile_seconds - compile_before)
 
