@@ -8,7 +8,9 @@
    (time, useful FLOP/s and its fraction of the matmul peak), and greedy decoding of 128 new tokens
    after 64-token prompts at batch 1, 8 and 32 (tokens/s, and each decoding step against its
    bandwidth bound: the bytes it must move over the measured bandwidth). Medians of interleaved
-   repeats; the greedy tokens of both are compared.
+   repeats; the greedy tokens of both are compared. A batch-scaling table with all batches' runs
+   alternating, batches above 1 also with their rows split over two CPU devices (mesh data=2: each
+   device decodes its own rows on its own thread; the process is started with two host devices).
 3. Decode time per token against context length: the hybrid model vs an attention-only model of
    the same shape (every Mamba layer replaced by attention).
 4. MTP speculative decoding: the hybrid model with an MTP block, briefly trained on counting
@@ -27,8 +29,13 @@ import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
+# Two host devices: the batch-scaling table also decodes with the rows split over both cores (mesh data=2);
+# everything else runs on the first device, as in a one-device process.
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                 "--xla_force_host_platform_device_count=2"]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
@@ -39,6 +46,7 @@ from nemojax.config import from_hf_config  # noqa: E402
 from nemojax.generate import Engine, Request  # noqa: E402
 from nemojax.generate.stats import stats_record  # noqa: E402
 from nemojax.model import NemotronH, init_variables  # noqa: E402
+from nemojax.sharding import make_mesh  # noqa: E402
 from nemojax.train.quick import fit_token_batches  # noqa: E402
 
 PATTERN = "MEM*EMEM"
@@ -127,33 +135,43 @@ def versus_transformers(sizes: dict, machine: dict) -> dict:
                                     **{k: v for k, v in SHAPE.items() if k != "max_position_embeddings"})
         model, variables = nemojax.load_pretrained(directory, dtype="float32", param_dtype="float32")
     hf = Reference(reference)
-    decoders = {batch: decoding_engine(model, variables, batch, sizes) for batch in sizes["decode_batches"]}
-    return {"prefill": prefill_versus(model, variables, hf, sizes, machine),
-            "decode": [decode_versus(model, variables, hf, *decoders[batch], sizes, machine)
-                       for batch in sizes["decode_batches"]],
-            "batch_scaling": batch_scaling(decoders, sizes["repeats"])}
+    decoders = {(batch, 1): decoding_engine(model, variables, batch, sizes) for batch in sizes["decode_batches"]}
+    decode = [decode_versus(model, variables, hf, *decoders[batch, 1], sizes, machine)
+              for batch in sizes["decode_batches"]]
+    split = make_mesh(data=2, devices=jax.devices()[:2])
+    decoders |= {(batch, 2): decoding_engine(model, variables, batch, sizes, split)
+                 for batch in sizes["decode_batches"] if batch > 1}
+    bounds = {row["batch"]: row["bandwidth_bound_step_s"] for row in decode}
+    return {"prefill": prefill_versus(model, variables, hf, sizes, machine), "decode": decode,
+            "batch_scaling": batch_scaling(decoders, bounds, sizes["repeats"])}
 
 
-def decoding_engine(model, variables, batch: int, sizes: dict) -> tuple[np.ndarray, Engine, list[Request]]:
-    """(prompt ids, an engine with its programs compiled, the requests) for the decoding comparisons."""
+def decoding_engine(model, variables, batch: int, sizes: dict, mesh=None) -> tuple[np.ndarray, Engine, list[Request]]:
+    """(prompt ids, an engine with its programs compiled, the requests) for the decoding comparisons; with
+    `mesh` (data=2) the rows decode split over two devices (each device loops over its own rows)."""
     ids = np.random.default_rng(batch).integers(3, SHAPE["vocab_size"], (batch, sizes["decode_prompt"]))
-    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=256)
+    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=256, mesh=mesh)
     reqs = requests(ids, sizes["decode_new"])
     engine.generate(reqs)
     return ids, engine, reqs
 
 
-def batch_scaling(decoders: dict, repeats: int) -> list[dict]:
-    """Decode tokens/s per batch size with the batches' runs alternating (1, 8, 32, 1, 8, ...) and nothing else in
-    between, so that every batch sees the same machine: the batch-scaling measurement (the decode table's rows
-    are measured one batch after another, each alternating with transformers)."""
-    rates = {batch: [] for batch in decoders}
+def batch_scaling(decoders: dict, bounds: dict, repeats: int) -> list[dict]:
+    """Decode tokens/s per (batch, devices) with all runs alternating (1, 8, 32, 8 on 2 devices, 32 on 2, 1, ...)
+    and nothing else in between, so that every row sees the same machine: the batch-scaling measurement (the
+    decode table's rows are measured one batch after another, each alternating with transformers). Also each
+    row's step against the batch's bandwidth-bound step (`bounds`, from the decode table)."""
+    rates = {key: [] for key in decoders}
     for _ in range(repeats):
-        for batch, (_, engine, reqs) in decoders.items():
-            rates[batch].append(engine_run(engine, reqs)[0]["decode_tokens_per_s"])
+        for key, (_, engine, reqs) in decoders.items():
+            rates[key].append(engine_run(engine, reqs)[0]["decode_tokens_per_s"])
     first = float(np.median(next(iter(rates.values()))))
-    return [{"batch": batch, "tokens_per_s": float(np.median(runs)), "runs": runs,
-             "relative_to_first": float(np.median(runs)) / first} for batch, runs in rates.items()]
+    rows = []
+    for (batch, devices), runs in rates.items():
+        rate = float(np.median(runs))
+        rows.append({"batch": batch, "devices": devices, "tokens_per_s": rate, "runs": runs,
+                     "relative_to_first": rate / first, "bandwidth_bound_fraction": bounds[batch] * rate / batch})
+    return rows
 
 
 def prefill_versus(model, variables, hf: Reference, sizes: dict, machine: dict) -> dict:
@@ -288,11 +306,12 @@ def markdown(results: dict) -> str:
                      f"{r['nemojax']['bandwidth_bound_fraction']:.2f} | {r['step_bytes']['total'] / 1e6:.1f} | "
                      f"{np.mean(r['distinct_experts_per_moe_layer']):.1f} | {r['greedy_tokens_equal']} |")
     scaling = v["batch_scaling"]
-    lines += ["", f"Batch scaling (nemojax alone, the batches' runs alternating, median of {len(scaling[0]['runs'])}):",
-              "", f"| batch | decode tokens/s | relative to batch {scaling[0]['batch']} | runs (tokens/s) |",
-              "|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['tokens_per_s']:.0f} | {r['relative_to_first']:.2f}x | "
-              f"{', '.join(f'{x:.0f}' for x in r['runs'])} |" for r in scaling]
+    lines += ["", f"Batch scaling (nemojax alone, all rows' runs alternating, median of {len(scaling[0]['runs'])}; "
+              "2 devices: the rows split over two CPU devices, mesh data=2, each decoding its own rows on its own "
+              "thread):", "", f"| batch | devices | decode tokens/s | relative to batch {scaling[0]['batch']} | "
+              "fraction of bandwidth bound | runs (tokens/s) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['devices']} | {r['tokens_per_s']:.0f} | {r['relative_to_first']:.2f}x | "
+              f"{r['bandwidth_bound_fraction']:.2f} | {', '.join(f'{x:.0f}' for x in r['runs'])} |" for r in scaling]
     if "context_scaling" not in results:
         return "\n".join(lines) + "\n"
     lines += ["", "## Decode time per token vs context (batch 1)", "",

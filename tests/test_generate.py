@@ -4,6 +4,7 @@ the thinking budget."""
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -206,6 +207,54 @@ def test_engine_on_a_mesh_equals_one_device(small_model, engines, speculative):
     reqs = mixed_requests()
     want = [c.output_ids for c in engines[speculative].generate(reqs)]
     assert [c.output_ids for c in engine.generate(reqs)] == want
+    segments = [executable for key, (executable, _) in engine._executables.items() if key[0] == "segment"]
+    assert all(loop_collectives(s.as_text()) for s in segments)  # the partitioned loop communicates
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def loop_collectives(hlo: str) -> set[str]:
+    """The collective operations in the decoding loop of a compiled program: in the bodies of the entry
+    computation's while loops and every computation they call."""
+    computations, name = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$", line)
+        if header:
+            name = "ENTRY" if header.group(1) else header.group(2)
+            computations[name] = []
+        elif name is not None:
+            computations[name].append(line)
+    todo = re.findall(r"body=%?([\w.\-]+)", "\n".join(computations["ENTRY"]))
+    assert todo, "no while loop in the entry computation"
+    seen, found = set(), set()
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in computations:
+            continue
+        seen.add(current)
+        text = "\n".join(computations[current])
+        found |= {op for op in COLLECTIVES if re.search(rf" {op}(-start)?\(", text)}
+        todo += re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", text)
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", text):
+            todo += [branch.strip(" %") for branch in group.split(",")]
+    return found
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_rows_split_over_data_decode_per_device(small_model, engines, speculative):
+    """A mesh that only splits the rows (data=2): each device runs the decoding loop on its own rows
+    with no communication inside it (on CPU the devices are threads: a batch decodes on two cores),
+    and the tokens equal one device's, prompts held mid-prefill included (chunks of 8, prompts up to 14)."""
+    model, variables = small_model
+    mesh = make_mesh(data=2, devices=jax.devices()[:2])
+    engine = Engine(model, variables, eos_ids=(2,), think_end_id=THINK_END, prefill_chunk=8, min_batch=4,
+                    num_draft_tokens=2 if speculative else 0, mesh=mesh)
+    reqs = mixed_requests()
+    want = [c.output_ids for c in engines[speculative].generate(reqs)]
+    assert [c.output_ids for c in engine.generate(reqs)] == want
+    segments = [executable for key, (executable, _) in engine._executables.items() if key[0] == "segment"]
+    assert segments and all(loop_collectives(s.as_text()) == set() for s in segments)
 
 
 def _train_counting_model(steps=40):

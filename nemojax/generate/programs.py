@@ -170,21 +170,51 @@ class Programs:
     def segment(self, variables: dict, state: State, steps, exit_on_finish, held_b, *, use_sort: bool,
                 greedy: bool, logprobs: bool) -> State:
         """Up to `steps` decoding steps. With `exit_on_finish` the loop also ends after the step in which
-        any row finished. `held_b`: rows whose caches must not change (a prompt partly prefilled)."""
-        step = (self._speculative_step if self.k
-                else lambda variables, s, *options: self._plain_step(variables, s, held_b, *options))
-        done_before = state["done"]
+        any row finished. `held_b`: rows whose caches must not change (a prompt partly prefilled).
 
-        def cond(carry):
-            i, s = carry
-            newly_done = jnp.any(s["done"] & ~done_before)
-            return (i < steps) & ~jnp.all(s["done"]) & ~(exit_on_finish & newly_done)
+        On a mesh that only splits the rows (`data`), each device loops over its own rows with no
+        communication at all (`jax.shard_map`; its loop may end earlier than another device's): on CPU
+        the devices are threads, so a batch decodes on several cores at once. Otherwise one program
+        for the whole mesh, partitioned by the compiler."""
+        def loop(variables, state, steps, exit_on_finish, held_b):
+            step = (self._speculative_step if self.k
+                    else lambda variables, s, *options: self._plain_step(variables, s, held_b, *options))
+            done_before = state["done"]
 
-        def body(carry):
-            i, s = carry
-            return i + 1, step(variables, s, use_sort, greedy, logprobs)
+            def cond(carry):
+                i, s = carry
+                newly_done = jnp.any(s["done"] & ~done_before)
+                return (i < steps) & ~jnp.all(s["done"]) & ~(exit_on_finish & newly_done)
 
-        return self.constrain(jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1])
+            def body(carry):
+                i, s = carry
+                return i + 1, step(variables, s, use_sort, greedy, logprobs)
+
+            return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+        if self._rows_per_device(state):
+            rows = jax.tree_util.tree_map_with_path(self._rows_spec, state)
+            loop = jax.shard_map(loop, mesh=self.mesh, in_specs=(PartitionSpec(), rows, PartitionSpec(),
+                                                                   PartitionSpec(), PartitionSpec("data")),
+                                 out_specs=rows, check_vma=False)
+        return self.constrain(loop(variables, state, steps, exit_on_finish, held_b))
+
+    def _rows_per_device(self, state: State) -> bool:
+        """Whether decoding runs per device: a mesh whose only axis larger than 1 is `data`, dividing the
+        slots, without context parallelism (the variables are then replicated and every row is local)."""
+        if self.mesh is None or self.context_parallel:
+            return False
+        shape = dict(self.mesh.shape)
+        return (shape["data"] > 1 and all(size == 1 for axis, size in shape.items() if axis != "data")
+                and state["done"].shape[0] % shape["data"] == 0)
+
+    @staticmethod
+    def _rows_spec(path: tuple, leaf: Any) -> PartitionSpec:
+        """A state leaf split over `data` along its rows (a cache leaf's batch axis, else the first)."""
+        key = path[-1].key if isinstance(path[-1], jax.tree_util.DictKey) else None
+        in_cache = any(isinstance(p, jax.tree_util.DictKey) and p.key == "cache" for p in path[:1])
+        axis = sharding.cache_axes(key, leaf.ndim).index("batch") if in_cache else 0
+        return PartitionSpec(*([None] * axis), "data")
 
     def release(self, state: State, rows_b) -> State:
         """Finish the rows in `rows_b` (a stop string matched, the client went away)."""

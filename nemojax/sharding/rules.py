@@ -109,9 +109,10 @@ def sized_spec(logical_axes: Sequence[str | None], units: Sequence[int], mesh_sh
 
 
 def context_mesh() -> Mesh | AbstractMesh | None:
-    """The mesh set by `use_mesh`: concrete outside `jax.jit` (eager code), abstract inside; None if unset."""
+    """The mesh set by `use_mesh`: concrete outside `jax.jit` (eager code), abstract inside; None if unset
+    or inside a `jax.shard_map` over all its axes (code there runs per device: nothing to constrain)."""
     abstract = jax.sharding.get_abstract_mesh()
-    if abstract.empty:
+    if abstract.empty or abstract.are_all_axes_manual:
         return None
     try:
         return jax.sharding.get_mesh()
