@@ -15,6 +15,7 @@ from hf_reference import make_checkpoint
 import nemojax
 from nemojax.config import from_hf_config
 from nemojax.generate import Engine, Request, caches, sampling, speculative
+from nemojax.generate.scheduler import Ticket
 from nemojax.model import NemotronH, init_cache, init_variables
 from nemojax.sharding import make_mesh
 from nemojax.train.quick import fit_token_batches
@@ -253,6 +254,11 @@ def test_rows_split_over_data_decode_per_device(small_model, engines, speculativ
     reqs = mixed_requests()
     want = [c.output_ids for c in engines[speculative].generate(reqs)]
     assert [c.output_ids for c in engine.generate(reqs)] == want
+    # Fewer slots than requests (one per device): segments end when a row finishes and requests wait.
+    scheduler = engine.scheduler(2, max(len(r.prompt_ids) + r.max_new_tokens for r in reqs), segment_steps=4)
+    tickets = [scheduler.submit(Ticket(r)) for r in reqs]
+    scheduler.run_until_idle()
+    assert [t.output_ids for t in tickets] == want
     segments = [executable for key, (executable, _) in engine._executables.items() if key[0] == "segment"]
     assert segments and all(loop_collectives(s.as_text()) == set() for s in segments)
 
