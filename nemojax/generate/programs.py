@@ -21,6 +21,7 @@ the tokens emitted since the host last drained them (`out`, `fill`, and their lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -102,7 +103,21 @@ class Programs:
         token is sampled from the logits at its last real position and the row starts decoding with
         `settings` (per-row arrays: temperature, top_k, top_p, min_p, seed, salt, max_new, ignore_eos,
         think_left).
+
+        When rows run per device (`row_devices` > 1) the n rows are device-major (n / devices per device)
+        and `rows_n` numbers each device's own slots: every device prefills its rows with no communication.
         """
+        chunk = functools.partial(self._prefill_rows, use_sort=use_sort, logprobs=logprobs)
+        if self.row_devices(state["done"].shape[0]) > 1:
+            rows = jax.tree_util.tree_map_with_path(self._rows_spec, state)
+            per_row = PartitionSpec("data")
+            chunk = jax.shard_map(chunk, mesh=self.mesh, in_specs=(PartitionSpec(), rows) + (per_row,) * 7 + (
+                jax.tree.map(lambda _: per_row, settings),), out_specs=rows, check_vma=False)
+        return self.constrain(chunk(variables, state, rows_n, ids_nt, valid_nt, next_ids_nt, next_valid_nt, fresh_n,
+                                    last_n, settings))
+
+    def _prefill_rows(self, variables: dict, state: State, rows_n, ids_nt, valid_nt, next_ids_nt, next_valid_nt,
+                      fresh_n, last_n, settings: dict, *, use_sort: bool, logprobs: bool) -> State:
         model, k = self.model, self.k
         part = caches.reset_rows(caches.take_rows(state["cache"], rows_n), fresh_n)
         hidden, layers = model.apply(variables, ids_nt, valid_nt, part["layers"], part["index"],
@@ -139,7 +154,7 @@ class Programs:
         for name, value in row.items():
             state[name] = jax.tree.map(lambda a, v: a.at[starting].set(v.astype(a.dtype), mode="drop"),
                                        state[name], value)
-        return self.constrain(state)
+        return state
 
     # ---------------------------------------------------------------- prefix reuse
     def _reused(self, cache: dict) -> dict:
@@ -192,21 +207,22 @@ class Programs:
 
             return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
-        if self._rows_per_device(state):
+        if self.row_devices(state["done"].shape[0]) > 1:
             rows = jax.tree_util.tree_map_with_path(self._rows_spec, state)
             loop = jax.shard_map(loop, mesh=self.mesh, in_specs=(PartitionSpec(), rows, PartitionSpec(),
                                                                    PartitionSpec(), PartitionSpec("data")),
                                  out_specs=rows, check_vma=False)
         return self.constrain(loop(variables, state, steps, exit_on_finish, held_b))
 
-    def _rows_per_device(self, state: State) -> bool:
-        """Whether decoding runs per device: a mesh whose only axis larger than 1 is `data`, dividing the
-        slots, without context parallelism (the variables are then replicated and every row is local)."""
+    def row_devices(self, slots: int) -> int:
+        """Over how many devices the rows run per device (1: one program for the whole mesh, or no mesh):
+        a mesh whose only axis larger than 1 is `data`, dividing the slots, without context parallelism
+        (the variables are then replicated and every row's work is local)."""
         if self.mesh is None or self.context_parallel:
-            return False
+            return 1
         shape = dict(self.mesh.shape)
-        return (shape["data"] > 1 and all(size == 1 for axis, size in shape.items() if axis != "data")
-                and state["done"].shape[0] % shape["data"] == 0)
+        per_device = all(size == 1 for axis, size in shape.items() if axis != "data") and slots % shape["data"] == 0
+        return shape["data"] if per_device else 1
 
     @staticmethod
     def _rows_spec(path: tuple, leaf: Any) -> PartitionSpec:

@@ -255,24 +255,31 @@ class Scheduler:
         remaining = [len(t.request.prompt_ids) - t.prefilled for t in tickets]
         chunk = min(engine.prefill_chunk, max(MIN_CHUNK, _next_pow2(max(remaining))))
         self._ensure_length(max(t.prefilled + min(chunk, r) for t, r in zip(tickets, remaining, strict=True)))
-        n = _next_pow2(len(tickets))
+        # Rows device-major when each device prefills its own slots (programs.row_devices), numbered per device.
+        devices = self.programs.row_devices(self.slots)
+        local = self.slots // devices
+        groups = [[t for t in tickets if t.slot // local == d] for d in range(devices)]
+        per_device = _next_pow2(max(len(group) for group in groups))
+        placed = [(d * per_device + j, t) for d, group in enumerate(groups) for j, t in enumerate(group)]
+        n = devices * per_device
         ids, valid = np.zeros((n, chunk), np.int32), np.zeros((n, chunk), bool)
         next_ids, next_valid = np.zeros((n, chunk), np.int32), np.zeros((n, chunk), bool)
-        rows, fresh, last = np.full(n, self.slots, np.int32), np.zeros(n, bool), np.zeros(n, bool)
-        starting = []
-        for i, t in enumerate(tickets):
+        rows, fresh, last = np.full(n, local, np.int32), np.zeros(n, bool), np.zeros(n, bool)
+        starting, starts = [], [None] * n
+        for i, t in placed:
             prompt = t.request.prompt_ids
             end = self._segment_end(t, chunk)
             part = prompt[t.prefilled:end]
             ids[i, :len(part)], valid[i, :len(part)] = part, True
             following = prompt[t.prefilled + 1:end + 1]
             next_ids[i, :len(following)], next_valid[i, :len(following)] = following, True
-            rows[i], fresh[i] = t.slot, t.prefilled == 0
+            rows[i], fresh[i] = t.slot % local, t.prefilled == 0
             t.prefilled += len(part)
             last[i] = t.prefilled == len(prompt)
             if last[i]:
                 starting.append(t)
-        settings = settings_arrays([t.request if last[i] else None for i, t in enumerate(tickets)], n)
+                starts[i] = t.request
+        settings = settings_arrays(starts, n)
         use_sort = any(r.top_k > 0 or r.top_p < 1.0 for r in (t.request for t in starting))
         logprobs = any(t.logprobs for t in starting)
         begin = time.perf_counter()
