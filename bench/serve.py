@@ -5,7 +5,8 @@
 1. The machine, in the same run: float32 matmul peak (a large matmul) and read bandwidth (a large
    reduction), see bench/traffic.py.
 2. nemojax vs the transformers reference on the same random checkpoint: a prefill of 4 x 512 tokens
-   (time, useful FLOP/s and its fraction of the matmul peak), and greedy decoding of 128 new tokens
+   (time, useful FLOP/s and its fraction of the matmul peak; nemojax on one device and with the rows
+   split over two devices), and greedy decoding of 128 new tokens
    after 64-token prompts at batch 1, 8 and 32 (tokens/s, and each decoding step against its
    bandwidth bound: the bytes it must move over the measured bandwidth). Medians of interleaved
    repeats; the greedy tokens of both are compared. A batch-scaling table with all batches' runs
@@ -142,7 +143,7 @@ def versus_transformers(sizes: dict, machine: dict) -> dict:
     decoders |= {(batch, 2): decoding_engine(model, variables, batch, sizes, split)
                  for batch in sizes["decode_batches"] if batch > 1}
     bounds = {row["batch"]: row["bandwidth_bound_step_s"] for row in decode}
-    return {"prefill": prefill_versus(model, variables, hf, sizes, machine), "decode": decode,
+    return {"prefill": prefill_versus(model, variables, hf, sizes, machine, split), "decode": decode,
             "batch_scaling": batch_scaling(decoders, bounds, sizes["repeats"])}
 
 
@@ -174,24 +175,29 @@ def batch_scaling(decoders: dict, bounds: dict, repeats: int) -> list[dict]:
     return rows
 
 
-def prefill_versus(model, variables, hf: Reference, sizes: dict, machine: dict) -> dict:
+def prefill_versus(model, variables, hf: Reference, sizes: dict, machine: dict, split) -> dict:
+    """One engine on one device, one with the rows over two devices (`split`, data=2: each prefills its own
+    rows), and transformers, their runs interleaved so that all see the same load."""
     batch, prompt, repeats = sizes["prefill_batch"], sizes["prefill_prompt"], sizes["repeats"]
     ids = np.random.default_rng(0).integers(3, SHAPE["vocab_size"], (batch, prompt))
-    engine = Engine(model, variables, eos_ids=(2,), prefill_chunk=prompt)
+    engines = {"nemojax": Engine(model, variables, eos_ids=(2,), prefill_chunk=prompt),
+               "nemojax, 2 devices": Engine(model, variables, eos_ids=(2,), prefill_chunk=prompt, mesh=split)}
     reqs = requests(ids, 1)
-    engine.generate(reqs)
+    for engine in engines.values():
+        engine.generate(reqs)
     hf.prefill_s(ids)
-    ours, theirs = [], []
-    for _ in range(repeats):  # interleaved, so that both see the same load
-        ours.append(engine_run(engine, reqs)[0]["prefill_s"])
-        theirs.append(hf.prefill_s(ids))
+    times = {name: [] for name in (*engines, "transformers")}
+    for _ in range(repeats):
+        for name, engine in engines.items():
+            times[name].append(engine_run(engine, reqs)[0]["prefill_s"])
+        times["transformers"].append(hf.prefill_s(ids))
     flops = traffic.prefill_flops(model.config, batch, prompt)
     row = {"batch": batch, "prompt": prompt, "useful_gflop": flops / 1e9}
-    for name, times in (("nemojax", ours), ("transformers", theirs)):
-        seconds = float(np.median(times))
+    for name, runs in times.items():
+        seconds = float(np.median(runs))
         row[name] = {"seconds": seconds, "tokens_per_s": batch * prompt / seconds, "gflop_per_s": flops / seconds / 1e9,
-                     "fraction_of_peak": flops / seconds / machine["matmul_peak_flop_per_s"]}
-    row["speedup"] = row["transformers"]["seconds"] / row["nemojax"]["seconds"]
+                     "fraction_of_peak": flops / seconds / machine["matmul_peak_flop_per_s"],
+                     "speedup": float(np.median(times["transformers"])) / seconds}
     return row
 
 
@@ -288,12 +294,13 @@ def markdown(results: dict) -> str:
              f"## nemojax vs transformers (pattern {PATTERN}, hidden 256, 32 experts top-4, float32, same checkpoint)",
              "", f"Prefill {p['batch']} x {p['prompt']} tokens ({p['useful_gflop']:.2f} useful GFLOP), median of "
              f"{results['sizes']['repeats']} interleaved runs:", "",
-             "| | seconds | tokens/s | GFLOP/s | fraction of matmul peak |", "|---|---|---|---|---|"]
-    for name in ("nemojax", "transformers"):
+             "| | seconds | tokens/s | GFLOP/s | fraction of matmul peak | speed-up over transformers |",
+             "|---|---|---|---|---|---|"]
+    for name in ("nemojax", "nemojax, 2 devices", "transformers"):
         r = p[name]
         lines.append(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['gflop_per_s']:.1f} | "
-                     f"{r['fraction_of_peak']:.2f} |")
-    lines += [f"| speed-up | {p['speedup']:.2f}x | | | |", "",
+                     f"{r['fraction_of_peak']:.2f} | {r['speedup']:.2f}x |")
+    lines += ["",
               f"Greedy decoding, {v['decode'][0]['prompt']}-token prompts, {v['decode'][0]['new_tokens']} new tokens "
               f"(bound: the bytes a step must move over the read bandwidth; bench/traffic.py):", "",
               "| batch | nemojax tokens/s | transformers tokens/s | speed-up | nemojax ms/step "
