@@ -227,9 +227,8 @@ class Programs:
     @staticmethod
     def _rows_spec(path: tuple, leaf: Any) -> PartitionSpec:
         """A state leaf split over `data` along its rows (a cache leaf's batch axis, else the first)."""
-        key = path[-1].key if isinstance(path[-1], jax.tree_util.DictKey) else None
-        in_cache = any(isinstance(p, jax.tree_util.DictKey) and p.key == "cache" for p in path[:1])
-        axis = sharding.cache_axes(key, leaf.ndim).index("batch") if in_cache else 0
+        in_cache = isinstance(path[0], jax.tree_util.DictKey) and path[0].key == "cache"
+        axis = sharding.cache_axes(path[-1].key, leaf.ndim).index("batch") if in_cache else 0
         return PartitionSpec(*([None] * axis), "data")
 
     def release(self, state: State, rows_b) -> State:
