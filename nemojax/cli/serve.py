@@ -110,7 +110,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="device mesh, e.g. tensor=4,expert=2; -1 takes the remaining devices (default: fsdp=-1)")
     p.add_argument("--no-progress", action="store_true")
     add_distributed_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.segment_steps is None:
+        args.segment_steps = SERVER_SEGMENT_STEPS if args.prompts is None else BATCH_SEGMENT_STEPS
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +140,6 @@ def serve_http(args: argparse.Namespace) -> int:
     from nemojax.server.main import run_server
 
     check_settings(dataclasses.asdict(defaults_of(args)), ConfigError, lambda field: "--" + field.replace("_", "-"))
-    args = argparse.Namespace(**dict(vars(args), segment_steps=args.segment_steps or SERVER_SEGMENT_STEPS))
     if args.dtype is not None and dtype_name(args.dtype) not in FLOAT_DTYPES:
         raise ConfigError(f"--dtype {args.dtype}: expected one of {FLOAT_DTYPES}")
     if not os.path.isdir(args.checkpoint):
@@ -155,7 +157,6 @@ def check_inputs(args: argparse.Namespace) -> int | None:
     from nemojax.generate.requests import check_settings
 
     check_settings(dataclasses.asdict(defaults_of(args)), ConfigError, lambda field: "--" + field.replace("_", "-"))
-    args = argparse.Namespace(**dict(vars(args), segment_steps=args.segment_steps or SERVER_SEGMENT_STEPS))
     if args.dtype is not None and dtype_name(args.dtype) not in FLOAT_DTYPES:
         raise ConfigError(f"--dtype {args.dtype}: expected one of {FLOAT_DTYPES}")
     if not os.path.isdir(args.checkpoint):
@@ -270,7 +271,7 @@ def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | No
     with tqdm(total=total, initial=answered, disable=args.no_progress or not main_process, unit="line") as bar:
         serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
                      args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar,
-                     segment_steps=args.segment_steps or BATCH_SEGMENT_STEPS)
+                     segment_steps=args.segment_steps)
     return stats_record(engine.stats, engine.k)
 
 

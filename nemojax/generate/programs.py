@@ -107,12 +107,9 @@ class Programs:
         When rows run per device (`row_devices` > 1) the n rows are device-major (n / devices per device)
         and `rows_n` numbers each device's own slots: every device prefills its rows with no communication.
         """
-        chunk = functools.partial(self._prefill_rows, use_sort=use_sort, logprobs=logprobs)
-        if self.row_devices(state["done"].shape[0]) > 1:
-            rows = jax.tree_util.tree_map_with_path(self._rows_spec, state)
-            per_row = PartitionSpec("data")
-            chunk = jax.shard_map(chunk, mesh=self.mesh, in_specs=(PartitionSpec(), rows) + (per_row,) * 7 + (
-                jax.tree.map(lambda _: per_row, settings),), out_specs=rows, check_vma=False)
+        per_row = PartitionSpec("data")
+        chunk = self._per_device(functools.partial(self._prefill_rows, use_sort=use_sort, logprobs=logprobs), state,
+                                 *(per_row,) * 7, jax.tree.map(lambda _: per_row, settings))
         return self.constrain(chunk(variables, state, rows_n, ids_nt, valid_nt, next_ids_nt, next_valid_nt, fresh_n,
                                     last_n, settings))
 
@@ -207,12 +204,17 @@ class Programs:
 
             return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
-        if self.row_devices(state["done"].shape[0]) > 1:
-            rows = jax.tree_util.tree_map_with_path(self._rows_spec, state)
-            loop = jax.shard_map(loop, mesh=self.mesh, in_specs=(PartitionSpec(), rows, PartitionSpec(),
-                                                                   PartitionSpec(), PartitionSpec("data")),
-                                 out_specs=rows, check_vma=False)
+        loop = self._per_device(loop, state, PartitionSpec(), PartitionSpec(), PartitionSpec("data"))
         return self.constrain(loop(variables, state, steps, exit_on_finish, held_b))
+
+    def _per_device(self, fn, state: State, *arg_specs: Any):
+        """`fn(variables, state, *args)` as each device runs it on its own rows (`jax.shard_map`, `arg_specs`
+        splitting the other arguments) when the rows run per device (`row_devices`); else `fn` itself."""
+        if self.row_devices(state["done"].shape[0]) == 1:
+            return fn
+        rows = jax.tree_util.tree_map_with_path(self._rows_spec, state)
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=(PartitionSpec(), rows, *arg_specs), out_specs=rows,
+                             check_vma=False)
 
     def row_devices(self, slots: int) -> int:
         """Over how many devices the rows run per device (1: one program for the whole mesh, or no mesh):
