@@ -6,9 +6,10 @@
    reduction), see bench/traffic.py.
 2. nemojax vs the transformers reference on the same random checkpoint: a prefill of 4 x 512 tokens
    (time, useful FLOP/s and its fraction of the matmul peak; nemojax on one device and with the rows
-   split over two devices), and greedy decoding of 128 new tokens
-   after 64-token prompts at batch 1, 8 and 32 (tokens/s, and each decoding step against its
-   bandwidth bound: the bytes it must move over the measured bandwidth). Medians of interleaved
+   split over two devices; transformers with logits at the last position only, as its `generate` runs
+   a prefill; a floor: the prefill's plain matrix products alone, in XLA and in torch), and greedy
+   decoding of 128 new tokens after 64-token prompts at batch 1, 8 and 32 (tokens/s, and each decoding
+   step against its bandwidth bound: the bytes it must move over the measured bandwidth). Medians of interleaved
    repeats; the greedy tokens of both are compared. A batch-scaling table with all batches' runs
    alternating, batches above 1 also with their rows split over two CPU devices (mesh data=2: each
    device decodes its own rows on its own thread; the process is started with two host devices).
@@ -104,9 +105,10 @@ class Reference:
         self.model = model
 
     def prefill_s(self, ids: np.ndarray) -> float:
+        """One forward with a cache and logits at the last position only, as `generate` runs its prefill."""
         import torch
 
-        return _hf_seconds(lambda: self.model(input_ids=torch.as_tensor(ids), use_cache=True))
+        return _hf_seconds(lambda: self.model(input_ids=torch.as_tensor(ids), use_cache=True, logits_to_keep=1))
 
     def generate(self, ids: np.ndarray, new: int) -> tuple[float, np.ndarray]:
         import torch
@@ -187,18 +189,46 @@ def prefill_versus(model, variables, hf: Reference, sizes: dict, machine: dict, 
         engine.generate(reqs)
     hf.prefill_s(ids)
     times = {name: [] for name in (*engines, "transformers")}
+    shapes = traffic.prefill_matmul_shapes(model.config, batch, prompt)
+    xla_matmuls, xla_operands, matmul_flops = traffic.matmuls_alone(shapes)
+    torch_matmuls = torch_matmuls_alone(shapes)
+    floors = {"matmuls alone, XLA": lambda: _seconds(xla_matmuls, *xla_operands), "matmuls alone, torch": torch_matmuls}
+    for floor in floors.values():
+        floor()
+    floor_times = {name: [] for name in floors}
     for _ in range(repeats):
         for name, engine in engines.items():
             times[name].append(engine_run(engine, reqs)[0]["prefill_s"])
         times["transformers"].append(hf.prefill_s(ids))
+        for name, floor in floors.items():
+            floor_times[name].append(floor())
     flops = traffic.prefill_flops(model.config, batch, prompt)
-    row = {"batch": batch, "prompt": prompt, "useful_gflop": flops / 1e9}
+    hf_s = float(np.median(times["transformers"]))
+    row = {"batch": batch, "prompt": prompt, "useful_gflop": flops / 1e9, "matmul_gflop": matmul_flops / 1e9,
+           "floors": {name: {"seconds": float(np.median(runs)), "of_transformers": float(np.median(runs)) / hf_s}
+                      for name, runs in floor_times.items()}}
     for name, runs in times.items():
         seconds = float(np.median(runs))
         row[name] = {"seconds": seconds, "tokens_per_s": batch * prompt / seconds, "gflop_per_s": flops / seconds / 1e9,
                      "fraction_of_peak": flops / seconds / machine["matmul_peak_flop_per_s"],
-                     "speedup": float(np.median(times["transformers"])) / seconds}
+                     "speedup": hf_s / seconds}
     return row
+
+
+def _seconds(program, *args) -> float:
+    begin = time.perf_counter()
+    jax.block_until_ready(program(*args))
+    return time.perf_counter() - begin
+
+
+def torch_matmuls_alone(shapes: list[tuple[int, int, int]]):
+    """A timer of the products `shapes` on random float32 operands, as torch runs them (what transformers' matmuls
+    cost on this machine)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    operands = [(torch.randn(m, k, generator=generator), torch.randn(k, n, generator=generator)) for m, k, n in shapes]
+    return lambda: _hf_seconds(lambda: [torch.sum(a @ w) for a, w in operands])
 
 
 def decode_versus(model, variables, hf: Reference, ids: np.ndarray, engine: Engine, reqs: list[Request],
@@ -300,7 +330,12 @@ def markdown(results: dict) -> str:
         r = p[name]
         lines.append(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['gflop_per_s']:.1f} | "
                      f"{r['fraction_of_peak']:.2f} | {r['speedup']:.2f}x |")
-    lines += ["",
+    xla, torch_floor = p["floors"]["matmuls alone, XLA"], p["floors"]["matmuls alone, torch"]
+    lines += ["", f"Floor, same runs: the prefill's plain matrix products alone ({p['matmul_gflop']:.2f} GFLOP: every "
+              "Linear over all tokens, each routed-expert projection as one product over the top-k copies, no "
+              f"conv, scan, attention or anything else; bench/traffic.py) take {1e3 * xla['seconds']:.1f} ms in one "
+              f"XLA program ({xla['of_transformers']:.2f} of transformers' prefill time) and "
+              f"{1e3 * torch_floor['seconds']:.1f} ms in torch ({torch_floor['of_transformers']:.2f}).", "",
               f"Greedy decoding, {v['decode'][0]['prompt']}-token prompts, {v['decode'][0]['new_tokens']} new tokens "
               f"(bound: the bytes a step must move over the read bandwidth; bench/traffic.py):", "",
               "| batch | nemojax tokens/s | transformers tokens/s | speed-up | nemojax ms/step "

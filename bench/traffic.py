@@ -9,6 +9,8 @@ what this machine can do (memory bandwidth, matmul peak), measured in the same r
 - `decode_step_flops`, `prefill_flops`: the useful floating-point work (multiply-add = 2 FLOPs) of the
   matmuls, the causal part of attention (each query against the keys it sees) and the chunked SSD
   scan, as the reference computes them; routed experts count top-k per token.
+- `prefill_matmul_shapes`, `matmuls_alone`: the prefill's plain matrix products and one program running
+  only them: a floor on a prefill's time from matmul speed alone.
 - `distinct_experts`: the routing of generated text, per MoE layer and decoding position, read from a
   teacher-forced forward of the generated sequences.
 - `measured_bandwidth`, `measured_matmul_peak`: a large float32 reduction and a large float32 matmul.
@@ -96,6 +98,30 @@ def prefill_flops(config: ModelConfig, batch: int, prompt: int) -> float:
     chunk = min(c.chunk_size, prompt)
     flops += c.layer_types.count("mamba") * tokens * _ssd_flops_per_token(config, (chunk + 1) / 2)
     return flops
+
+
+def prefill_matmul_shapes(config: ModelConfig, batch: int, prompt: int) -> list[tuple[int, int, int]]:
+    """(rows, in, out) of the plain matrix products a prefill must run: every Linear kernel (routers
+    included) over all tokens, each routed-expert projection as one product over the tokens' top-k
+    copies (an ideal grouping with no padding), the lm_head at one position per row. The depthwise conv,
+    the SSD scan and attention are left out: what is left is a floor set by matmul speed alone."""
+    tokens, shapes = batch * prompt, []
+    for path, leaf in _leaves(config):
+        if is_routed_expert(path):
+            shapes.append((tokens * config.num_experts_per_tok, *leaf.shape[-2:]))
+        elif path.endswith("kernel"):
+            shapes.append((batch if path.startswith("lm_head/") else tokens, *leaf.shape))
+    return shapes
+
+
+def matmuls_alone(shapes: list[tuple[int, int, int]]) -> tuple[object, tuple, float]:
+    """(jitted program, its arguments, its FLOPs): the products `shapes` on random float32 operands in one
+    program, as XLA runs them (each result reduced to a scalar, so that none is skipped)."""
+    keys = jax.random.split(jax.random.key(0), 2 * len(shapes))
+    operands = [(jax.random.normal(keys[2 * i], (m, k), jnp.float32),
+                 jax.random.normal(keys[2 * i + 1], (k, n), jnp.float32)) for i, (m, k, n) in enumerate(shapes)]
+    program = jax.jit(lambda operands: [jnp.sum(a @ w) for a, w in operands])
+    return program, (operands,), float(sum(2 * m * k * n for m, k, n in shapes))
 
 
 def decode_step_flops(config: ModelConfig, batch: int, context: float) -> float:

@@ -3,7 +3,10 @@ reported in place, stop strings, statistics, the prefix cache's flags, and exit 
 input."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -105,6 +108,28 @@ def test_cli_prefix_cache_restores_a_shared_prompt_and_reports_it(checkpoint, tm
         options = serve_cli.engine_options(serve_cli.parse_args(flags + off))
         assert options["prefix_cache_bytes"] == 0
         assert Engine(model, variables, eos_ids=(2,), **options).prefix_cache is None
+
+
+def test_cli_cpu_devices_split_the_rows_and_equal_one_device(checkpoint, tmp_path, capsys):
+    """--cpu-devices 2 (a fresh process: JAX starts with two host devices) decodes each device's own rows and
+    writes the tokens one device writes; a batch the devices cannot share equally is refused up front."""
+    lines = [json.dumps({"input_ids": list(range(20 + i, 27 + 3 * i)), "ignore_eos": True}) for i in range(4)]
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    flags = ["--checkpoint", str(checkpoint), "--prompts", str(prompts), "--max-new-tokens", "6", "--batch-size",
+             "4", "--prefill-chunk", "8", "--no-progress"]
+    assert serve.main(flags + ["--output", str(tmp_path / "one.jsonl"), "--mesh", "data=1"]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    stats = tmp_path / "stats.json"
+    done = subprocess.run([sys.executable, serve.__file__, *flags, "--output", str(tmp_path / "two.jsonl"),
+                           "--cpu-devices", "2", "--stats", str(stats)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ids = [[json.loads(line)["output_ids"] for line in (tmp_path / name).read_text().splitlines()]
+           for name in ("one.jsonl", "two.jsonl")]
+    assert ids[0] == ids[1] and all(len(row) == 6 for row in ids[0])
+    assert json.loads(stats.read_text())["row_devices"] == 2
+    assert serve.main(flags + ["--output", str(tmp_path / "three.jsonl"), "--cpu-devices", "3"]) == 2
+    assert "--batch-size 4 must be a multiple of --cpu-devices 3" in capsys.readouterr().err
 
 
 def test_stop_strings_cut_text_and_ids(checkpoint):

@@ -18,7 +18,7 @@ from nemojax.model import NemotronH, init_cache, init_variables
 from nemojax.model.layers import relu2
 from nemojax.model.moe import dropless_experts
 from nemojax.ops.expert_parallel import expert_parallel_experts
-from nemojax.sharding.placement import shard_variables, variable_shardings
+from nemojax.sharding.placement import shard_variables, share_host_replicas, variable_shardings
 
 # Every layer kind (M, *, E with a latent, -); dims divisible by tensor=4 except the 2 KV heads and 2 Mamba groups.
 SMALL = dict(vocab_size=64, hidden_size=32, hybrid_override_pattern="M*E-", num_attention_heads=4,
@@ -268,3 +268,27 @@ def test_load_pretrained_onto_mesh_is_sharded(setup, tmp_path):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))
     up = _leaf(loaded["params"], "backbone/layers_2/mixer/experts/up_proj")
     assert up.addressable_shards[0].data.shape == (4, 12, 8)
+
+
+def test_host_replicas_share_one_buffer(setup):
+    """On CPU devices each distinct block of a variable is held once: its replicas on other devices are the
+    same memory (pointers equal), the values are unchanged and stay valid once the source is gone, and
+    the caller's arrays are not aliased (they may be donated later)."""
+    cfg, variables, _ = setup
+    mesh = sharding.make_mesh(data=2, tensor=2, devices=jax.devices()[:4])
+    placed = shard_variables(variables, cfg, mesh)
+    shared = share_host_replicas(placed)
+    kernel = shared["params"]["backbone"]["layers_3"]["mixer"]["up_proj"]["kernel"]  # split over tensor
+    pointers = {}
+    for shard in kernel.addressable_shards:
+        pointers.setdefault(repr(shard.index), set()).add(shard.data.unsafe_buffer_pointer())
+    assert len(pointers) == 2 and all(len(p) == 1 for p in pointers.values())
+    source = {s.data.unsafe_buffer_pointer()
+              for s in placed["params"]["backbone"]["layers_3"]["mixer"]["up_proj"]["kernel"].addressable_shards}
+    assert not source & set().union(*pointers.values())
+    want = jax.tree.map(np.asarray, placed)
+    del placed
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(shared), strict=True))
+    on_each = jax.jit(lambda k: jax.tree.map(lambda x: x * 2, k))(kernel)  # every device reads its block
+    np.testing.assert_array_equal(np.asarray(on_each), 2 * np.asarray(want["params"]["backbone"]["layers_3"]
+                                                                        ["mixer"]["up_proj"]["kernel"]))

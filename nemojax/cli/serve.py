@@ -5,7 +5,7 @@
     python serve.py --checkpoint PATH --prompts IN.jsonl --output OUT.jsonl [--resume] [--max-new-tokens N]
         [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--seed S] [--stop STR ...] [--ignore-eos]
         [--batch-size B] [--speculative mtp --num-draft-tokens K] [--reasoning on|off|medium|low]
-        [--thinking-budget N] [--stats STATS.json] [--mesh data=..,fsdp=..,tensor=..,expert=..]
+        [--thinking-budget N] [--stats STATS.json] [--mesh data=..,fsdp=..,tensor=..,expert=..] [--cpu-devices N]
         [--prefix-cache-gb GB | --no-prefix-cache] [--prefix-block N]
         [--kv-cache-dtype fp8|bf16|fp32] [--context-parallel]
 
@@ -31,7 +31,9 @@ unreadable checkpoint or prompt file, or an output path that cannot be written e
 before any work.
 
 `--mesh` shards the model and the caches over the devices (sizes multiply to the device count, one
-may be -1 for the rest; the default fsdp=-1 uses every device of every process). Several hosts: start
+may be -1 for the rest; the default fsdp=-1 uses every device of every process). On a machine without
+accelerators, `--cpu-devices N` runs N host devices (threads) and the default mesh becomes data=N: each
+device decodes its own --batch-size/N rows on its own core, no communication between them. Several hosts: start
 one process per host with the same arguments plus `--coordinator-address/--num-processes/--process-id`
 (or let a cluster such as SLURM be detected); process 0 writes the output.
 
@@ -106,14 +108,52 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--context-parallel", action="store_true",
                    help="shard the KV caches along the sequence over the mesh axes the batch leaves unused")
     p.add_argument("--stats", default=None, help="write throughput statistics (JSON) here")
-    p.add_argument("--mesh", default="fsdp=-1",
-                   help="device mesh, e.g. tensor=4,expert=2; -1 takes the remaining devices (default: fsdp=-1)")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. tensor=4,expert=2; -1 takes the remaining devices (default: fsdp=-1, "
+                        "with --cpu-devices N data=N)")
+    p.add_argument("--cpu-devices", type=int_in(1, 256), default=1,
+                   help="a machine without accelerators as N host devices, one thread each: with the default mesh "
+                        "data=N each decodes its own --batch-size/N rows on its own core (N: the cores to use)")
     p.add_argument("--no-progress", action="store_true")
     add_distributed_flags(p)
     args = p.parse_args(argv)
     if args.segment_steps is None:
         args.segment_steps = SERVER_SEGMENT_STEPS if args.prompts is None else BATCH_SEGMENT_STEPS
+    if args.mesh is None:
+        args.mesh = f"data={args.cpu_devices}" if args.cpu_devices > 1 else "fsdp=-1"
     return args
+
+
+def use_cpu_devices(args: argparse.Namespace) -> None:
+    """Start JAX's CPU backend with --cpu-devices host devices (before anything touches a device). In a process
+    whose JAX has already started (a program embedding the CLI), it must have exactly that many."""
+    from nemojax.errors import ConfigError
+
+    count = args.cpu_devices
+    if args.batch_size % count:
+        raise ConfigError(f"--batch-size {args.batch_size} must be a multiple of --cpu-devices {count} "
+                          "(each device decodes an equal share of the rows)")
+    if count == 1:
+        return
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the backend has started: usable when it has exactly that many
+        if len(jax.devices("cpu")) != count:
+            raise ConfigError(f"--cpu-devices {count}: JAX has already started in this process with "
+                              f"{len(jax.devices('cpu'))} CPU devices") from None
+
+
+def check_cpu_devices(args: argparse.Namespace) -> None:
+    """--cpu-devices is for machines that compute on their CPU (after the backend has started)."""
+    import jax
+
+    from nemojax.errors import ConfigError
+
+    if args.cpu_devices > 1 and jax.default_backend() != "cpu":
+        raise ConfigError(f"--cpu-devices {args.cpu_devices} is for machines without accelerators; this one "
+                          f"computes on {jax.default_backend()} (use --mesh over its devices)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +184,8 @@ def serve_http(args: argparse.Namespace) -> int:
         raise ConfigError(f"--dtype {args.dtype}: expected one of {FLOAT_DTYPES}")
     if not os.path.isdir(args.checkpoint):
         raise CheckpointError(f"--checkpoint {args.checkpoint}: no such checkpoint directory")
+    use_cpu_devices(args)
+    check_cpu_devices(args)
     return run_server(args, defaults_of(args), engine_options(args))
 
 
@@ -200,7 +242,9 @@ def run(args: argparse.Namespace) -> int:
     total = check_inputs(args)
     encoder, tokenizer = load_encoder(args.checkpoint)  # a bad tokenizer or chat template fails before any work
     mesh_shape = parse_mesh(args.mesh)
+    use_cpu_devices(args)
     initialize(args)
+    check_cpu_devices(args)
     mesh_shape = resolve_mesh_shape(mesh_shape, jax.device_count())
     single = math.prod(mesh_shape.values()) == 1 and jax.process_count() == 1
     mesh = None if single else make_mesh(**mesh_shape)
@@ -272,7 +316,8 @@ def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | No
         serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
                      args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar,
                      segment_steps=args.segment_steps)
-    return stats_record(engine.stats, engine.k)
+    # row_devices: over how many devices the rows are split, each decoding its own (1: one program for all)
+    return dict(stats_record(engine.stats, engine.k), row_devices=engine.programs.row_devices(args.batch_size))
 
 
 if __name__ == "__main__":

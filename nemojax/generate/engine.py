@@ -32,7 +32,7 @@ from nemojax.generate.programs import Programs
 from nemojax.generate.requests import Request
 from nemojax.generate.scheduler import Scheduler, Ticket
 from nemojax.model import NemotronH
-from nemojax.sharding.placement import shard_variables
+from nemojax.sharding.placement import shard_variables, share_host_replicas
 
 DEFAULT_PREFIX_BLOCK = 64  # tokens per prefix-cache block
 
@@ -91,8 +91,8 @@ class Engine:
             raise ConfigError("--speculative mtp needs a checkpoint with an MTP block (num_nextn_predict_layers > 0)")
         if num_draft_tokens and "mamba" in config.mtp_layer_types:
             raise ConfigError("MTP speculation supports attention/MoE/MLP MTP layers only (no Mamba in the MTP block)")
-        if mesh is not None:
-            variables = shard_variables(variables, config, mesh)
+        if mesh is not None:  # on CPU devices (threads of this process) one copy of what they all hold
+            variables = share_host_replicas(shard_variables(variables, config, mesh))
         self.model, self.config, self.variables, self.mesh = model, config, variables, mesh
         self.eos_ids = tuple(int(i) for i in eos_ids)
         self.think_end_id = -1 if think_end_id is None else int(think_end_id)
