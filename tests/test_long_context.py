@@ -3,6 +3,8 @@ read), chunked prefill equals one-shot prefill (logits, KV entries, Mamba conv a
 sizes that do and do not divide the Mamba chunk, and the compiled memory of a prefill chunk does not
 grow with the cache it writes into."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from nemojax.config import from_hf_config
 from nemojax.model import NemotronH, init_cache, init_variables
 from nemojax.ops import attention as attention_ops
-from nemojax.ops.attention import causal_mask, default_key_block, gqa_attention
+from nemojax.ops.attention import causal_mask, default_key_block, gqa_attention, gqa_attention_kv_major
 from nemojax.sharding import cache_axes
 
 pytestmark = pytest.mark.xdist_group("long_context")
@@ -40,11 +42,16 @@ def test_blocked_attention_skips_blocks_after_the_last_visible_key():
     np.testing.assert_allclose(got, gqa_attention(q, k, v, causal_mask(valid, offset, t)), rtol=1e-5, atol=1e-6)
 
 
-def test_few_query_key_blocks_divide_the_cache():
-    """Decoding takes blocks of 1024 keys, or 512 / 256 when they divide the cache (no padded copy);
-    prefill from 256 queries blocks of 256; keys that fit one block go at once."""
-    assert [default_key_block(1, s) for s in (2048, 1536, 1280, 1024)] == [1024, 512, 256, 1024]
+def test_decoding_attention_reads_the_cache_in_place():
+    """Decoding takes blocks of 1024 keys, prefill from 256 queries blocks of 256, keys that fit one block go
+    at once; a cache the blocks do not divide is read in place: the compiled step pads (copies) no keys."""
+    assert [default_key_block(1, s) for s in (2048, 1536, 8225, 1024)] == [1024] * 4
     assert default_key_block(300, 4096) == 256 and default_key_block(8, 24) == 24
+    s = 8225
+    q, kv = jax.ShapeDtypeStruct((1, 1, 4, 64), jnp.float32), jax.ShapeDtypeStruct((1, 2, s, 64), jnp.float32)
+    step = jax.jit(lambda q, k, v, valid: gqa_attention_kv_major(q, k, v, causal_valid_bs=valid, query_offset=s - 9))
+    hlo = step.lower(q, kv, kv, jax.ShapeDtypeStruct((1, s), bool)).compile().as_text()
+    assert re.search(r"= f32\[[^\]]*\] pad\(", hlo) is None
 
 
 @pytest.fixture(scope="module")

@@ -312,6 +312,7 @@ def serve_lines(args: argparse.Namespace, mesh, encoding: tuple, total: int | No
     model, variables = load_checkpoint(args.checkpoint, args.dtype, mesh, args.kv_cache_dtype)
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
                     think_end_id=encoder.think_end_id, mesh=mesh, **engine_options(args))
+    del variables  # the engine holds its own placement (on CPU devices one shared copy): free the loaded one
     with tqdm(total=total, initial=answered, disable=args.no_progress or not main_process, unit="line") as bar:
         serve_stream(read_lines(args.prompts, skip=answered), engine, encoder, tokenizer, defaults_of(args),
                      args.batch_size, emit or (lambda record: None), after_batch=flush, progress=bar,

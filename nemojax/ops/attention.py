@@ -82,13 +82,9 @@ def gqa_attention_kv_major(q_bthd: jax.Array, k_bksd: jax.Array, v_bksd: jax.Arr
 
 def default_key_block(t: int, s: int) -> int:
     """Keys per block for t queries and s keys: KEY_BLOCK from MIN_QUERIES_FOR_BLOCKS queries on, else
-    FEW_QUERY_KEY_BLOCK, or a smaller power-of-two fraction of it down to KEY_BLOCK that divides s (a
-    block that does not divide s pads, i.e. copies, the keys); all s keys at once when they fit in one."""
-    block = KEY_BLOCK
-    if t < MIN_QUERIES_FOR_BLOCKS:
-        block = FEW_QUERY_KEY_BLOCK
-        while block > KEY_BLOCK and s % block:
-            block //= 2
+    FEW_QUERY_KEY_BLOCK; all s keys at once when they fit in one block. The forward needs no block to
+    divide s (its last block slides back)."""
+    block = KEY_BLOCK if t >= MIN_QUERIES_FOR_BLOCKS else FEW_QUERY_KEY_BLOCK
     return s if s <= block else block
 
 
@@ -119,13 +115,13 @@ class _Mask(NamedTuple):
         key_doc = None if self.key_doc_bs is None else jnp.pad(self.key_doc_bs, pad)
         return self._replace(valid_bs=jnp.pad(self.valid_bs, pad), key_doc_bs=key_doc)
 
-    def block(self, i: jax.Array, key_block: int) -> tuple[Any, ...]:
-        """What `block_mask` needs for key block i of a padded mask."""
+    def block_at(self, start: jax.Array, key_block: int) -> tuple[Any, ...]:
+        """What `block_mask` needs for the `key_block` keys from position `start` on."""
         if self.explicit_bts is not None:
-            return (jax.lax.dynamic_slice_in_dim(self.explicit_bts, i * key_block, key_block, axis=2),)
-        valid, key_doc = (None if x is None else jax.lax.dynamic_slice_in_dim(x, i * key_block, key_block, axis=1)
+            return (jax.lax.dynamic_slice_in_dim(self.explicit_bts, start, key_block, axis=2),)
+        valid, key_doc = (None if x is None else jax.lax.dynamic_slice_in_dim(x, start, key_block, axis=1)
                           for x in (self.valid_bs, self.key_doc_bs))
-        return valid, i * key_block + jnp.arange(key_block), key_doc
+        return valid, start + jnp.arange(key_block), key_doc
 
     def blocks(self, t: int, key_block: int) -> tuple[Any, ...]:
         """Per key block ([n, ...] leading), what `block_mask` needs (padded keys are masked out)."""
@@ -156,16 +152,15 @@ class _Mask(NamedTuple):
         return mask
 
     def live_blocks(self, t: int, key_block: int) -> jax.Array:
-        """How many key blocks of a padded mask to visit: up to the last one with a visible key."""
+        """How many key blocks to visit: up to the one holding the last visible key."""
         if self.explicit_bts is not None:
-            b, _, s = self.explicit_bts.shape
-            seen_n = jnp.any(self.explicit_bts.reshape(b, t, s // key_block, key_block), axis=(0, 1, 3))
+            seen_s = jnp.any(self.explicit_bts, axis=(0, 1))
         else:
-            b, s = self.valid_bs.shape
             last_query = jnp.max(self.query_offset) + t - 1
-            visible = self.valid_bs & (jnp.arange(s) <= last_query)[None, :]
-            seen_n = jnp.any(visible.reshape(b, s // key_block, key_block), axis=(0, 2))
-        return jnp.max(jnp.where(seen_n, jnp.arange(1, s // key_block + 1), 0))
+            seen_s = jnp.any(self.valid_bs, axis=0) & (jnp.arange(self.valid_bs.shape[1]) <= last_query)
+        n = -(-seen_s.shape[0] // key_block)
+        seen_n = jnp.any(jnp.pad(seen_s, (0, n * key_block - seen_s.shape[0])).reshape(n, key_block), axis=1)
+        return jnp.max(jnp.where(seen_n, jnp.arange(1, n + 1), 0))
 
 
 def _empty_rows(q_bkrtd: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -236,16 +231,19 @@ def _blocked_attention(q_bkrtd, k_bksd, v_bksd, mask: _Mask, key_block: int) -> 
 
 def _blocked_forward(q_bkrtd, k_bksd, v_bksd, mask: _Mask, key_block: int):
     """The running softmax over key blocks, stopping after the last block with a visible key (a decoding
-    cache is mostly empty during prefill: its unwritten tail is never read)."""
-    t = q_bkrtd.shape[3]
-    k_pad, v_pad = _padded_keys(k_bksd, v_bksd, key_block)
-    mask_pad = mask.padded(k_pad.shape[2])
+    cache is mostly empty during prefill: its unwritten tail is never read). When the blocks do not divide
+    the keys, the last block ends at the last key and skips the keys the block before it took: the keys
+    are read in place, never padded (a padded copy of a decoding cache would cost O(capacity) per step)."""
+    t, s = q_bkrtd.shape[3], k_bksd.shape[2]
 
     def step(i, carry):
-        k, v = (jax.lax.dynamic_slice_in_dim(a, i * key_block, key_block, axis=2) for a in (k_pad, v_pad))
-        return _add_block(carry, q_bkrtd, k, v, mask_pad.block_mask(t, mask_pad.block(i, key_block)))
+        start = jnp.minimum(i * key_block, s - key_block)
+        k, v = (jax.lax.dynamic_slice_in_dim(a, start, key_block, axis=2) for a in (k_bksd, v_bksd))
+        fresh_k = start + jnp.arange(key_block) >= i * key_block  # not taken by the block before
+        block_mask = mask.block_mask(t, mask.block_at(start, key_block)) & fresh_k
+        return _add_block(carry, q_bkrtd, k, v, block_mask)
 
-    out, lse = _finish(*jax.lax.fori_loop(0, mask_pad.live_blocks(t, key_block), step, _empty_rows(q_bkrtd)))
+    out, lse = _finish(*jax.lax.fori_loop(0, mask.live_blocks(t, key_block), step, _empty_rows(q_bkrtd)))
     return out, (q_bkrtd, k_bksd, v_bksd, mask, out, lse)
 
 

@@ -50,6 +50,7 @@ def run_server(args: argparse.Namespace, defaults, engine_options: dict) -> int:
         context = args.max_model_len
     engine = Engine(model, variables, eos_ids=model.config.eos_token_id + end_of_turn_ids(tokenizer),
                     think_end_id=encoder.think_end_id, top_logprobs=TOP_LOGPROBS, mesh=mesh, **engine_options)
+    del variables  # the engine holds its own placement (on CPU devices one shared copy): free the loaded one
 
     def stop_finder(request):
         finder = StopStrings(request.stop, tokenizer)
