@@ -1,5 +1,6 @@
 """Placing model variables on a mesh: a NamedSharding per variable from its logical axes and the
-rule table (`nemojax.sharding.rules`), counted in whole heads and Mamba groups (`head_units`).
+rule table (`nemojax.sharding.rules`), counted in whole heads and Mamba groups (`head_units`); on CPU
+devices, one buffer for the blocks several devices hold (`share_host_replicas`).
 
 Kept apart from the rules because it needs the model's parameter tree (the model imports the rules).
 """
