@@ -9,7 +9,9 @@ serves a list of requests through one scheduler and returns when all are done.
 On a mesh (`mesh=`), the variables and caches are sharded by the logical-axis rules (cache rows over
 the batch axes, KV / SSM heads over `tensor`, experts over `expert`), the programs are traced in the
 mesh context, and host values travel as replicated global arrays: with several processes
-(`jax.distributed`) every process runs the same schedule and reads the same replicated results.
+(`jax.distributed`) every process runs the same schedule and reads the same replicated results. On CPU
+devices (threads of one process) a variable block that several devices hold is one buffer in memory
+(`share_host_replicas`), so a mesh that splits only the rows reads the weights once, not once per device.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class Engine:
     `generate` uses at least `min_batch` slots (a power of two: one compiled shape serves every smaller
     batch). `top_logprobs`: the most alternatives per token a request may ask for (0: log-probabilities
     of the chosen tokens only). With `mesh`, generation runs sharded over it (variables are placed on
-    it if they are not already). `prefix_cache_bytes` > 0 keeps a prefix cache of that many bytes
+    it if they are not already; blocks repeated over CPU devices become one fresh shared buffer, never the
+    caller's). `prefix_cache_bytes` > 0 keeps a prefix cache of that many bytes
     (`nemojax.generate.prefix_cache`) in blocks of `prefix_block_size` tokens, shared by every scheduler
     of the engine. `context_parallel` shards the KV caches along the sequence over the batch mesh axes the
     rows leave unused (long requests on many devices).
